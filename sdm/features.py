@@ -1,0 +1,293 @@
+"""Stable Diffusion feature maps: VAE latent, DDPM noise at timestep t, UNet stopped after one up block.
+
+DESIGN.md, "Feature extraction" and "Prompt assembly for learned prompts", is the specification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from sdm.models import StableDiffusion
+
+ImageInput = torch.Tensor | Sequence[Image.Image] | Image.Image
+PromptInput = str | Sequence[str] | torch.Tensor
+
+MAX_LEARNED_TOKENS = 75  # 77 CLIP positions minus BOS and EOS
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook to end the UNet's forward once the wanted block has run."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+
+@contextlib.contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Within the context, the forward of the enclosing model ends right after `module` has run.
+
+    Use with `capture_stop`: ``with stop_after(unet.up_blocks[1]): out = capture_stop(unet, ...)``.
+    The hook is removed on exit, so the model is untouched afterwards.
+    """
+
+    def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        raise _StopForward(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_until(model: nn.Module, block: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """Runs `model(*args, **kwargs)` and returns the output of its sub-module `block`, skipping the rest."""
+    with stop_after(block):
+        try:
+            model(*args, **kwargs)
+        except _StopForward as stop:
+            return stop.output
+    raise RuntimeError(f"{type(block).__name__} did not run during the forward of {type(model).__name__}")
+
+
+def to_pixel_tensor(images: ImageInput, size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Images -> B x 3 x H x W in [-1, 1], resized to `size` = (H, W) (bilinear, aspect ratio not kept).
+
+    Accepts a float tensor B x 3 x H x W (or 3 x H x W) with values in [0, 1], or a list of PIL images.
+    """
+    if isinstance(images, torch.Tensor):
+        x = images.unsqueeze(0) if images.dim() == 3 else images
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"images must be B x 3 x H x W in [0, 1]; got a tensor of shape {tuple(images.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"images must be a float tensor in [0, 1]; got dtype {x.dtype} (divide uint8 by 255)")
+        x = x.to(device=device, dtype=torch.float32)
+    elif isinstance(images, Image.Image):
+        return to_pixel_tensor([images], size, device, dtype)
+    else:
+        if len(images) == 0:
+            raise ValueError("images is empty")
+        arrays = []
+        for im in images:
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"images must be a tensor or a list of PIL images; got a list holding {type(im).__name__}")
+            im = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+            arrays.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        x = torch.stack(arrays).to(device)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return (x * 2.0 - 1.0).clamp(-1.0, 1.0).to(dtype)
+
+
+def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) < 64 or any(s % 8 for s in size):
+        raise ValueError(f"image_size must be an int or (H, W), each a multiple of 8 and at least 64; got {image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+class SDFeaturizer(nn.Module):
+    """Dense Stable Diffusion features of images under a prompt.
+
+    ``featurizer(images, prompt)`` returns B x C x h x w: the output of ``unet.up_blocks[up_block]``
+    (SD2-1 at 768 px, up_block 1: 1280 x 48 x 48), averaged over `ensemble` noise draws.
+
+    Noise: without a `generator`, each call draws the same `ensemble` noise maps from `seed` and uses them
+    for every image of the batch, so an image's features do not depend on the call or on the other images
+    in the batch. Pass a `torch.Generator` to draw fresh, independent noise per image (training).
+
+    The UNet stops after the feature block (a forward hook), so nothing after it is computed.
+    """
+
+    def __init__(
+        self,
+        sd: StableDiffusion,
+        *,
+        image_size: int | tuple[int, int] = 768,
+        timestep: int = 50,
+        up_block: int = 1,
+        ensemble: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        n_up = len(sd.unet.up_blocks)
+        if not 0 <= up_block < n_up:
+            raise ValueError(f"up_block must be in 0..{n_up - 1}; got {up_block}")
+        n_t = sd.scheduler.config.num_train_timesteps
+        if not 0 <= timestep < n_t:
+            raise ValueError(f"timestep must be in 0..{n_t - 1}; got {timestep}")
+        if ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1; got {ensemble}")
+        self.sd = sd
+        self.image_size = _size_pair(image_size)
+        self.timestep = int(timestep)
+        self.up_block = int(up_block)
+        self.ensemble = int(ensemble)
+        self.seed = int(seed)
+        self._token_cache: dict[str, torch.Tensor] = {}
+
+    # ---- images -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.sd.device
+
+    @torch.no_grad()
+    def encode_images(self, images: ImageInput) -> torch.Tensor:
+        """Images -> VAE latents B x 4 x H/8 x W/8 (posterior mean x scaling factor).
+
+        The latent does not depend on the prompt or the noise: cache it per image and pass it to
+        `features_from_latents`.
+        """
+        x = to_pixel_tensor(images, self.image_size, self.device, self.sd.vae.dtype)
+        posterior = self.sd.vae.encode(x).latent_dist
+        return posterior.mean * self.sd.vae.config.scaling_factor
+
+    def add_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """B x 4 x h x w -> (B * ensemble) x 4 x h x w, DDPM-noised to `timestep` (image-major order)."""
+        b, e = latents.shape[0], self.ensemble
+        if generator is None:
+            g = torch.Generator(device=latents.device).manual_seed(self.seed)
+            noise = torch.randn((1, e, *latents.shape[1:]), generator=g, device=latents.device, dtype=torch.float32)
+            noise = noise.expand(b, -1, -1, -1, -1)
+        else:
+            noise = torch.randn((b, e, *latents.shape[1:]), generator=generator, device=latents.device, dtype=torch.float32)
+        noise = noise.reshape(b * e, *latents.shape[1:]).to(latents.dtype)
+        rep = latents.repeat_interleave(e, dim=0)
+        t = torch.full((b * e,), self.timestep, device=latents.device, dtype=torch.long)
+        return self.sd.scheduler.add_noise(rep, noise, t)
+
+    # ---- prompts ------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: PromptInput, batch_size: int | None = None) -> torch.Tensor:
+        """Any prompt form -> encoder hidden states (B x 77 x D) for the UNet.
+
+        Args:
+            prompt: a string or list of strings (tokenized, padded to 77); learned token vectors
+                B x N x D with N <= 75 (assembled as DESIGN.md says, gradients reach them); or ready
+                encoder hidden states B x 77 x D (returned as they are). A batch of one is broadcast.
+            batch_size: expand a single prompt to this batch size.
+        """
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2:
+                prompt = prompt.unsqueeze(0)
+            if prompt.dim() != 3 or prompt.shape[-1] != self.sd.embed_dim:
+                raise ValueError(
+                    f"a prompt tensor must be B x N x {self.sd.embed_dim} (N <= {MAX_LEARNED_TOKENS} learned vectors, "
+                    f"or N = 77 encoder hidden states); got {tuple(prompt.shape)}"
+                )
+            n = prompt.shape[1]
+            if n == self.sd.tokenizer.model_max_length:
+                hidden = prompt.to(self.sd.dtype)
+            elif 1 <= n <= MAX_LEARNED_TOKENS:
+                hidden = self.encode_learned(prompt)
+            else:
+                raise ValueError(
+                    f"a prompt tensor has N = {n} vectors; learned prompts have 1..{MAX_LEARNED_TOKENS} "
+                    "and encoder hidden states exactly 77"
+                )
+        else:
+            prompt = list(prompt)
+            if not prompt or not all(isinstance(p, str) for p in prompt):
+                raise ValueError("a text prompt must be a string or a non-empty list of strings")
+            hidden = self.encode_text(prompt)
+        if batch_size is not None and hidden.shape[0] != batch_size:
+            if hidden.shape[0] != 1:
+                raise ValueError(f"prompt batch {hidden.shape[0]} does not match image batch {batch_size}")
+            hidden = hidden.expand(batch_size, -1, -1)
+        return hidden
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """List of B strings -> B x 77 x D (the text encoder's last hidden state, after its final layer norm)."""
+        tok = self.sd.tokenizer
+        ids = tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return self.sd.text_encoder(ids.input_ids.to(self.device)).last_hidden_state
+
+    def special_token_embeddings(self) -> torch.Tensor:
+        """77 x D embedding-layer outputs (token + position) of [BOS, pad x 76]; EOS goes where the prompt ends.
+
+        Row 0 is BOS at position 0; row i > 0 is the pad token at position i. `eos_embeddings()` holds
+        EOS at every position.
+        """
+        return self._special("pad")
+
+    def eos_embeddings(self) -> torch.Tensor:
+        """77 x D embedding-layer outputs of the EOS token at every position 0..76."""
+        return self._special("eos")
+
+    def _special(self, kind: str) -> torch.Tensor:
+        key = f"{kind}:{self.device}:{self.sd.dtype}"
+        if key not in self._token_cache:
+            tok, emb = self.sd.tokenizer, self.sd.text_encoder.embeddings
+            n = tok.model_max_length
+            fill = tok.eos_token_id if kind == "eos" else tok.pad_token_id
+            ids = torch.full((1, n), fill, dtype=torch.long, device=self.device)
+            if kind == "pad":
+                ids[0, 0] = tok.bos_token_id
+            with torch.no_grad():
+                self._token_cache[key] = emb(input_ids=ids)[0]
+        return self._token_cache[key]
+
+    def assemble_learned(self, learned: torch.Tensor) -> torch.Tensor:
+        """B x N x D learned vectors -> B x 77 x D sequence [BOS, learned, EOS at N+1, pad...] of
+        embedding-layer outputs (the learned vectors already include their position)."""
+        b, n, _ = learned.shape
+        special = self.special_token_embeddings().to(learned.dtype)
+        eos = self.eos_embeddings()[n + 1].to(learned.dtype)
+        parts = [special[:1].expand(b, 1, -1), learned, eos.view(1, 1, -1).expand(b, 1, -1), special[n + 2 :].expand(b, -1, -1)]
+        return torch.cat(parts, dim=1)
+
+    def encode_learned(self, learned: torch.Tensor) -> torch.Tensor:
+        """B x N x D learned vectors (N <= 75) -> B x 77 x D encoder hidden states, differentiable in `learned`.
+
+        The assembled sequence bypasses the embedding layer and runs through the frozen encoder layers
+        with CLIP's causal mask, then the final layer norm.
+        """
+        te = self.sd.text_encoder
+        seq = self.assemble_learned(learned.to(te.dtype))
+        n = seq.shape[1]
+        mask = torch.full((n, n), torch.finfo(seq.dtype).min, device=seq.device, dtype=seq.dtype).triu(1)
+        mask = mask.view(1, 1, n, n).expand(seq.shape[0], 1, n, n)
+        hidden = te.encoder(inputs_embeds=seq, attention_mask=mask).last_hidden_state
+        return te.final_layer_norm(hidden)
+
+    def token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding-layer outputs of token ids placed at positions 1..N: B x N ids -> B x N x D.
+
+        This is how learned prompts are initialised (random vocabulary ids at positions 1..N).
+        """
+        n = token_ids.shape[-1]
+        pos = torch.arange(1, n + 1, device=token_ids.device).unsqueeze(0)
+        with torch.no_grad():
+            return self.sd.text_encoder.embeddings(input_ids=token_ids, position_ids=pos)
+
+    # ---- features -----------------------------------------------------------------------------------------
+    def unet_features(self, noisy: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Noisy latents (M x 4 x h x w) and hidden states (M x 77 x D) -> output of the feature block."""
+        unet = self.sd.unet
+        t = torch.full((noisy.shape[0],), self.timestep, device=noisy.device, dtype=torch.long)
+        return run_until(unet, unet.up_blocks[self.up_block], noisy, t, encoder_hidden_states=hidden.to(unet.dtype))
+
+    def features_from_latents(
+        self, latents: torch.Tensor, prompt: PromptInput, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """VAE latents B x 4 x h x w -> features B x C x h' x w' averaged over the ensemble."""
+        b = latents.shape[0]
+        hidden = self.encode_prompt(prompt, batch_size=b)
+        noisy = self.add_noise(latents.to(self.sd.unet.dtype), generator)
+        hidden = hidden.repeat_interleave(self.ensemble, dim=0)
+        feats = self.unet_features(noisy, hidden)
+        return feats.view(b, self.ensemble, *feats.shape[1:]).mean(dim=1)
+
+    def forward(self, images: ImageInput, prompt: PromptInput, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B x 3 x H x W in [0, 1], or a list of PIL images) and a prompt -> B x C x h x w features."""
+        return self.features_from_latents(self.encode_images(images), prompt, generator)

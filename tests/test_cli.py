@@ -1,0 +1,62 @@
+"""The `sdm` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _images(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a.png", tmp_path / "b.jpg"
+    Image.new("RGB", (120, 90), (250, 200, 10)).save(a)
+    Image.new("RGB", (70, 100), (10, 80, 160)).save(b)
+    return a, b
+
+
+def test_match_tiny_writes_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = _images(tmp_path)
+    out = tmp_path / "figs" / "match.png"
+    assert main(["match", str(a), str(b), "--points", "10,20; 100,80", "--model", "tiny", "--ensemble", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("->") == 2 and "figure written" in text
+    assert out.stat().st_size > 1000
+    assert Image.open(out).size[0] > 500
+
+
+@pytest.mark.parametrize(
+    "points, message",
+    [("10;20", "cannot read point"), ("", "no points"), ("500,10", "outside the source image")],
+)
+def test_match_bad_points(tmp_path: Path, points: str, message: str) -> None:
+    a, b = _images(tmp_path)
+    with pytest.raises(SystemExit, match=message):
+        main(["match", str(a), str(b), "--points", points, "--model", "tiny", "--out", str(tmp_path / "m.png")])
+
+
+def test_match_missing_and_corrupt_image(tmp_path: Path) -> None:
+    a, _ = _images(tmp_path)
+    with pytest.raises(SystemExit, match="image not found"):
+        main(["match", str(a), str(tmp_path / "nope.png"), "--points", "1,1", "--model", "tiny"])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=f"cannot read image {bad}"):
+        main(["match", str(a), str(bad), "--points", "1,1", "--model", "tiny"])
+
+
+def test_console_script_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "sdm.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "match" in out
+
+
+def test_ruff_clean() -> None:
+    """Lint is part of the one test command; ruff is a dev dependency."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
