@@ -1,0 +1,267 @@
+"""The pair sample shared by every dataset, its collate function, and image/keypoint helpers.
+
+Conventions (DESIGN.md, "Input" and "PCK"): coordinates are (x, y) pixels; images are resized to
+``image_size`` without keeping the aspect ratio, and keypoints are scaled per axis by exactly the
+resize factors, x' = x * (W_new / W_orig), y' = y * (H_new / H_orig). Thresholds live in that
+resized space too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+ImageSize = int | tuple[int, int]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset root or one of its split files is missing; the message shows the expected layout."""
+
+
+class AnnotationError(ValueError):
+    """An annotation file is malformed; the message names the file and the field."""
+
+
+class ImageReadError(OSError):
+    """An image is missing, unreadable or corrupt; the message names its path."""
+
+
+def as_hw(image_size: ImageSize) -> tuple[int, int]:
+    """``768`` -> ``(768, 768)``; ``(H, W)`` is returned as is (both must be positive)."""
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    if len(hw) != 2 or min(hw) <= 0:
+        raise ValueError(f"image_size must be a positive int or (H, W); got {image_size!r}")
+    return hw[0], hw[1]
+
+
+def missing_root_error(what: str, path: Path, layout: str, download_name: str) -> DatasetNotFoundError:
+    """Error for a missing dataset file or folder, with the expected layout and the download command."""
+    return DatasetNotFoundError(
+        f"{what} not found: {path}\nExpected layout:\n{layout.rstrip()}\n"
+        f"Get it with `sdm download {download_name} --root data/` (see data/README.md)."
+    )
+
+
+def read_image(path: Path) -> Image.Image:
+    """Open an image fully as RGB; a missing or corrupt file raises ImageReadError naming ``path``."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so that truncated files fail here rather than later
+            return im.convert("RGB")
+    except FileNotFoundError as err:
+        raise ImageReadError(f"image not found: {path}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err}") from err
+
+
+def read_size(path: Path) -> tuple[int, int]:
+    """Original (W, H) of an image from its header only (no decoding)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError as err:
+        raise ImageReadError(f"image not found: {path}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err}") from err
+
+
+def pil_to_tensor(image: Image.Image, size_hw: tuple[int, int]) -> torch.Tensor:
+    """Resize (bilinear, aspect not kept) and convert to a float tensor 3 x H x W in [0, 1]."""
+    h, w = size_hw
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.Resampling.BILINEAR)
+    arr = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def scale_factors(orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> tuple[float, float]:
+    """Per-axis factors (sx, sy) = (W_new / W_orig, H_new / H_orig) used for keypoints and boxes."""
+    return size_hw[1] / orig_wh[0], size_hw[0] / orig_wh[1]
+
+
+def scale_points(xy: torch.Tensor, orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> torch.Tensor:
+    """K x 2 (x, y) original pixels -> K x 2 resized pixels, per-axis scale."""
+    sx, sy = scale_factors(orig_wh, size_hw)
+    return xy.float() * torch.tensor([sx, sy], dtype=torch.float32)
+
+
+def scale_box(box: torch.Tensor, orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> torch.Tensor:
+    """(x1, y1, x2, y2) original pixels -> resized pixels, per-axis scale."""
+    sx, sy = scale_factors(orig_wh, size_hw)
+    return box.float() * torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
+
+
+def valid_point_mask(src: np.ndarray, trg: np.ndarray) -> np.ndarray:
+    """K x 2 each -> K bool: a correspondence is kept when both points are finite and non-negative
+    (the PF datasets mark missing points with NaN or negative coordinates)."""
+    ok_s = np.isfinite(src).all(axis=1) & (np.nan_to_num(src, nan=-1.0) >= 0).all(axis=1)
+    ok_t = np.isfinite(trg).all(axis=1) & (np.nan_to_num(trg, nan=-1.0) >= 0).all(axis=1)
+    return ok_s & ok_t
+
+
+@dataclass
+class Pair:
+    """One annotated image pair, already resized.
+
+    Attributes:
+        src_image, trg_image: float 3 x H x W in [0, 1], H x W = the dataset's ``image_size``.
+        src_kps, trg_kps: float K x 2, (x, y) pixels of the resized images; row k of each corresponds.
+        n_kps: K, the number of real points.
+        category: the dataset's category name (folder names for PF-Willow, e.g. "car(G)").
+        threshold: PCK threshold in resized pixels (SPair: max(h, w) of the target box; PF-Pascal:
+            max(H, W) of the target image; PF-Willow and synthetic: max(x, y) extent of the target points).
+        src_id, trg_id: image ids, unique within a dataset (same id -> same pixels), for feature caching.
+        src_size, trg_size: original (W, H) of the images before resizing.
+        pair_id: unique within a dataset.
+        extra: dataset-specific fields (see each dataset).
+    """
+
+    src_image: torch.Tensor
+    trg_image: torch.Tensor
+    src_kps: torch.Tensor
+    trg_kps: torch.Tensor
+    n_kps: int
+    category: str
+    threshold: float
+    src_id: str
+    trg_id: str
+    src_size: tuple[int, int]
+    trg_size: tuple[int, int]
+    pair_id: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PairBatch:
+    """A batch of B pairs.
+
+    Attributes:
+        src_image, trg_image: B x 3 x H x W in [0, 1].
+        src_kps, trg_kps: B x K x 2 (K = max n_kps of the batch), rows beyond ``n_kps[b]`` are zeros.
+        n_kps: LongTensor B. threshold: FloatTensor B.
+        categories, src_ids, trg_ids, pair_ids: lists of B str; src_sizes, trg_sizes: lists of (W, H);
+        extra: list of B dicts.
+    """
+
+    src_image: torch.Tensor
+    trg_image: torch.Tensor
+    src_kps: torch.Tensor
+    trg_kps: torch.Tensor
+    n_kps: torch.Tensor
+    threshold: torch.Tensor
+    categories: list[str]
+    src_ids: list[str]
+    trg_ids: list[str]
+    pair_ids: list[str]
+    src_sizes: list[tuple[int, int]]
+    trg_sizes: list[tuple[int, int]]
+    extra: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        """Move the tensors to ``device`` (lists are kept)."""
+        return PairBatch(
+            src_image=self.src_image.to(device),
+            trg_image=self.trg_image.to(device),
+            src_kps=self.src_kps.to(device),
+            trg_kps=self.trg_kps.to(device),
+            n_kps=self.n_kps.to(device),
+            threshold=self.threshold.to(device),
+            categories=self.categories,
+            src_ids=self.src_ids,
+            trg_ids=self.trg_ids,
+            pair_ids=self.pair_ids,
+            src_sizes=self.src_sizes,
+            trg_sizes=self.trg_sizes,
+            extra=self.extra,
+        )
+
+
+def collate_pairs(pairs: Sequence[Pair]) -> PairBatch:
+    """Stack pairs (all of one image size) into a PairBatch, padding keypoints with zeros to the max K."""
+    if len(pairs) == 0:
+        raise ValueError("collate_pairs needs at least one pair")
+    k_max = max(p.n_kps for p in pairs)
+    src_kps = torch.zeros(len(pairs), k_max, 2)
+    trg_kps = torch.zeros(len(pairs), k_max, 2)
+    for b, p in enumerate(pairs):
+        src_kps[b, : p.n_kps] = p.src_kps[: p.n_kps]
+        trg_kps[b, : p.n_kps] = p.trg_kps[: p.n_kps]
+    return PairBatch(
+        src_image=torch.stack([p.src_image for p in pairs]),
+        trg_image=torch.stack([p.trg_image for p in pairs]),
+        src_kps=src_kps,
+        trg_kps=trg_kps,
+        n_kps=torch.tensor([p.n_kps for p in pairs], dtype=torch.long),
+        threshold=torch.tensor([p.threshold for p in pairs], dtype=torch.float32),
+        categories=[p.category for p in pairs],
+        src_ids=[p.src_id for p in pairs],
+        trg_ids=[p.trg_id for p in pairs],
+        pair_ids=[p.pair_id for p in pairs],
+        src_sizes=[p.src_size for p in pairs],
+        trg_sizes=[p.trg_size for p in pairs],
+        extra=[p.extra for p in pairs],
+    )
+
+
+class ImageSet(Dataset):
+    """Image-level view of a split: item i is (image_id, image 3 x H x W in [0, 1]), each unique image once.
+
+    ``load(image_id)`` produces the resized image tensor; ids are the ones Pair.src_id / trg_id carry.
+    """
+
+    def __init__(self, ids: Sequence[str], load: Callable[[str], torch.Tensor]) -> None:
+        self.ids = list(dict.fromkeys(ids))  # unique, first-seen order
+        self._load = load
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor]:
+        image_id = self.ids[i]
+        return image_id, self._load(image_id)
+
+
+class PairDataset(Dataset):
+    """Base of the datasets: a list of pairs, a sorted ``categories`` list, and the image-level view."""
+
+    categories: list[str]
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Pair:
+        raise NotImplementedError
+
+    def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Pair i's resized (src_kps K x 2, trg_kps K x 2, threshold) without decoding its images."""
+        raise NotImplementedError
+
+    def image_ids(self) -> list[str]:
+        """Ids of every image used by the split (src and trg), unique, in first-use order."""
+        raise NotImplementedError
+
+    def load_image(self, image_id: str) -> torch.Tensor:
+        """The resized image 3 x H x W in [0, 1] that pairs carrying ``image_id`` use."""
+        raise NotImplementedError
+
+    def images(self) -> ImageSet:
+        """The split's unique images as a Dataset of (image_id, 3 x H x W tensor)."""
+        return ImageSet(self.image_ids(), self.load_image)
+
+
+def check_category(category: str | None, valid: Sequence[str]) -> str | None:
+    """Return ``category`` when it is None or one of ``valid``; otherwise a ValueError listing them."""
+    if category is not None and category not in valid:
+        raise ValueError(f"unknown category {category!r}; valid categories: {', '.join(valid)}")
+    return category

@@ -1,0 +1,280 @@
+"""PF-Pascal (Ham et al., "Proposal Flow", TPAMI 2018): 20 PASCAL VOC categories; trn / val / test =
+2,941 / 308 / 299 pairs in the split lists of Han et al. (SCNet) used by the literature."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.io
+import torch
+
+from sdm.metrics import pfpascal_threshold
+
+from .base import (
+    AnnotationError,
+    ImageSize,
+    Pair,
+    PairDataset,
+    as_hw,
+    check_category,
+    missing_root_error,
+    pil_to_tensor,
+    read_image,
+    read_size,
+    scale_box,
+    scale_points,
+    valid_point_mask,
+)
+
+# VOC order; the csv's `class` column is the 1-based index into this tuple.
+PFPASCAL_CATEGORIES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+PFPascalSplit = Literal["trn", "val", "test"]
+IMAGE_DIR = "PF-dataset-PASCAL"
+FLIP_SUFFIX = "|flip"  # image-id suffix of horizontally flipped images (they are different pixels)
+
+PFPASCAL_LAYOUT = """\
+<root>/
+  {trn,val,test}_pairs.csv            source_image,target_image,class[,flip][,XA,YA,XB,YB]
+  PF-dataset-PASCAL/JPEGImages/<image>.jpg
+  PF-dataset-PASCAL/Annotations/<category>/<image>.mat   fields kps (N x 2, x y, NaN = absent), bbox (1 x 4)
+"""
+
+
+@dataclass(frozen=True)
+class PascalRecord:
+    """One csv row. Points K x 2 (x, y) original pixels, None when the csv has no keypoint columns
+    (the trn list): then they come from the .mat annotations."""
+
+    row: int
+    src: str
+    trg: str
+    category: str
+    flip: bool
+    src_kps: np.ndarray | None
+    trg_kps: np.ndarray | None
+
+
+def _coords(text: Any, csv_path: Path, row: int, col: str) -> np.ndarray:
+    """';'-separated numbers -> float array."""
+    try:
+        return np.array([float(v) for v in str(text).split(";") if v.strip() != ""], dtype=np.float64)
+    except ValueError as err:
+        raise AnnotationError(
+            f"{csv_path}, line {row + 2}, field {col}: not a ';'-separated list of numbers"
+        ) from err
+
+
+def parse_pfpascal_csv(csv_path: str | Path) -> list[PascalRecord]:
+    """Parse a PF-Pascal pair list (``{trn,val,test}_pairs.csv``) into records.
+
+    Columns: source_image, target_image, class (1..20, VOC order), optional flip (0/1; the trn list), and
+    optional XA, YA, XB, YB (';'-separated x or y coordinates of the pair's points in original pixels).
+    Image paths are reduced to their file names (the images all live in PF-dataset-PASCAL/JPEGImages).
+    """
+    csv_path = Path(csv_path)
+    try:
+        df = pd.read_csv(csv_path)
+    except FileNotFoundError:
+        raise
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{csv_path}: cannot parse csv ({err})") from err
+    missing = [c for c in ("source_image", "target_image", "class") if c not in df.columns]
+    if missing:
+        raise AnnotationError(f"{csv_path}: missing column(s) {missing}")
+    kp_cols = ("XA", "YA", "XB", "YB")
+    has_kps = all(c in df.columns for c in kp_cols)
+    records = []
+    for row, r in enumerate(df.to_dict("records")):
+        try:
+            cls = int(r["class"])
+        except (TypeError, ValueError) as err:
+            raise AnnotationError(
+                f"{csv_path}, line {row + 2}, field class: {r['class']!r} is not an integer"
+            ) from err
+        if not 1 <= cls <= len(PFPASCAL_CATEGORIES):
+            raise AnnotationError(f"{csv_path}, line {row + 2}, field class: {cls} is outside 1..20")
+        src_kps = trg_kps = None
+        if has_kps:
+            xa, ya, xb, yb = (_coords(r[c], csv_path, row, c) for c in kp_cols)
+            if not len(xa) == len(ya) == len(xb) == len(yb):
+                raise AnnotationError(
+                    f"{csv_path}, line {row + 2}, fields XA/YA/XB/YB: different numbers of values"
+                )
+            src_kps, trg_kps = np.stack([xa, ya], axis=1), np.stack([xb, yb], axis=1)
+        flip = r.get("flip", 0)
+        records.append(
+            PascalRecord(
+                row=row,
+                src=Path(str(r["source_image"])).name,
+                trg=Path(str(r["target_image"])).name,
+                category=PFPASCAL_CATEGORIES[cls - 1],
+                flip=bool(int(flip)) if pd.notna(flip) else False,
+                src_kps=src_kps,
+                trg_kps=trg_kps,
+            )
+        )
+    return records
+
+
+def read_pfpascal_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A PF-Pascal annotation file -> (kps N x 2 (x, y), NaN rows for absent points; bbox 4 (x1, y1, x2, y2))."""
+    if not path.is_file():
+        raise missing_root_error("PF-Pascal annotation", path, PFPASCAL_LAYOUT, "pfpascal")
+    try:
+        mat = scipy.io.loadmat(str(path))
+    except (ValueError, OSError, TypeError) as err:
+        raise AnnotationError(f"{path}: cannot read .mat file ({err})") from err
+    for key in ("kps", "bbox"):
+        if key not in mat:
+            raise AnnotationError(f"{path}: missing field {key!r}")
+    kps = np.asarray(mat["kps"], dtype=np.float64)
+    if kps.ndim != 2 or kps.shape[1] != 2:
+        raise AnnotationError(f"{path}: field 'kps' should be N x 2, got shape {kps.shape}")
+    bbox = np.asarray(mat["bbox"], dtype=np.float64).reshape(-1)
+    if bbox.shape != (4,):
+        raise AnnotationError(
+            f"{path}: field 'bbox' should hold 4 numbers, got shape {np.shape(mat['bbox'])}"
+        )
+    return kps, bbox
+
+
+class PFPascal(PairDataset):
+    """PF-Pascal pairs of one split as Pair samples.
+
+    Keypoints: from the csv's XA/YA/XB/YB columns when present (val, test), otherwise from the two images'
+    .mat files, matched by row (trn); a correspondence is dropped when either point is NaN or negative.
+    ``threshold`` = max(H, W) of the resized target image. Ids: "<image stem>", plus "|flip" for flipped
+    images; pair_id "<csv row, from 0>:<src stem>-><trg stem>". ``extra``: flipped (bool), src_bbox and
+    trg_bbox (float 4, resized pixels, from the .mat files; None when that file is absent).
+
+    Flip (trn rows with flip = 1; the literature's augmentation): both images are flipped horizontally after
+    resizing, and points and boxes follow with x' = W_new - 1 - x, i.e. pixel column c goes to column
+    W_new - 1 - c exactly as ``torch.flip`` moves it (some public loaders use W - x, one pixel apart).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: PFPascalSplit = "test",
+        image_size: ImageSize = 768,
+        category: str | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.image_size = as_hw(image_size)
+        check_category(category, PFPASCAL_CATEGORIES)
+        if split not in ("trn", "val", "test"):
+            raise ValueError(f"unknown PF-Pascal split {split!r}; valid: trn, val, test")
+        if not self.root.is_dir():
+            raise missing_root_error("PF-Pascal root", self.root, PFPASCAL_LAYOUT, "pfpascal")
+        csv_path = self.root / f"{split}_pairs.csv"
+        if not csv_path.is_file():
+            raise missing_root_error(f"PF-Pascal {split} pair list", csv_path, PFPASCAL_LAYOUT, "pfpascal")
+        self.records = [r for r in parse_pfpascal_csv(csv_path) if category is None or r.category == category]
+        self.categories = sorted({r.category for r in self.records})
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._files = {Path(n).stem: n for r in self.records for n in (r.src, r.trg)}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _image_path(self, name: str) -> Path:
+        return self.root / IMAGE_DIR / "JPEGImages" / name
+
+    def _ann_path(self, name: str, category: str) -> Path:
+        return self.root / IMAGE_DIR / "Annotations" / category / f"{Path(name).stem}.mat"
+
+    def _size(self, name: str) -> tuple[int, int]:
+        if name not in self._sizes:
+            self._sizes[name] = read_size(self._image_path(name))
+        return self._sizes[name]
+
+    @staticmethod
+    def _id(name: str, flip: bool) -> str:
+        return Path(name).stem + (FLIP_SUFFIX if flip else "")
+
+    def image_ids(self) -> list[str]:
+        ids = [self._id(n, r.flip) for r in self.records for n in (r.src, r.trg)]
+        return list(dict.fromkeys(ids))
+
+    def load_image(self, image_id: str) -> torch.Tensor:
+        flip = image_id.endswith(FLIP_SUFFIX)
+        stem = image_id.removesuffix(FLIP_SUFFIX)
+        image = pil_to_tensor(read_image(self._image_path(self._files[stem])), self.image_size)
+        return image.flip(-1) if flip else image
+
+    def _flip_x(self, xy: torch.Tensor, x_cols: tuple[int, ...]) -> torch.Tensor:
+        out = xy.clone()
+        w_new = self.image_size[1]
+        out[..., list(x_cols)] = (w_new - 1) - xy[..., list(x_cols)]
+        return out
+
+    def _annotation(self, i: int) -> dict[str, Any]:
+        """Resized (and possibly flipped) points and boxes of pair i."""
+        r = self.records[i]
+        src_wh, trg_wh = self._size(r.src), self._size(r.trg)
+        boxes: dict[str, torch.Tensor | None] = {}
+        mats: dict[str, np.ndarray] = {}
+        for side, name, wh in (("src", r.src, src_wh), ("trg", r.trg, trg_wh)):
+            ann = self._ann_path(name, r.category)
+            if r.src_kps is None or ann.is_file():
+                kps, box = read_pfpascal_mat(ann)
+                mats[side] = kps
+                boxes[side] = scale_box(torch.from_numpy(box), wh, self.image_size)
+            else:
+                boxes[side] = None
+        if r.src_kps is not None and r.trg_kps is not None:
+            src_np, trg_np = r.src_kps, r.trg_kps
+        else:
+            src_np, trg_np = mats["src"], mats["trg"]
+            if len(src_np) != len(trg_np):
+                raise AnnotationError(
+                    f"{self._ann_path(r.src, r.category)} and {self._ann_path(r.trg, r.category)}: "
+                    f"field 'kps' has {len(src_np)} vs {len(trg_np)} rows"
+                )
+        keep = valid_point_mask(src_np, trg_np)
+        src_kps = scale_points(torch.from_numpy(src_np[keep]), src_wh, self.image_size)
+        trg_kps = scale_points(torch.from_numpy(trg_np[keep]), trg_wh, self.image_size)
+        if r.flip:
+            src_kps, trg_kps = self._flip_x(src_kps, (0,)), self._flip_x(trg_kps, (0,))
+            for side, box in boxes.items():
+                if box is not None:
+                    # x1 and x2 swap roles under the mirror
+                    boxes[side] = self._flip_x(box, (0, 2))[[2, 1, 0, 3]]
+        return {"src_kps": src_kps, "trg_kps": trg_kps, "src_bbox": boxes["src"], "trg_bbox": boxes["trg"]}
+
+    def _threshold(self) -> float:
+        return float(pfpascal_threshold(torch.tensor(self.image_size)))
+
+    def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        ann = self._annotation(i)
+        return ann["src_kps"], ann["trg_kps"], self._threshold()
+
+    def __getitem__(self, i: int) -> Pair:
+        r = self.records[i]
+        ann = self._annotation(i)
+        src_id, trg_id = self._id(r.src, r.flip), self._id(r.trg, r.flip)
+        if len(ann["src_kps"]) == 0:
+            raise AnnotationError(f"PF-Pascal pair {r.row} ({r.src} -> {r.trg}): no valid keypoint")
+        return Pair(
+            src_image=self.load_image(src_id),
+            trg_image=self.load_image(trg_id),
+            src_kps=ann["src_kps"],
+            trg_kps=ann["trg_kps"],
+            n_kps=len(ann["src_kps"]),
+            category=r.category,
+            threshold=self._threshold(),
+            src_id=src_id,
+            trg_id=trg_id,
+            src_size=self._size(r.src),
+            trg_size=self._size(r.trg),
+            pair_id=f"{r.row}:{Path(r.src).stem}->{Path(r.trg).stem}",
+            extra={"flipped": r.flip, "src_bbox": ann["src_bbox"], "trg_bbox": ann["trg_bbox"]},
+        )

@@ -1,0 +1,177 @@
+"""PF-Willow (Ham et al., "Proposal Flow", CVPR 2016): 900 test pairs, 10 classes, 10 points per image."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sdm.metrics import pfwillow_threshold
+
+from .base import (
+    AnnotationError,
+    ImageSize,
+    Pair,
+    PairDataset,
+    as_hw,
+    check_category,
+    missing_root_error,
+    pil_to_tensor,
+    read_image,
+    read_size,
+    scale_points,
+    valid_point_mask,
+)
+
+PFWILLOW_LAYOUT = """\
+<root>/
+  test_pairs.csv                 imageA,imageB,XA1..XA10,YA1..YA10,XB1..XB10,YB1..YB10
+  PF-dataset/<class>/<name>.png  e.g. PF-dataset/car(G)/Cars_006a.png (csv paths say PF-WILLOW/...)
+"""
+
+# The csv's image paths start with this folder name, which stands for PF-dataset/ next to the csv.
+CSV_PREFIX = "PF-WILLOW"
+IMAGE_DIR = "PF-dataset"
+N_POINTS = 10
+
+
+def category_label(name: str) -> str:
+    """Category name for text prompts: drops PF-Willow's condition suffix, "car(G)" -> "car",
+    "motorbike(S)" -> "motorbike", "winebottle(woC)" -> "winebottle"; other names are returned as is."""
+    return re.sub(r"\s*\([^()]*\)$", "", name).strip()
+
+
+@dataclass(frozen=True)
+class WillowRecord:
+    """One csv row: images relative to the image folder ("<class>/<name>.png"), points 10 x 2 (x, y)."""
+
+    row: int
+    src: str
+    trg: str
+    category: str
+    src_kps: np.ndarray
+    trg_kps: np.ndarray
+
+
+def parse_pfwillow_csv(csv_path: Path) -> list[WillowRecord]:
+    """Read PF-Willow's test_pairs.csv into records (original-image pixel coordinates)."""
+    try:
+        df = pd.read_csv(csv_path)
+    except FileNotFoundError:
+        raise
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{csv_path}: cannot parse csv ({err})") from err
+    cols = [f"{a}{i}" for a in ("XA", "YA", "XB", "YB") for i in range(1, N_POINTS + 1)]
+    needed = ["imageA", "imageB", *cols]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise AnnotationError(f"{csv_path}: missing column(s) {missing}; expected {needed[:3]}...")
+    records = []
+    for row_no, row in enumerate(df.itertuples(index=False), start=2):  # line 1 is the header
+        paths = []
+        for col in ("imageA", "imageB"):
+            parts = Path(str(getattr(row, col))).parts
+            if len(parts) != 3 or parts[0] != CSV_PREFIX:
+                raise AnnotationError(
+                    f"{csv_path}, line {row_no}, field {col}: expected {CSV_PREFIX}/<class>/<file>, got {getattr(row, col)!r}"
+                )
+            paths.append(parts)
+        if paths[0][1] != paths[1][1]:
+            raise AnnotationError(f"{csv_path}, line {row_no}: imageA and imageB are of different classes")
+        try:
+            vals = {c: float(getattr(row, c)) for c in cols}
+        except (TypeError, ValueError) as err:
+            raise AnnotationError(f"{csv_path}, line {row_no}: non-numeric keypoint field ({err})") from err
+
+        def points(x: str, y: str, vals: dict[str, float] = vals) -> np.ndarray:
+            return np.array([[vals[f"{x}{i}"], vals[f"{y}{i}"]] for i in range(1, N_POINTS + 1)])
+
+        records.append(
+            WillowRecord(
+                row=row_no - 2,
+                src=f"{paths[0][1]}/{paths[0][2]}",
+                trg=f"{paths[1][1]}/{paths[1][2]}",
+                category=paths[0][1],
+                src_kps=points("XA", "YA"),
+                trg_kps=points("XB", "YB"),
+            )
+        )
+    return records
+
+
+class PFWillow(PairDataset):
+    """PF-Willow test pairs as Pair samples.
+
+    ``threshold`` = max(x extent, y extent) of the target keypoints after resizing. Ids: src_id/trg_id
+    "<class>/<stem>" (e.g. "car(G)/Cars_006a"), pair_id "<csv row, from 0>:<src_id>-><trg_id>". ``extra`` is empty.
+    """
+
+    def __init__(self, root: str | Path, image_size: ImageSize = 768, category: str | None = None) -> None:
+        self.root = Path(root)
+        self.image_size = as_hw(image_size)
+        csv_path = self.root / "test_pairs.csv"
+        if not self.root.is_dir():
+            raise missing_root_error("PF-Willow root", self.root, PFWILLOW_LAYOUT, "pfwillow")
+        if not csv_path.is_file():
+            raise missing_root_error("PF-Willow pair list", csv_path, PFWILLOW_LAYOUT, "pfwillow")
+        records = parse_pfwillow_csv(csv_path)
+        self.all_categories = sorted({r.category for r in records})
+        check_category(category, self.all_categories)
+        self.records = [r for r in records if category is None or r.category == category]
+        self.categories = sorted({r.category for r in self.records})
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _path(self, rel: str) -> Path:
+        return self.root / IMAGE_DIR / rel
+
+    @staticmethod
+    def _id(rel: str) -> str:
+        return str(Path(rel).with_suffix(""))
+
+    def image_ids(self) -> list[str]:
+        ids = [self._id(r.src) for r in self.records] + [self._id(r.trg) for r in self.records]
+        return list(dict.fromkeys(ids))
+
+    def load_image(self, image_id: str) -> torch.Tensor:
+        return pil_to_tensor(read_image(self._path(image_id + ".png")), self.image_size)
+
+    def _size(self, rel: str) -> tuple[int, int]:
+        if rel not in self._sizes:
+            self._sizes[rel] = read_size(self._path(rel))
+        return self._sizes[rel]
+
+    def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        r = self.records[i]
+        keep = valid_point_mask(r.src_kps, r.trg_kps)
+        src_kps = scale_points(torch.from_numpy(r.src_kps[keep]), self._size(r.src), self.image_size)
+        trg_kps = scale_points(torch.from_numpy(r.trg_kps[keep]), self._size(r.trg), self.image_size)
+        if len(trg_kps) < 2:
+            raise AnnotationError(f"PF-Willow pair {i} ({r.src} -> {r.trg}): fewer than 2 valid keypoints")
+        return src_kps, trg_kps, float(pfwillow_threshold(trg_kps))
+
+    def __getitem__(self, i: int) -> Pair:
+        r = self.records[i]
+        src_kps, trg_kps, threshold = self.keypoints(i)
+        src_id, trg_id = self._id(r.src), self._id(r.trg)
+        return Pair(
+            src_image=pil_to_tensor(read_image(self._path(r.src)), self.image_size),
+            trg_image=pil_to_tensor(read_image(self._path(r.trg)), self.image_size),
+            src_kps=src_kps,
+            trg_kps=trg_kps,
+            n_kps=len(src_kps),
+            category=r.category,
+            threshold=threshold,
+            src_id=src_id,
+            trg_id=trg_id,
+            src_size=self._size(r.src),
+            trg_size=self._size(r.trg),
+            pair_id=f"{r.row}:{src_id}->{trg_id}",
+            extra={},
+        )

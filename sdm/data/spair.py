@@ -1,0 +1,224 @@
+"""SPair-71k (Min et al., 2019): 18 categories; trn / val / test = 53,340 / 5,384 / 12,234 pairs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from sdm.metrics import spair_threshold
+
+from .base import (
+    AnnotationError,
+    ImageSize,
+    Pair,
+    PairDataset,
+    as_hw,
+    check_category,
+    missing_root_error,
+    pil_to_tensor,
+    read_image,
+    read_size,
+    scale_box,
+    scale_points,
+    valid_point_mask,
+)
+
+SPAIR_CATEGORIES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
+)  # fmt: skip
+SPairSplit = Literal["trn", "val", "test"]
+# Pair-level difficulty annotations of the official JSON files; absent ones become None.
+DIFFICULTY_FIELDS: tuple[str, ...] = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+
+SPAIR_LAYOUT = """\
+<root>/                                   (the extracted SPair-71k/ folder)
+  JPEGImages/<category>/<image>.jpg
+  PairAnnotation/{trn,val,test}/<pair>.json
+  Layout/large/{trn,val,test}.txt         one <pair> name per line, e.g. 000001-2008_000585-2008_004704:aeroplane
+"""
+
+
+@dataclass(frozen=True)
+class SPairRecord:
+    """One pair annotation, original pixels: points K x 2 (x, y), boxes (x1, y1, x2, y2)."""
+
+    name: str
+    category: str
+    src_imname: str
+    trg_imname: str
+    src_kps: np.ndarray
+    trg_kps: np.ndarray
+    src_bbox: np.ndarray
+    trg_bbox: np.ndarray
+    flags: dict[str, int | None]
+
+
+def _field(ann: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in ann:
+        raise AnnotationError(f"{path}: missing field {key!r}")
+    return ann[key]
+
+
+def _array(ann: dict[str, Any], key: str, path: Path, shape: tuple[int | None, ...]) -> np.ndarray:
+    """Field ``key`` as a float array of ``shape`` (None = any length), else an AnnotationError."""
+    value = _field(ann, key, path)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise AnnotationError(f"{path}: field {key!r} is not numeric ({err})") from err
+    if arr.ndim == 1 and len(shape) == 2 and arr.size == 0:
+        arr = arr.reshape(0, shape[1] or 0)
+    if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
+        want = " x ".join("K" if s is None else str(s) for s in shape)
+        raise AnnotationError(f"{path}: field {key!r} should be {want}, got shape {arr.shape}")
+    return arr
+
+
+def parse_spair_annotation(path: Path) -> SPairRecord:
+    """Read one SPair-71k PairAnnotation JSON file."""
+    try:
+        ann = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise AnnotationError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(ann, dict):
+        raise AnnotationError(f"{path}: expected a JSON object")
+    src_kps = _array(ann, "src_kps", path, (None, 2))
+    trg_kps = _array(ann, "trg_kps", path, (None, 2))
+    if len(src_kps) != len(trg_kps):
+        raise AnnotationError(
+            f"{path}: fields 'src_kps' and 'trg_kps' differ in length ({len(src_kps)} vs {len(trg_kps)})"
+        )
+    category = str(_field(ann, "category", path))
+    if category not in SPAIR_CATEGORIES:
+        raise AnnotationError(
+            f"{path}: field 'category' is {category!r}, not one of {', '.join(SPAIR_CATEGORIES)}"
+        )
+    flags = {}
+    for key in DIFFICULTY_FIELDS:
+        v = ann.get(key)
+        flags[key] = None if v is None else int(v)
+    return SPairRecord(
+        name=Path(path).stem,
+        category=category,
+        src_imname=str(_field(ann, "src_imname", path)),
+        trg_imname=str(_field(ann, "trg_imname", path)),
+        src_kps=src_kps,
+        trg_kps=trg_kps,
+        src_bbox=_array(ann, "src_bndbox", path, (4,)),
+        trg_bbox=_array(ann, "trg_bndbox", path, (4,)),
+        flags=flags,
+    )
+
+
+class SPair71k(PairDataset):
+    """SPair-71k pairs of one split (optionally one category) as Pair samples.
+
+    ``threshold`` = max(h, w) of the target bounding box after resizing (per-axis scale).
+    Ids: src_id/trg_id "<category>/<image stem>", pair_id the annotation name
+    ("000001-2011_001863-2010_002195:pottedplant"). ``extra``: src_bbox, trg_bbox (float 4, x1 y1 x2 y2 in
+    resized pixels) and the difficulty flags viewpoint_variation, scale_variation, truncation, occlusion
+    (int, or None when the annotation lacks them). Annotations are read at construction.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: SPairSplit = "test",
+        category: str | None = None,
+        image_size: ImageSize = 768,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.image_size = as_hw(image_size)
+        check_category(category, SPAIR_CATEGORIES)
+        if split not in ("trn", "val", "test"):
+            raise ValueError(f"unknown SPair-71k split {split!r}; valid: trn, val, test")
+        if not self.root.is_dir():
+            raise missing_root_error("SPair-71k root", self.root, SPAIR_LAYOUT, "spair")
+        list_path = self.root / "Layout" / "large" / f"{split}.txt"
+        if not list_path.is_file():
+            raise missing_root_error(f"SPair-71k {split} pair list", list_path, SPAIR_LAYOUT, "spair")
+        names = [ln.strip() for ln in list_path.read_text().splitlines() if ln.strip()]
+        ann_dir = self.root / "PairAnnotation" / split
+        self.records: list[SPairRecord] = []
+        for name in names:
+            # The category is the name's suffix after ':'; filter before parsing to keep one-category loads fast.
+            if category is not None and name.rsplit(":", 1)[-1] != category:
+                continue
+            path = ann_dir / f"{name}.json"
+            if not path.is_file():
+                raise missing_root_error(
+                    f"SPair-71k annotation listed in {list_path}", path, SPAIR_LAYOUT, "spair"
+                )
+            self.records.append(parse_spair_annotation(path))
+        self.categories = sorted({r.category for r in self.records})
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    @staticmethod
+    def _ids(r: SPairRecord) -> tuple[str, str]:
+        return f"{r.category}/{Path(r.src_imname).stem}", f"{r.category}/{Path(r.trg_imname).stem}"
+
+    def _size(self, image_id: str) -> tuple[int, int]:
+        if image_id not in self._sizes:
+            self._sizes[image_id] = read_size(self._path(image_id))
+        return self._sizes[image_id]
+
+    def image_ids(self) -> list[str]:
+        ids = [i for r in self.records for i in self._ids(r)]
+        return list(dict.fromkeys(ids))
+
+    def load_image(self, image_id: str) -> torch.Tensor:
+        return pil_to_tensor(read_image(self._path(image_id)), self.image_size)
+
+    def _scaled(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        r = self.records[i]
+        src_id, trg_id = self._ids(r)
+        src_wh, trg_wh = self._size(src_id), self._size(trg_id)
+        keep = valid_point_mask(r.src_kps, r.trg_kps)
+        return (
+            scale_points(torch.from_numpy(r.src_kps[keep]), src_wh, self.image_size),
+            scale_points(torch.from_numpy(r.trg_kps[keep]), trg_wh, self.image_size),
+            scale_box(torch.from_numpy(r.src_bbox), src_wh, self.image_size),
+            scale_box(torch.from_numpy(r.trg_bbox), trg_wh, self.image_size),
+        )
+
+    def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        src_kps, trg_kps, _, trg_box = self._scaled(i)
+        return src_kps, trg_kps, float(spair_threshold(trg_box))
+
+    def __getitem__(self, i: int) -> Pair:
+        r = self.records[i]
+        src_id, trg_id = self._ids(r)
+        src_kps, trg_kps, src_box, trg_box = self._scaled(i)
+        threshold = float(spair_threshold(trg_box))
+        if threshold <= 0:
+            raise AnnotationError(
+                f"SPair-71k pair {r.name}: field 'trg_bndbox' is empty ({r.trg_bbox.tolist()})"
+            )
+        return Pair(
+            src_image=self.load_image(src_id),
+            trg_image=self.load_image(trg_id),
+            src_kps=src_kps,
+            trg_kps=trg_kps,
+            n_kps=len(src_kps),
+            category=r.category,
+            threshold=threshold,
+            src_id=src_id,
+            trg_id=trg_id,
+            src_size=self._size(src_id),
+            trg_size=self._size(trg_id),
+            pair_id=r.name,
+            extra={"src_bbox": src_box, "trg_bbox": trg_box, **r.flags},
+        )
