@@ -7,7 +7,7 @@ the dataset's PCK threshold in that resized space); ``collate_pairs`` batches th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .base import (
     AnnotationError,
@@ -23,9 +23,17 @@ from .base import (
 from .pfpascal import PFPASCAL_CATEGORIES, PFPascal, parse_pfpascal_csv, read_pfpascal_mat
 from .pfwillow import PFWillow, category_label, parse_pfwillow_csv
 from .spair import SPAIR_CATEGORIES, SPair71k, parse_spair_annotation
+from .synthetic import PHOTOS, SyntheticPairs, apply_homography
 
-DatasetName = Literal["spair", "pfpascal", "pfwillow"]
-DATASETS: dict[str, type[PairDataset]] = {"spair": SPair71k, "pfpascal": PFPascal, "pfwillow": PFWillow}
+DatasetName = Literal["spair", "pfpascal", "pfwillow", "synthetic"]
+DATASETS: dict[str, type[PairDataset]] = {
+    "spair": SPair71k,
+    "pfpascal": PFPascal,
+    "pfwillow": PFWillow,
+    "synthetic": SyntheticPairs,
+}
+# Synthetic "splits" are disjoint seeds, so trn / val / test never share a pair: split -> (seed, n).
+SYNTHETIC_SPLITS: dict[str, tuple[int, int]] = {"trn": (0, 512), "val": (1, 64), "test": (2, 64)}
 
 
 def load_dataset(
@@ -34,23 +42,37 @@ def load_dataset(
     split: str = "test",
     image_size: ImageSize = 768,
     category: str | None = None,
+    **kwargs: Any,
 ) -> PairDataset:
-    """Build a dataset by registry name. PF-Willow has only the test split."""
+    """Build a dataset by registry name.
+
+    ``root`` is the dataset folder (unused for "synthetic"); PF-Willow has only the "test" split. For
+    "synthetic", ``split`` picks (seed, n) from SYNTHETIC_SPLITS, ``category`` restricts the photographs,
+    and ``kwargs`` (n, seed, n_kps, photometric) override; for the others kwargs are passed on as is.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    if name == "synthetic":
+        if split not in SYNTHETIC_SPLITS:
+            raise ValueError(f"unknown synthetic split {split!r}; valid: {', '.join(SYNTHETIC_SPLITS)}")
+        seed, n = SYNTHETIC_SPLITS[split]
+        options: dict[str, Any] = {"seed": seed, "n": n, "photos": [category] if category else None, **kwargs}
+        return SyntheticPairs(image_size=image_size, **options)
     if root is None:
         raise ValueError(f"dataset {name!r} needs a root folder (see data/README.md)")
     if name == "pfwillow":
         if split != "test":
             raise ValueError(f"PF-Willow has only the 'test' split, not {split!r}")
-        return PFWillow(root, image_size=image_size, category=category)
-    return DATASETS[name](root, split=split, image_size=image_size, category=category)
+        return PFWillow(root, image_size=image_size, category=category, **kwargs)
+    return DATASETS[name](root, split=split, image_size=image_size, category=category, **kwargs)
 
 
 __all__ = [
     "DATASETS",
     "PFPASCAL_CATEGORIES",
+    "PHOTOS",
     "SPAIR_CATEGORIES",
+    "SYNTHETIC_SPLITS",
     "AnnotationError",
     "DatasetName",
     "DatasetNotFoundError",
@@ -63,6 +85,8 @@ __all__ = [
     "PairBatch",
     "PairDataset",
     "SPair71k",
+    "SyntheticPairs",
+    "apply_homography",
     "category_label",
     "collate_pairs",
     "load_dataset",
