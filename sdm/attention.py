@@ -1,0 +1,697 @@
+"""Hedlin et al.'s training-free matcher (NeurIPS 2023): optimise a prompt embedding per source point so that
+the UNet's cross-attention peaks there, then read the peak of its attention on the target image.
+
+Three layers:
+
+* **Capture.** `capture_cross_attention(unet, layers)` installs `CrossAttentionCapture` processors on chosen
+  cross-attention layers (``attn2`` of the transformer blocks) and restores the original processors on exit.
+  The processor computes softmax(Q K^T * scale) explicitly, so the probabilities can be stored and
+  differentiated (gradients reach the encoder hidden states), and computes the layer output from them
+  exactly as diffusers' default processors do. Self-attention layers are never touched.
+* **Layers.** `cross_attention_layers` lists every ``attn2`` with its spatial resolution for an input size;
+  `hedlin_layers` is the paper's choice ("the up-block layers at 16 x 16 and the first at 32 x 32" for a
+  512 px input), expressed relative to the latent (1/4 and 1/2 of its side) so small models get the
+  analogous layers.
+* **Matcher.** `AttentionMatcher(sd, AttentionMatcherConfig())`: `optimize_embeddings` (source),
+  `attention_maps` (any image), `match` (both, pixels in, pixels out).
+
+Coordinates: (x, y) pixels. Images are resized to ``config.image_size`` (aspect ratio not kept) and points
+scaled per axis, as everywhere in `sdm`. Attention maps are upsampled with bilinear interpolation under the
+align-corners convention (cell 0 <-> pixel 0, last cell <-> last pixel), the convention of `sdm.matching`.
+
+Crops are described in normalised align-corners coordinates p = x / (W - 1) in [0, 1]: a crop with
+offset o and scale s shows the full-image position p = o + q * s at its own position q in [0, 1]
+(s = crop side / image side, the same on both axes). This makes crop <-> image mapping resolution-free.
+
+Reading of the paper's settings (all in `AttentionMatcherConfig`, all configurable):
+
+* "Gaussian of 28 px" is read as the standard deviation of the target, exp(-d^2 / (2 sigma^2)) with peak 1,
+  at a 512 px input; `sigma` is stored relative to the image side (28 / 512), measured in the model-input
+  frame of a crop (the crop is resized to the full input size before the UNet sees it).
+* The target is compared with the attention probability of the chosen token as it is (mean over heads
+  and layers, values in [0, 1]); a Gaussian with peak 1 then asks the token to win the softmax over the
+  77 tokens at the query and to lose it far from it. ``normalize="minmax"`` rescales each map to [0, 1]
+  first (only the shape of the map matters then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from sdm.features import ImageInput, _size_pair, run_until, to_pixel_tensor
+from sdm.matching import argmax_2d, soft_argmax_2d
+from sdm.models import StableDiffusion
+
+Normalize = Literal["none", "minmax"]
+Peak = Literal["argmax", "soft_argmax"]
+
+_SECTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+# ---- layers ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CrossAttentionLayer:
+    """One cross-attention layer: its diffusers processor name, spatial size (h, w) and number of heads."""
+
+    name: str
+    resolution: tuple[int, int]
+    heads: int
+
+
+def _module_name(processor_name: str) -> str:
+    return processor_name.removesuffix(".processor")
+
+
+def execution_key(name: str) -> tuple[int, ...]:
+    """Sort key that puts processor names in the order the UNet runs them (down, mid, up; then by index).
+
+    `unet.attn_processors` lists them in registration order, where the mid block comes last.
+    """
+    section = name.split(".", 1)[0]
+    if section not in _SECTION_ORDER:
+        raise ValueError(f"{name!r} is not an attention layer of a UNet2DConditionModel block")
+    return (_SECTION_ORDER[section], *(int(n) for n in re.findall(r"\.(\d+)(?=\.|$)", name)))
+
+
+def _latent_hw(sd: StableDiffusion, image_size: int | tuple[int, int]) -> tuple[int, int]:
+    h, w = _size_pair(image_size)
+    factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    return h // factor, w // factor
+
+
+def _block_resolutions(unet: UNet2DConditionModel, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """(h, w) at which each down, mid and up block runs, e.g. {"down_blocks.0": (64, 64), ...}."""
+    h, w = latent_hw
+    down = []
+    for block in unet.down_blocks:
+        down.append((h, w))
+        if getattr(block, "downsamplers", None) is not None:
+            h, w = (h + 1) // 2, (w + 1) // 2  # stride-2 conv with padding 1
+    out = {f"down_blocks.{i}": hw for i, hw in enumerate(down)}
+    out["mid_block"] = (h, w)
+    # Up block i consumes the skips of down block n-1-i and upsamples to their size, so it runs at it.
+    n = len(unet.down_blocks)
+    if len(unet.up_blocks) != n:
+        raise ValueError("the UNet's down and up paths differ in length; cannot infer layer resolutions")
+    for i in range(n):
+        out[f"up_blocks.{i}"] = down[n - 1 - i]
+    return out
+
+
+def cross_attention_layers(sd: StableDiffusion, image_size: int | tuple[int, int] = 512) -> list[CrossAttentionLayer]:
+    """All cross-attention layers (``attn2`` of transformer blocks) in execution order, with the spatial
+    resolution of their attention maps for an input of `image_size` pixels (int or (H, W))."""
+    unet = sd.unet
+    blocks = _block_resolutions(unet, _latent_hw(sd, image_size))
+    modules = dict(unet.named_modules())
+    layers = []
+    for name in unet.attn_processors:
+        module = modules[_module_name(name)]
+        if not getattr(module, "is_cross_attention", False):
+            continue
+        block = "mid_block" if name.startswith("mid_block") else ".".join(name.split(".")[:2])
+        layers.append(CrossAttentionLayer(name, blocks[block], int(module.heads)))
+    return sorted(layers, key=lambda layer: execution_key(layer.name))
+
+
+def hedlin_layers(sd: StableDiffusion, image_size: int | tuple[int, int] = 512) -> tuple[str, ...]:
+    """Hedlin et al.'s layers: every up-block cross-attention at 1/4 of the latent side (16 x 16 for SD at
+    512 px) plus the first one at 1/2 of it (32 x 32): for SD 1.x/2.x all ``attn2`` of ``up_blocks[1]``
+    and the first of ``up_blocks[2]``."""
+    latent = _latent_hw(sd, image_size)
+    quarter = tuple((s + 3) // 4 for s in latent)
+    half = tuple((s + 1) // 2 for s in latent)
+    ups = [layer for layer in cross_attention_layers(sd, image_size) if layer.name.startswith("up_blocks")]
+    chosen = [layer.name for layer in ups if layer.resolution == quarter]
+    chosen += [layer.name for layer in ups if layer.resolution == half][:1]
+    if not chosen:
+        raise ValueError(f"no up-block cross-attention at {quarter} or {half} for image_size {image_size}")
+    return tuple(chosen)
+
+
+# ---- capture --------------------------------------------------------------------------------------------------
+@dataclass
+class AttentionStore:
+    """Attention probabilities of the captured layers from the latest UNet forward.
+
+    ``probs[name]`` is B x heads x (h * w) x L (softmax over the L tokens), kept in the autograd graph;
+    ``resolutions[name]`` its (h, w). The store is emptied at the start of every UNet forward.
+    """
+
+    layers: tuple[str, ...]
+    layer_resolutions: dict[tuple[int, int], dict[str, tuple[int, int]]] = field(default_factory=dict, repr=False)
+    latent_hw: tuple[int, int] | None = None
+    probs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    resolutions: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.probs.clear()
+        self.resolutions.clear()
+
+    def add(self, name: str, probs: torch.Tensor, resolution: tuple[int, int]) -> None:
+        self.probs[name] = probs
+        self.resolutions[name] = resolution
+
+    def maps(
+        self,
+        token: int | Sequence[int] = 1,
+        size: tuple[int, int] | None = None,
+        heads: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Attention maps of the chosen tokens, averaged over heads (all or `heads`) and captured layers.
+
+        Each layer's map is upsampled (bilinear, align corners) to `size` = (H, W) (default: the largest
+        captured resolution) before averaging. Returns B x T x H x W float32 (T tokens; T = 1 for an int),
+        values in [0, 1].
+        """
+        missing = [name for name in self.layers if name not in self.probs]
+        if missing:
+            raise RuntimeError(f"no attention captured for {missing}; did the UNet forward reach these layers?")
+        tokens = [token] if isinstance(token, int) else list(token)
+        if size is None:
+            size = max(self.resolutions.values(), key=lambda hw: hw[0] * hw[1])
+        total = None
+        for name in self.layers:
+            probs = self.probs[name]
+            if heads is not None:
+                if max(heads) >= probs.shape[1]:
+                    raise ValueError(f"head index {max(heads)} out of range for {name} ({probs.shape[1]} heads)")
+                probs = probs[:, list(heads)]
+            h, w = self.resolutions[name]
+            m = probs[..., tokens].float().mean(dim=1)  # B x hw x T
+            m = m.transpose(1, 2).reshape(m.shape[0], len(tokens), h, w)
+            if (h, w) != tuple(size):
+                m = F.interpolate(m, size=size, mode="bilinear", align_corners=True)
+            total = m if total is None else total + m
+        return total / len(self.layers)
+
+
+class CrossAttentionCapture:
+    """Attention processor for a cross-attention layer that stores its probabilities in an `AttentionStore`.
+
+    Computes softmax(Q K^T * scale) explicitly (float32 softmax; upcast settings of the layer honoured) and
+    the output from it as diffusers' `AttnProcessor` does, so the UNet computes the same function. Calls
+    without encoder hidden states (self-attention) go to the layer's original processor.
+    """
+
+    def __init__(self, name: str, store: AttentionStore, original: Any) -> None:
+        self.name = name
+        self.store = store
+        self.original = original
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            return self.original(attn, hidden_states, None, attention_mask, temb, **kwargs)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, n_query, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        heads = attn.heads
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # B x heads x N x d
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)  # B x heads x L x d
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            scores = scores + mask.view(batch, heads, -1, mask.shape[-1])
+        # float32 softmax: the maps are what we optimise, half-precision rounding would blur small gradients.
+        probs = scores.float().softmax(dim=-1)  # B x heads x N x L
+        self.store.add(self.name, probs, self._resolution(n_query))
+
+        out = torch.matmul(probs.to(value.dtype), value)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _resolution(self, n_query: int) -> tuple[int, int]:
+        store = self.store
+        hw = None
+        if store.latent_hw is not None:
+            hw = store.layer_resolutions.get(store.latent_hw, {}).get(self.name)
+        if hw is None or hw[0] * hw[1] != n_query:
+            side = math.isqrt(n_query)
+            if side * side != n_query:
+                raise RuntimeError(f"cannot infer the spatial size of {self.name} from {n_query} query positions")
+            hw = (side, side)
+        return hw
+
+
+@contextlib.contextmanager
+def capture_cross_attention(unet: UNet2DConditionModel, layers: Sequence[str]) -> Iterator[AttentionStore]:
+    """Within the context, the cross-attention probabilities of `layers` (processor names as in
+    `unet.attn_processors`, e.g. ``"up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"``) are
+    captured into the yielded `AttentionStore` at every UNet forward.
+
+    Only those layers get a new processor; the original processor objects are put back on exit, also when
+    the body raises.
+    """
+    layers = tuple(sorted(dict.fromkeys(layers), key=execution_key))
+    if not layers:
+        raise ValueError("no layers to capture")
+    processors = unet.attn_processors
+    modules = dict(unet.named_modules())
+    unknown = [name for name in layers if name not in processors]
+    if unknown:
+        raise ValueError(f"unknown attention layers {unknown}; see cross_attention_layers() for valid names")
+    not_cross = [name for name in layers if not getattr(modules[_module_name(name)], "is_cross_attention", False)]
+    if not_cross:
+        raise ValueError(f"not cross-attention layers (attn2): {not_cross}")
+
+    store = AttentionStore(layers)
+
+    def before_forward(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample")
+        store.clear()
+        if sample is not None:
+            latent = (int(sample.shape[-2]), int(sample.shape[-1]))
+            store.latent_hw = latent
+            if latent not in store.layer_resolutions:
+                blocks = _block_resolutions(unet, latent)
+                store.layer_resolutions[latent] = {
+                    name: blocks["mid_block" if name.startswith("mid_block") else ".".join(name.split(".")[:2])]
+                    for name in layers
+                }
+
+    originals = {name: processors[name] for name in layers}
+    handle = unet.register_forward_pre_hook(before_forward, with_kwargs=True)
+    try:
+        for name in layers:
+            modules[_module_name(name)].set_processor(CrossAttentionCapture(name, store, originals[name]))
+        yield store
+    finally:
+        handle.remove()
+        for name, processor in originals.items():
+            modules[_module_name(name)].set_processor(processor)
+
+
+# ---- geometry -------------------------------------------------------------------------------------------------
+def gaussian_maps(centers_xy: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
+    """exp(-d^2 / (2 sigma^2)) around each centre (peak 1): B x 2 pixel (x, y), (H, W), sigma px -> B x H x W."""
+    h, w = size
+    ys = torch.arange(h, device=centers_xy.device, dtype=torch.float32)
+    xs = torch.arange(w, device=centers_xy.device, dtype=torch.float32)
+    dx2 = (xs.view(1, 1, w) - centers_xy[:, 0].float().view(-1, 1, 1)) ** 2
+    dy2 = (ys.view(1, h, 1) - centers_xy[:, 1].float().view(-1, 1, 1)) ** 2
+    return torch.exp(-(dx2 + dy2) / (2.0 * sigma**2))
+
+
+def random_crops(n: int, frac: float, generator: torch.Generator) -> torch.Tensor:
+    """n crop boxes as n x 2 offsets o = (o_x, o_y) in [0, 1 - s] (normalised align-corners coordinates) for a
+    crop of relative side s = `frac`; frac = 1 gives the full image. Drawn on the CPU (device-independent)."""
+    if frac >= 1.0:
+        return torch.zeros(n, 2)
+    return torch.rand(n, 2, generator=generator) * (1.0 - frac)
+
+
+def crop_images(pixels: torch.Tensor, offsets: torch.Tensor, frac: float) -> torch.Tensor:
+    """B x 3 x H x W (or 1 x 3 x H x W, shared) and n x 2 offsets -> n x 3 x H x W crops resized back to H x W."""
+    n = offsets.shape[0]
+    h, w = pixels.shape[-2:]
+    q_y = torch.linspace(0, 1, h, device=pixels.device)
+    q_x = torch.linspace(0, 1, w, device=pixels.device)
+    off = offsets.to(pixels.device, torch.float32)
+    p_x = off[:, 0].view(n, 1, 1) + q_x.view(1, 1, w) * frac  # full-image position seen by crop pixel q
+    p_y = off[:, 1].view(n, 1, 1) + q_y.view(1, h, 1) * frac
+    grid = torch.stack([(2 * p_x - 1).expand(n, h, w), (2 * p_y - 1).expand(n, h, w)], dim=-1)
+    src = pixels.expand(n, -1, -1, -1) if pixels.shape[0] == 1 else pixels
+    return F.grid_sample(src.float(), grid, mode="bilinear", padding_mode="border", align_corners=True).to(pixels.dtype)
+
+
+def paste_maps(maps: torch.Tensor, offsets: torch.Tensor, frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop-frame maps back into full-image coordinates: n x H x W maps and n x 2 offsets ->
+    (n x H x W maps, zero outside the crop; n x H x W coverage in {0, 1})."""
+    n, h, w = maps.shape
+    off = offsets.to(maps.device, torch.float32)
+    p_y = torch.linspace(0, 1, h, device=maps.device)
+    p_x = torch.linspace(0, 1, w, device=maps.device)
+    q_x = (p_x.view(1, 1, w) - off[:, 0].view(n, 1, 1)) / frac  # crop position of full-image pixel p
+    q_y = (p_y.view(1, h, 1) - off[:, 1].view(n, 1, 1)) / frac
+    q_x, q_y = q_x.expand(n, h, w), q_y.expand(n, h, w)
+    eps = 1e-6
+    inside = ((q_x >= -eps) & (q_x <= 1 + eps) & (q_y >= -eps) & (q_y <= 1 + eps)).float()
+    grid = torch.stack([2 * q_x - 1, 2 * q_y - 1], dim=-1)
+    pasted = F.grid_sample(maps.unsqueeze(1).float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return pasted.squeeze(1) * inside, inside
+
+
+# ---- the matcher ----------------------------------------------------------------------------------------------
+@dataclass
+class AttentionMatcherConfig:
+    """Settings of Hedlin et al.'s matcher; defaults follow the paper's reported (tuned) setting."""
+
+    image_size: int | tuple[int, int] = 512  # input side (px), images resized without keeping the aspect ratio
+    layers: tuple[str, ...] | None = None  # processor names; None: `hedlin_layers` (16x16 up layers + first 32x32)
+    heads: tuple[int, ...] | None = None  # heads to average; None: all
+    token_index: int = 1  # the token whose map is optimised and read out
+    num_tokens: int = 77  # length of the learned encoder-hidden-state sequence (SD always saw 77)
+    init_std: float = 1.0  # embeddings start as N(0, init_std^2) per element
+    opt_timestep: int = 140  # DDPM timestep of the noise added during optimisation (paper: ~0.14 T)
+    inference_timestep: int = 40  # DDPM timestep at inference (paper: ~0.04 T)
+    lr: float = 2.4e-3  # Adam learning rate
+    steps: int = 130  # optimisation steps
+    crop_frac: float = 0.93  # crop side / image side during optimisation
+    num_embeddings: int = 5  # embeddings per point from different random starts, averaged at inference
+    inference_crops: int = 20  # crops of the target, averaged in full-image coordinates
+    inference_crop_frac: float | None = None  # None: same as crop_frac; 1.0: no crop jitter
+    sigma: float = 28.0 / 512  # Gaussian std as a fraction of the image side (28 px at 512)
+    map_size: int | tuple[int, int] | None = None  # resolution of maps and targets; None: image_size
+    normalize: Normalize = "none"  # "none": compare probabilities as they are; "minmax": rescale to [0, 1]
+    peak: Peak = "argmax"  # how the match is read from the averaged target map
+    soft_argmax_temperature: float = 0.02  # for peak="soft_argmax", on maps divided by their maximum
+    max_batch: int | None = None  # UNet micro-batch (memory); None: everything in one batch
+    seed: int = 0  # initialisation, crops and noise
+    progress: bool = True  # tqdm bars
+
+    def __post_init__(self) -> None:
+        self.image_size = _size_pair(self.image_size)
+        if self.map_size is not None:
+            self.map_size = (self.map_size, self.map_size) if isinstance(self.map_size, int) else tuple(self.map_size)
+            if len(self.map_size) != 2 or min(self.map_size) < 2:
+                raise ValueError(f"map_size must be an int or (H, W) of at least 2; got {self.map_size!r}")
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if not self.layers:
+                raise ValueError("layers must name at least one cross-attention layer (or be None)")
+        if self.heads is not None:
+            self.heads = tuple(int(h) for h in self.heads)
+        for name in ("steps", "num_embeddings", "inference_crops", "num_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not 0 <= self.token_index < self.num_tokens:
+            raise ValueError(f"token_index must be in 0..{self.num_tokens - 1}; got {self.token_index}")
+        for name in ("crop_frac", "inference_crop_frac"):
+            value = getattr(self, name)
+            if value is not None and not 0.1 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0.1, 1]; got {value}")
+        if self.sigma <= 0 or self.lr <= 0 or self.init_std <= 0:
+            raise ValueError("sigma, lr and init_std must be positive")
+        if self.normalize not in ("none", "minmax"):
+            raise ValueError(f"normalize must be 'none' or 'minmax'; got {self.normalize!r}")
+        if self.peak not in ("argmax", "soft_argmax"):
+            raise ValueError(f"peak must be 'argmax' or 'soft_argmax'; got {self.peak!r}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None; got {self.max_batch}")
+
+
+@dataclass
+class OptimizationResult:
+    """Output of `AttentionMatcher.optimize_embeddings`.
+
+    embeddings: N x E x L x D (points x embeddings per point x tokens x text width), float32, detached.
+    losses: steps x N x E, the MSE of each embedding at each step.
+    """
+
+    embeddings: torch.Tensor
+    losses: torch.Tensor
+
+
+def _image_hw(image: ImageInput) -> tuple[int, int]:
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if isinstance(image, torch.Tensor):
+        if image.dim() == 4 and image.shape[0] == 1:
+            image = image[0]
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"an image must be a 3 x H x W tensor in [0, 1] or a PIL image; got shape {tuple(image.shape)}")
+        return int(image.shape[1]), int(image.shape[2])
+    raise TypeError(f"an image must be a 3 x H x W tensor in [0, 1] or a PIL image; got {type(image).__name__}")
+
+
+class AttentionMatcher:
+    """Hedlin et al.'s unsupervised matcher on a frozen Stable Diffusion model.
+
+    ``AttentionMatcher(sd, config).match(src, trg, points)``: for each source point, `num_embeddings`
+    randomly initialised encoder-hidden-state sequences (1 x 77 x D each) are optimised with Adam so that
+    the averaged cross-attention map of token `token_index` matches a Gaussian at the point, over random
+    crops of the source at timestep `opt_timestep`; then the embeddings are applied to `inference_crops`
+    crops of the target at `inference_timestep`, the maps pasted back and averaged, and the peak is the
+    match. All points x embeddings of a call share one batch per step. Results are deterministic for a
+    fixed `config.seed` (crops, noise and initialisation are drawn on the CPU).
+    """
+
+    def __init__(self, sd: StableDiffusion, config: AttentionMatcherConfig | None = None) -> None:
+        self.sd = sd
+        self.config = config or AttentionMatcherConfig()
+        cfg = self.config
+        n_t = sd.scheduler.config.num_train_timesteps
+        for name in ("opt_timestep", "inference_timestep"):
+            if not 0 <= getattr(cfg, name) < n_t:
+                raise ValueError(f"{name} must be in 0..{n_t - 1}; got {getattr(cfg, name)}")
+        self.layers = tuple(sorted(cfg.layers or hedlin_layers(sd, cfg.image_size), key=execution_key))
+        known = {layer.name for layer in cross_attention_layers(sd, cfg.image_size)}
+        unknown = [name for name in self.layers if name not in known]
+        if unknown:
+            raise ValueError(f"not cross-attention layers of this UNet: {unknown}; see cross_attention_layers()")
+        # Nothing after the last chosen layer influences the maps: the UNet stops right after that layer.
+        self.stop_module = dict(sd.unet.named_modules())[_module_name(self.layers[-1])]
+        self.map_size: tuple[int, int] = cfg.map_size or cfg.image_size  # type: ignore[assignment]
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.sd.device
+
+    def _pixels(self, image: ImageInput) -> torch.Tensor:
+        """One image -> 1 x 3 x H x W in [-1, 1] at `image_size`, float32 on the model's device."""
+        _image_hw(image)
+        return to_pixel_tensor(image, self.config.image_size, self.device, torch.float32)
+
+    def _points(self, points_xy: torch.Tensor | Sequence[Sequence[float]], image_hw: tuple[int, int]) -> torch.Tensor:
+        """N x 2 original pixels -> N x 2 normalised align-corners coordinates in [0, 1] (CPU float32)."""
+        pts = torch.as_tensor(points_xy, dtype=torch.float32).detach().cpu()
+        if pts.dim() != 2 or pts.shape[-1] != 2:
+            raise ValueError(f"points must be N x 2 pixel (x, y); got shape {tuple(pts.shape)}")
+        if pts.shape[0] == 0:
+            raise ValueError("no points to match (N = 0)")
+        if not torch.isfinite(pts).all():
+            raise ValueError("points must be finite")
+        h, w = image_hw
+        outside = (pts[:, 0] < 0) | (pts[:, 0] > w - 1) | (pts[:, 1] < 0) | (pts[:, 1] > h - 1)
+        if outside.any():
+            bad = pts[outside][0].tolist()
+            raise ValueError(f"point {bad} lies outside the source image of size W x H = {w} x {h}")
+        # Per-axis resize x' = x * W'/W, then normalise by W' - 1.
+        size_h, size_w = self.config.image_size  # type: ignore[misc]
+        scale = torch.tensor([size_w / w / (size_w - 1), size_h / h / (size_h - 1)])
+        return (pts * scale).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.sd.vae
+        return vae.encode(pixels.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+    def _noisy(self, latents: torch.Tensor, timestep: int, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
+        return self.sd.scheduler.add_noise(latents, noise, t)
+
+    def _unet_maps(self, noisy: torch.Tensor, hidden: torch.Tensor, timestep: int, store: AttentionStore) -> torch.Tensor:
+        """Noisy latents M x 4 x h x w and hidden states M x L x D -> M x H x W maps of the chosen token."""
+        unet = self.sd.unet
+        t = torch.full((noisy.shape[0],), timestep, device=noisy.device, dtype=torch.long)
+        run_until(unet, self.stop_module, noisy.to(unet.dtype), t, encoder_hidden_states=hidden.to(unet.dtype))
+        maps = store.maps(self.config.token_index, self.map_size, self.config.heads)[:, 0]
+        if self.config.normalize == "minmax":
+            lo = maps.flatten(1).amin(1).view(-1, 1, 1)
+            hi = maps.flatten(1).amax(1).view(-1, 1, 1)
+            maps = (maps - lo) / (hi - lo).clamp_min(1e-8)
+        return maps
+
+    def _chunks(self, n: int) -> list[slice]:
+        size = self.config.max_batch or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _sigma_px(self) -> float:
+        h, w = self.map_size
+        return self.config.sigma * (h + w) / 2.0
+
+    # ---- optimisation -----------------------------------------------------------------------------------------
+    def optimize_embeddings(
+        self, image: ImageInput, points_xy: torch.Tensor | Sequence[Sequence[float]]
+    ) -> OptimizationResult:
+        """Optimises `num_embeddings` embeddings per point so that their attention peaks at the point.
+
+        Args:
+            image: the source, a 3 x H x W tensor in [0, 1] or a PIL image (any size).
+            points_xy: N x 2 pixel (x, y) in the source's own size, inside the image.
+        Returns:
+            `OptimizationResult` (embeddings N x E x L x D, losses steps x N x E).
+        """
+        cfg = self.config
+        pts = self._points(points_xy, _image_hw(image))
+        pixels = self._pixels(image)
+        n, e = pts.shape[0], cfg.num_embeddings
+        b = n * e
+        gen = torch.Generator().manual_seed(cfg.seed)
+        init = torch.randn((b, cfg.num_tokens, self.sd.embed_dim), generator=gen) * cfg.init_std
+        embeddings = nn.Parameter(init.to(self.device))
+        optimizer = torch.optim.Adam([embeddings], lr=cfg.lr)
+        centers = pts.repeat_interleave(e, dim=0)  # B x 2, point-major
+        map_h, map_w = self.map_size
+        sigma = self._sigma_px()
+        # Half-precision backward can underflow on these small losses; Adam is invariant to the scale.
+        grad_scale = 256.0 if self.sd.unet.dtype == torch.float16 else 1.0
+        losses = torch.zeros(cfg.steps, b)
+        with capture_cross_attention(self.sd.unet, self.layers) as store:
+            for step in tqdm(range(cfg.steps), desc="optimise embeddings", disable=not cfg.progress, leave=False):
+                offsets = random_crops(b, cfg.crop_frac, gen)
+                frac = cfg.crop_frac
+                # The Gaussian moves with the crop: centre in the crop frame q = (p - o) / s, in map pixels.
+                q = (centers - offsets) / frac
+                target = gaussian_maps(q * torch.tensor([map_w - 1, map_h - 1]), (map_h, map_w), sigma).to(self.device)
+                optimizer.zero_grad(set_to_none=True)
+                for chunk in self._chunks(b):
+                    latents = self._encode(crop_images(pixels, offsets[chunk], frac))
+                    noisy = self._noisy(latents, cfg.opt_timestep, gen)
+                    maps = self._unet_maps(noisy, embeddings[chunk], cfg.opt_timestep, store)
+                    per_item = ((maps - target[chunk]) ** 2).mean(dim=(1, 2))
+                    (per_item.sum() * grad_scale).backward()
+                    losses[step, chunk] = per_item.detach().cpu()
+                optimizer.step()
+                store.clear()  # drop the graph's tensors before the next step
+        return OptimizationResult(embeddings.detach().view(n, e, cfg.num_tokens, -1).float(), losses.view(cfg.steps, n, e))
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def attention_maps(
+        self,
+        image: ImageInput,
+        embeddings: torch.Tensor,
+        *,
+        timestep: int | None = None,
+        crops: int | None = None,
+        crop_frac: float | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Attention maps of embeddings on an image, averaged over embeddings and crops.
+
+        Args:
+            image: a 3 x H x W tensor in [0, 1] or a PIL image.
+            embeddings: N x E x L x D (from `optimize_embeddings`), or N x L x D.
+            timestep, crops, crop_frac, seed: default to the config's inference settings
+                (`inference_timestep`, `inference_crops`, `inference_crop_frac` or `crop_frac`, `seed` + 1).
+        Returns:
+            N x H' x W' float32 maps on the CPU (H' x W' = `map_size`, default `image_size`), covering the
+            image resized to `image_size` (align corners); each pixel averages the crops that contain it.
+        """
+        cfg = self.config
+        timestep = cfg.inference_timestep if timestep is None else int(timestep)
+        crops = cfg.inference_crops if crops is None else int(crops)
+        frac = crop_frac if crop_frac is not None else (cfg.inference_crop_frac or cfg.crop_frac)
+        if crops < 1 or not 0.1 <= frac <= 1.0:
+            raise ValueError(f"need crops >= 1 and crop_frac in [0.1, 1]; got {crops}, {frac}")
+        if crops == 1:
+            frac = 1.0  # a single "crop" is the whole image
+        if embeddings.dim() == 3:
+            embeddings = embeddings.unsqueeze(1)
+        if embeddings.dim() != 4 or embeddings.shape[-1] != self.sd.embed_dim:
+            raise ValueError(f"embeddings must be N x E x L x {self.sd.embed_dim}; got {tuple(embeddings.shape)}")
+        n, e = embeddings.shape[:2]
+        gen = torch.Generator().manual_seed(cfg.seed + 1 if seed is None else seed)
+        pixels = self._pixels(image)
+        offsets = random_crops(crops, frac, gen)
+        latents = torch.cat([self._encode(crop_images(pixels, offsets[c], frac)) for c in self._chunks(crops)])
+        noisy = self._noisy(latents, timestep, gen)  # one noise draw per crop, shared by all embeddings
+        flat = embeddings.reshape(n * e, *embeddings.shape[2:]).to(self.device)
+        # Items are (embedding, crop) pairs, crop-minor: item i uses embedding i // crops and crop i % crops.
+        total = n * e * crops
+        acc = torch.zeros(n * e, *self.map_size, device=self.device)
+        _, coverage = paste_maps(torch.zeros(crops, *self.map_size, device=self.device), offsets, frac)
+        with capture_cross_attention(self.sd.unet, self.layers) as store:
+            for chunk in tqdm(self._chunks(total), desc="attention maps", disable=not cfg.progress, leave=False):
+                idx = torch.arange(chunk.start, chunk.stop)
+                emb_idx, crop_idx = idx // crops, idx % crops
+                maps = self._unet_maps(noisy[crop_idx.to(noisy.device)], flat[emb_idx.to(self.device)], timestep, store)
+                pasted, _ = paste_maps(maps, offsets[crop_idx], frac)
+                acc.index_add_(0, emb_idx.to(self.device), pasted)
+        cover = coverage.sum(0).clamp_min(1.0)
+        return (acc.view(n, e, *self.map_size).mean(1) / cover).cpu()
+
+    def peaks(self, maps: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """Peaks of N x H' x W' maps (from `attention_maps`) -> N x 2 pixel (x, y) in an image of size
+        `image_hw` = (H, W) (the original size of the image the maps were computed on)."""
+        cfg = self.config
+        if cfg.peak == "argmax":
+            cells = argmax_2d(maps)
+        else:
+            scaled = maps / maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+            cells = soft_argmax_2d(scaled, cfg.soft_argmax_temperature)
+        map_h, map_w = maps.shape[-2:]
+        h, w = image_hw
+        # map cell -> normalised [0, 1] -> original pixels (align corners on the resized image, then per-axis
+        # resize back: x = x' * W / W').
+        size_h, size_w = cfg.image_size  # type: ignore[misc]
+        norm = cells / cells.new_tensor([map_w - 1, map_h - 1])
+        return norm * cells.new_tensor([(size_w - 1) * w / size_w, (size_h - 1) * h / size_h])
+
+    def match(
+        self, src_image: ImageInput, trg_image: ImageInput, src_points_xy: torch.Tensor | Sequence[Sequence[float]]
+    ) -> torch.Tensor:
+        """Matches N source points into the target: N x 2 pixel (x, y) in the source's own size ->
+        N x 2 pixel (x, y) in the target's own size (CPU float32). Images: 3 x H x W tensors in [0, 1] or PIL."""
+        trg_hw = _image_hw(trg_image)
+        result = self.optimize_embeddings(src_image, src_points_xy)
+        return self.peaks(self.attention_maps(trg_image, result.embeddings), trg_hw)
+
+
+__all__ = [
+    "AttentionMatcher",
+    "AttentionMatcherConfig",
+    "AttentionStore",
+    "CrossAttentionCapture",
+    "CrossAttentionLayer",
+    "OptimizationResult",
+    "capture_cross_attention",
+    "crop_images",
+    "cross_attention_layers",
+    "execution_key",
+    "gaussian_maps",
+    "hedlin_layers",
+    "paste_maps",
+    "random_crops",
+]

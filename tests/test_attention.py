@@ -1,0 +1,221 @@
+"""Hedlin et al.'s attention matcher on the tiny random-weight model (64 px inputs).
+
+Settings of the optimisation tests: with random weights the hedlin layers of the tiny model are 2 x 2 and
+4 x 4 maps and barely depend on the image, so those tests use the up_blocks[3] layers (8 x 8 at 64 px)
+and a large learning rate (0.3; the random model's attention logits are small). Measured on seeds 0-4
+(4 points, 2 embeddings, 30 steps, 4 inference crops): loss ratio last/first 0.73-0.86, self-match mean
+error 3.0-4.6 px (max single point 6.4 px); a random guess is ~25 px off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from PIL import Image
+
+import sdm
+from sdm.attention import (
+    AttentionMatcher,
+    AttentionMatcherConfig,
+    capture_cross_attention,
+    crop_images,
+    cross_attention_layers,
+    gaussian_maps,
+    hedlin_layers,
+    paste_maps,
+)
+from sdm.features import run_until
+
+SIZE = 64
+POINTS = torch.tensor([[16.0, 16.0], [48.0, 20.0], [32.0, 40.0], [20.0, 52.0]])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny tensors: with a second busy process on 2 cores, two threads are often 10x slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sd() -> sdm.StableDiffusion:
+    return sdm.tiny_stable_diffusion(seed=0)
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    from skimage import data
+
+    photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float() / 255
+    return torch.nn.functional.interpolate(photo[None], size=(SIZE, SIZE), mode="bilinear", antialias=True)[0]
+
+
+def fine_layers(sd: sdm.StableDiffusion) -> tuple[str, ...]:
+    return tuple(layer.name for layer in cross_attention_layers(sd, SIZE) if layer.name.startswith("up_blocks.3"))
+
+
+def quick_config(sd: sdm.StableDiffusion, **kw) -> AttentionMatcherConfig:
+    base = dict(image_size=SIZE, layers=fine_layers(sd), steps=30, num_embeddings=2, inference_crops=4, lr=0.3, progress=False)
+    base.update(kw)
+    return AttentionMatcherConfig(**base)
+
+
+def unet_inputs(batch: int = 2, latent: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, latent, latent, generator=g)
+    hidden = torch.randn(batch, 77, 32, generator=g)
+    return x, torch.full((batch,), 50), hidden
+
+
+# ---- layers and capture ---------------------------------------------------------------------------------------
+def test_layer_listing_and_hedlin_rule(sd: sdm.StableDiffusion) -> None:
+    layers = {layer.name: layer.resolution for layer in cross_attention_layers(sd, 512)}
+    assert all(name.endswith("attn2.processor") for name in layers) and len(layers) == 10
+    assert layers["up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"] == (16, 16)
+    assert layers["up_blocks.2.attentions.0.transformer_blocks.0.attn2.processor"] == (32, 32)
+    assert hedlin_layers(sd, 512) == (
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor",
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn2.processor",
+        "up_blocks.2.attentions.0.transformer_blocks.0.attn2.processor",
+    )
+
+
+def test_capture_restores_processors(sd: sdm.StableDiffusion) -> None:
+    unet = sd.unet
+    before = unet.attn_processors
+    names = hedlin_layers(sd, SIZE)
+    with capture_cross_attention(unet, names):
+        during = unet.attn_processors
+        assert all(during[n] is not before[n] for n in names)
+        assert all(during[n] is before[n] for n in before if n not in names)  # self-attention etc. untouched
+    after = unet.attn_processors
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+    with pytest.raises(KeyError), capture_cross_attention(unet, names):
+        raise KeyError("boom")
+    after = unet.attn_processors
+    assert all(after[n] is before[n] for n in before)
+
+    with pytest.raises(ValueError, match="not cross-attention"):
+        with capture_cross_attention(unet, ["up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"]):
+            pass
+    with pytest.raises(ValueError, match="unknown"):
+        with capture_cross_attention(unet, ["up_blocks.9.attn2.processor"]):
+            pass
+
+
+def test_captured_maps_shapes_and_normalisation(sd: sdm.StableDiffusion) -> None:
+    layers = cross_attention_layers(sd, SIZE)
+    x, t, hidden = unet_inputs()
+    with torch.no_grad(), capture_cross_attention(sd.unet, [layer.name for layer in layers]) as store:
+        sd.unet(x, t, encoder_hidden_states=hidden)
+        for layer in layers:
+            probs = store.probs[layer.name]
+            h, w = layer.resolution
+            assert store.resolutions[layer.name] == (h, w)
+            assert probs.shape == (2, layer.heads, h * w, 77)
+            torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]), atol=1e-5, rtol=0)
+        maps = store.maps(token=[1, 2], size=(SIZE, SIZE))
+    assert maps.shape == (2, 2, SIZE, SIZE) and maps.min() >= 0 and maps.max() <= 1
+
+
+def test_capture_processor_matches_default_output(sd: sdm.StableDiffusion) -> None:
+    unet = sd.unet
+    x, t, hidden = unet_inputs()
+    all_cross = [layer.name for layer in cross_attention_layers(sd, SIZE)]
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=hidden).sample
+        feats_ref = run_until(unet, unet.up_blocks[1], x, t, encoder_hidden_states=hidden)
+        with capture_cross_attention(unet, all_cross):
+            out = unet(x, t, encoder_hidden_states=hidden).sample
+            feats = run_until(unet, unet.up_blocks[1], x, t, encoder_hidden_states=hidden)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(feats, feats_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_reach_the_embedding(sd: sdm.StableDiffusion) -> None:
+    x, t, _ = unet_inputs(batch=1)
+    emb = torch.randn(1, 77, 32, requires_grad=True)
+    names = hedlin_layers(sd, SIZE)
+    stop = sd.unet.get_submodule(names[-1].removesuffix(".processor"))
+    with capture_cross_attention(sd.unet, names) as store:
+        run_until(sd.unet, stop, x, t, encoder_hidden_states=emb)
+        store.maps(token=1)[:, 0, 0, 0].sum().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert emb.grad[0, 1].abs().sum() > 0  # the read-out token itself
+
+
+# ---- geometry -------------------------------------------------------------------------------------------------
+def test_crop_and_paste_geometry() -> None:
+    img = torch.rand(1, 3, 33, 33)
+    full = crop_images(img, torch.zeros(1, 2), 1.0)
+    torch.testing.assert_close(full, img, atol=1e-5, rtol=0)
+    # A crop of half the side at offset (0.5, 0): its corner pixel (0, 0) shows image pixel (x=16, y=0).
+    crop = crop_images(img, torch.tensor([[0.5, 0.0]]), 0.5)
+    torch.testing.assert_close(crop[0, :, 0, 0], img[0, :, 0, 16])
+    torch.testing.assert_close(crop[0, :, 32, 32], img[0, :, 16, 32])
+    # Pasting a crop-frame Gaussian puts it back at the right image position, zero outside the crop.
+    g = gaussian_maps(torch.tensor([[16.0, 16.0]]), (33, 33), 2.0)  # crop centre
+    pasted, inside = paste_maps(g, torch.tensor([[0.5, 0.0]]), 0.5)
+    assert tuple(sdm.matching.argmax_2d(pasted)[0].tolist()) == (24.0, 8.0)
+    assert inside[0, 0, 0] == 0 and inside[0, 0, 16] == 1 and inside[0, 16, 32] == 1 and inside[0, 17, 32] == 0
+
+
+def test_peaks_map_to_original_pixels(sd: sdm.StableDiffusion) -> None:
+    m = AttentionMatcher(sd, AttentionMatcherConfig(image_size=SIZE, progress=False))
+    maps = gaussian_maps(torch.tensor([[63.0, 0.0], [21.0, 42.0]]), (SIZE, SIZE), 1.0)
+    # 64 x 64 model frame -> a 100 x 200 (H x W) original: x' = x * W / 64, y' = y * H / 64.
+    torch.testing.assert_close(m.peaks(maps, (100, 200)), torch.tensor([[63 * 200 / 64, 0.0], [21 * 200 / 64, 42 * 100 / 64]]))
+
+
+# ---- the matcher ----------------------------------------------------------------------------------------------
+def test_optimisation_lowers_the_loss_and_self_match(sd: sdm.StableDiffusion, image: torch.Tensor) -> None:
+    m = AttentionMatcher(sd, quick_config(sd))
+    res = m.optimize_embeddings(image, POINTS)
+    assert res.embeddings.shape == (4, 2, 77, 32) and res.losses.shape == (30, 4, 2)
+    first, last = res.losses[:3].mean(), res.losses[-3:].mean()
+    assert last < 0.92 * first, (first, last)  # measured 0.73-0.86 over seeds 0-4
+    maps = m.attention_maps(image, res.embeddings)
+    assert maps.shape == (4, SIZE, SIZE) and torch.isfinite(maps).all()
+    err = (m.peaks(maps, (SIZE, SIZE)) - POINTS).norm(dim=-1)
+    assert err.mean() < 8.0, err  # measured 3.0-4.6 px mean over seeds 0-4 (random guess ~25 px)
+
+
+def test_match_is_deterministic_and_takes_pil(sd: sdm.StableDiffusion, image: torch.Tensor) -> None:
+    cfg = quick_config(sd, layers=None, steps=3, num_embeddings=1, inference_crops=3, seed=7)
+    m = AttentionMatcher(sd, cfg)
+    trg = image.flip(-1)[:, :, :48]  # a different size: 48 wide, 64 high
+    a = m.match(image, trg, POINTS)
+    b = m.match(image, trg, POINTS)
+    assert a.shape == (4, 2) and torch.equal(a, b)
+    assert (a[:, 0] >= 0).all() and (a[:, 0] <= 47).all() and (a[:, 1] >= 0).all() and (a[:, 1] <= 63).all()
+    pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8"))
+    assert m.match(pil, pil, POINTS[:1]).shape == (1, 2)
+    m.config.peak = "soft_argmax"
+    assert m.match(image, trg, POINTS[:2]).shape == (2, 2)
+
+
+def test_bad_input_errors(sd: sdm.StableDiffusion, image: torch.Tensor) -> None:
+    m = AttentionMatcher(sd, quick_config(sd, steps=1, num_embeddings=1, inference_crops=1))
+    with pytest.raises(ValueError, match="outside"):
+        m.match(image, image, torch.tensor([[64.0, 3.0]]))
+    with pytest.raises(ValueError, match="no points"):
+        m.match(image, image, torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="N x 2"):
+        m.match(image, image, torch.zeros(3))
+    with pytest.raises(ValueError, match="3 x H x W"):
+        m.match(image[:2], image, POINTS)
+    with pytest.raises(ValueError, match="3 x H x W"):
+        m.match(image, torch.stack([image, image]), POINTS)
+    with pytest.raises(ValueError, match="embeddings"):
+        m.attention_maps(image, torch.zeros(2, 77, 16))
+    with pytest.raises(ValueError, match="crop_frac"):
+        AttentionMatcherConfig(crop_frac=1.5)
+    with pytest.raises(ValueError, match="opt_timestep"):
+        AttentionMatcher(sd, AttentionMatcherConfig(image_size=SIZE, opt_timestep=1000))
+    with pytest.raises(ValueError, match="cross-attention"):
+        AttentionMatcher(sd, AttentionMatcherConfig(image_size=SIZE, layers=("mid_block.attentions.0.attn1.processor",)))
