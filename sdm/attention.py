@@ -618,6 +618,8 @@ class AttentionMatcher:
         Returns:
             N x H' x W' float32 maps on the CPU (H' x W' = `map_size`, default `image_size`), covering the
             image resized to `image_size` (align corners); each pixel averages the crops that contain it.
+            Pixels outside every crop (a thin rim when crop_frac < 1 and few crops) are 0, so they never win
+            the argmax.
         """
         cfg = self.config
         timestep = cfg.inference_timestep if timestep is None else int(timestep)
