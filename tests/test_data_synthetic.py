@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -101,15 +99,3 @@ def test_registry_synthetic_splits() -> None:
     assert len(val) == 2 and val[0].pair_id != test[0].pair_id and test.categories == ["rocket"]
     with pytest.raises(ValueError, match="astronaut, camera"):
         SyntheticPairs(n=1, photos=["dog"])
-
-
-def test_fast_at_256() -> None:
-    ds = SyntheticPairs(n=12, image_size=256, seed=0)
-    for i in range(len(PHOTOS)):
-        ds[i]  # load and cache each photograph once
-    times = []
-    for i in range(len(PHOTOS), len(ds)):
-        t0 = time.perf_counter()
-        ds[i]
-        times.append(time.perf_counter() - t0)
-    assert float(np.median(times)) < 0.05

@@ -236,9 +236,15 @@ class PairDataset(Dataset):
 
     categories: list[str]
     image_size: tuple[int, int]
+    # False: pairs carry empty 3 x 0 x 0 images (evaluation with per-image feature caches loads images itself).
+    decode_images: bool = True
 
     def __len__(self) -> int:
         raise NotImplementedError
+
+    def pair_image(self, image_id: str) -> torch.Tensor:
+        """The image a Pair carries: `load_image`, or an empty 3 x 0 x 0 tensor when `decode_images` is off."""
+        return self.load_image(image_id) if self.decode_images else torch.zeros(3, 0, 0)
 
     def __getitem__(self, i: int) -> Pair:
         raise NotImplementedError

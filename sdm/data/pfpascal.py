@@ -264,8 +264,8 @@ class PFPascal(PairDataset):
         if len(ann["src_kps"]) == 0:
             raise AnnotationError(f"PF-Pascal pair {r.row} ({r.src} -> {r.trg}): no valid keypoint")
         return Pair(
-            src_image=self.load_image(src_id),
-            trg_image=self.load_image(trg_id),
+            src_image=self.pair_image(src_id),
+            trg_image=self.pair_image(trg_id),
             src_kps=ann["src_kps"],
             trg_kps=ann["trg_kps"],
             n_kps=len(ann["src_kps"]),

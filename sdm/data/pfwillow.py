@@ -161,8 +161,8 @@ class PFWillow(PairDataset):
         src_kps, trg_kps, threshold = self.keypoints(i)
         src_id, trg_id = self._id(r.src), self._id(r.trg)
         return Pair(
-            src_image=pil_to_tensor(read_image(self._path(r.src)), self.image_size),
-            trg_image=pil_to_tensor(read_image(self._path(r.trg)), self.image_size),
+            src_image=self.pair_image(src_id),
+            trg_image=self.pair_image(trg_id),
             src_kps=src_kps,
             trg_kps=trg_kps,
             n_kps=len(src_kps),

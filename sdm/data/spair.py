@@ -208,8 +208,8 @@ class SPair71k(PairDataset):
                 f"SPair-71k pair {r.name}: field 'trg_bndbox' is empty ({r.trg_bbox.tolist()})"
             )
         return Pair(
-            src_image=self.load_image(src_id),
-            trg_image=self.load_image(trg_id),
+            src_image=self.pair_image(src_id),
+            trg_image=self.pair_image(trg_id),
             src_kps=src_kps,
             trg_kps=trg_kps,
             n_kps=len(src_kps),

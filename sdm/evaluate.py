@@ -1,0 +1,320 @@
+"""Evaluation: any feature extractor and matcher (or any point predictor) on any dataset split -> PCK tables.
+
+Features of prompts that depend on one image (or on nothing, or on the category) are computed once per image
+and reused for every pair that image is in; pair-conditioned prompts (CPM) get features per pair, with the
+VAE latents still computed once per image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sdm.data import PairBatch, PairDataset, collate_pairs
+from sdm.features import SDFeaturizer
+from sdm.matching import Matcher, match, to_feature_coords, to_image_coords
+from sdm.metrics import ALPHAS, pck_table, point_records
+from sdm.prompts import Conditioning, PromptModule
+
+Predictor = Callable[[PairBatch], torch.Tensor]  # batch -> B x K x 2 predicted target pixels
+
+
+class FeatureExtractor(Protocol):
+    """What `evaluate` needs from a feature extractor.
+
+    conditioning: "fixed", "category" or "image" -> `image_features` is used and cached per image;
+    "pair" -> `pair_features`.
+    """
+
+    conditioning: Conditioning
+
+    def image_features(self, images: torch.Tensor, categories: list[str], ids: list[str]) -> torch.Tensor:
+        """B x 3 x H x W in [0, 1] -> B x C x h x w."""
+        ...
+
+    def pair_features(
+        self, src: torch.Tensor, trg: torch.Tensor, categories: list[str], src_ids: list[str], trg_ids: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two B x 3 x H x W batches -> two B x C x h x w batches."""
+        ...
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+    def get_(self, key: Hashable) -> torch.Tensor | None:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return None
+
+
+class SDExtractor:
+    """Stable Diffusion features under a prompt module; VAE latents cached per image id."""
+
+    def __init__(self, featurizer: SDFeaturizer, prompt: PromptModule, latent_cache: int = 4096) -> None:
+        self.featurizer = featurizer
+        self.prompt = prompt
+        self.conditioning: Conditioning = prompt.conditioning
+        self._latents = _LRU(latent_cache)
+
+    def latents(self, images: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:
+        """B x 4 x h x w VAE latents, encoding only the images not seen before (in one batch)."""
+        missing = [i for i, key in enumerate(ids) if key not in self._latents]
+        if missing:
+            fresh = self.featurizer.encode_images(images[missing])
+            for i, lat in zip(missing, fresh):
+                self._latents.put(ids[i], lat)
+        return torch.stack([self._latents.get_(key) for key in ids])
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor, categories: list[str], ids: list[str]) -> torch.Tensor:
+        prompt = self.prompt.image_prompt(self.featurizer, images.to(self.featurizer.device), categories)
+        return self.featurizer.features_from_latents(self.latents(images, ids), prompt)
+
+    @torch.no_grad()
+    def pair_features(
+        self, src: torch.Tensor, trg: torch.Tensor, categories: list[str], src_ids: list[str], trg_ids: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.featurizer.device
+        p_src, p_trg = self.prompt.pair_prompts(self.featurizer, src.to(dev), trg.to(dev), categories)
+        b = src.shape[0]
+        hidden = torch.cat([self.featurizer.encode_prompt(p_src, b), self.featurizer.encode_prompt(p_trg, b)])
+        lat = self.latents(torch.cat([src, trg]), [*src_ids, *trg_ids])
+        feats = self.featurizer.features_from_latents(lat, hidden)  # both images of all pairs in one UNet batch
+        return feats[:b], feats[b:]
+
+
+class ModuleExtractor:
+    """Any module mapping images B x 3 x H x W in [0, 1] to B x C x h x w, with no prompt (conditioning "fixed")."""
+
+    conditioning: Conditioning = "fixed"
+
+    def __init__(self, module: nn.Module, device: torch.device | str | None = None) -> None:
+        self.module = module.eval()
+        self.device = torch.device(device) if device else next(module.parameters()).device
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor, categories: list[str], ids: list[str]) -> torch.Tensor:
+        return self.module(images.to(self.device))
+
+    def pair_features(
+        self, src: torch.Tensor, trg: torch.Tensor, categories: list[str], src_ids: list[str], trg_ids: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.image_features(torch.cat([src, trg]), categories * 2, [*src_ids, *trg_ids])
+        return feats[: src.shape[0]], feats[src.shape[0] :]
+
+
+class ViTFeatures(nn.Module):
+    """Patch tokens of a transformers ViT (DINO `ViTModel`, DINOv2 `Dinov2Model`) as a dense map.
+
+    images B x 3 x H x W in [0, 1] -> B x C x (S/p) x (S/p), S = `image_size`, p the patch size. The paper's
+    Table 2 zero-shot baselines: DINO ViT-B/8 and DINOv2 ViT-B/14 (`load_vit`).
+    """
+
+    def __init__(self, model: nn.Module, image_size: int = 224, layer: int | None = None) -> None:
+        super().__init__()
+        patch = int(model.config.patch_size)
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch}")
+        self.model = model.requires_grad_(False).eval()
+        self.image_size, self.grid, self.layer = image_size, image_size // patch, layer
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from sdm.prompts import IMAGENET_MEAN, IMAGENET_STD, _normalise
+
+        x = _normalise(images, self.image_size, IMAGENET_MEAN, IMAGENET_STD).to(next(self.model.parameters()).dtype)
+        kwargs: dict[str, Any] = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in self.model.forward.__code__.co_varnames else {}
+        out = self.model(pixel_values=x, output_hidden_states=self.layer is not None, **kwargs)
+        tokens = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]
+        patches = tokens[:, -self.grid * self.grid :]  # drop CLS (and register tokens, if any)
+        return patches.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid).float()
+
+
+def load_vit(name: str, *, device: torch.device | str | None = None) -> nn.Module:
+    """A transformers backbone by hub id or folder, e.g. "facebook/dino-vitb8" or "facebook/dinov2-base"."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(name).to(device or "cpu").eval()
+    except Exception as err:
+        raise RuntimeError(f"Could not load {name!r}: {err}\nDownload it where there is network and pass the folder.") from err
+
+
+@dataclass
+class EvalResult:
+    """Per-category PCK (`table`, see `metrics.pck_table`), the per-point `records`, and run facts."""
+
+    table: pd.DataFrame
+    records: pd.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path, name: str) -> Path:
+        """Writes <name>_pck.csv, <name>_points.csv and <name>.json (table + info) into out_dir."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.table.to_csv(out / f"{name}_pck.csv")
+        self.records.to_csv(out / f"{name}_points.csv", index=False)
+        payload = {"info": self.info, "pck": json.loads(self.table.to_json(orient="index"))}
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+        return out / f"{name}.json"
+
+
+def evaluate_predictions(
+    dataset: PairDataset,
+    predict: Predictor,
+    *,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    alphas: Sequence[float] = ALPHAS,
+    max_pairs: int | None = None,
+    progress: bool = True,
+    desc: str = "evaluate",
+    decode_images: bool = True,
+) -> EvalResult:
+    """PCK of any predictor of target points (pixels of the resized target) over a dataset.
+
+    With `decode_images=False` the batches carry empty images (for predictors that need only keypoints and ids).
+    """
+    n = len(dataset) if max_pairs is None else min(max_pairs, len(dataset))
+    if n == 0:
+        raise ValueError("the dataset has no pairs")
+    previous = dataset.decode_images
+    dataset.decode_images = decode_images
+    try:
+        return _evaluate_loop(dataset, predict, n, batch_size, num_workers, alphas, progress, desc)
+    finally:
+        dataset.decode_images = previous
+
+
+def _evaluate_loop(
+    dataset: PairDataset,
+    predict: Predictor,
+    n: int,
+    batch_size: int,
+    num_workers: int,
+    alphas: Sequence[float],
+    progress: bool,
+    desc: str,
+) -> EvalResult:
+    subset = torch.utils.data.Subset(dataset, range(n))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_pairs)
+    frames, start = [], time.perf_counter()
+    for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
+        pred = predict(batch).float().cpu()
+        if pred.shape != batch.trg_kps.shape:
+            raise ValueError(f"the predictor returned {tuple(pred.shape)}, expected {tuple(batch.trg_kps.shape)} (B x K x 2)")
+        frames.append(point_records(pred, batch.trg_kps, batch.n_kps, batch.threshold, batch.categories, batch.pair_ids))
+    seconds = time.perf_counter() - start
+    records = pd.concat(frames, ignore_index=True)
+    info = {"pairs": n, "seconds": round(seconds, 3), "pairs_per_second": round(n / seconds, 3)}
+    return EvalResult(pck_table(records, alphas), records, info)
+
+
+def feature_predictor(
+    extractor: FeatureExtractor,
+    dataset: PairDataset,
+    *,
+    matcher: Matcher = "kernel_soft_argmax",
+    temperature: float = 0.04,
+    sigma: float = 7.0,
+    feature_cache: int = 256,
+) -> Predictor:
+    """A predictor that matches source keypoints into target features.
+
+    Per-image features live in an LRU cache keyed by image id (and category for category prompts); images
+    are loaded from `dataset` only on a cache miss, so every image is decoded and encoded about once (the
+    datasets list pairs category by category).
+    """
+    cache = _LRU(feature_cache)
+    size = tuple(dataset.image_size)
+
+    def image_feats(ids: list[str], categories: list[str]) -> torch.Tensor:
+        keys = [(i, c) if extractor.conditioning == "category" else i for i, c in zip(ids, categories)]
+        first = {k: n for n, k in reversed(list(enumerate(keys)))}
+        missing = [k for k in dict.fromkeys(keys) if k not in cache]
+        if missing:
+            sel = [first[k] for k in missing]
+            images = torch.stack([dataset.load_image(ids[n]) for n in sel])
+            feats = extractor.image_features(images, [categories[n] for n in sel], [ids[n] for n in sel])
+            for k, f in zip(missing, feats):
+                cache.put(k, f)
+        return torch.stack([cache.get_(k) for k in keys]).float()
+
+    def predict(batch: PairBatch) -> torch.Tensor:
+        b = len(batch)
+        if extractor.conditioning == "pair":
+            src, trg = extractor.pair_features(batch.src_image, batch.trg_image, batch.categories, batch.src_ids, batch.trg_ids)
+        else:
+            both = image_feats([*batch.src_ids, *batch.trg_ids], batch.categories * 2)
+            src, trg = both[:b], both[b:]
+        query = to_feature_coords(batch.src_kps.to(src.device), size, tuple(src.shape[-2:]))
+        cells = match(src.float(), trg.float(), query, matcher, temperature=temperature, sigma=sigma)
+        return to_image_coords(cells, tuple(trg.shape[-2:]), size)
+
+    return predict
+
+
+def evaluate(
+    extractor: FeatureExtractor,
+    dataset: PairDataset,
+    *,
+    matcher: Matcher = "kernel_soft_argmax",
+    batch_size: int = 8,
+    num_workers: int = 0,
+    alphas: Sequence[float] = ALPHAS,
+    max_pairs: int | None = None,
+    progress: bool = True,
+    feature_cache: int = 256,
+    desc: str = "evaluate",
+) -> EvalResult:
+    """PCK of features + matcher over a dataset (per image and per point, per category and overall).
+
+    Args:
+        extractor: `SDExtractor`, `ModuleExtractor` or anything with the `FeatureExtractor` methods.
+        matcher: "nearest", "soft_argmax" or "kernel_soft_argmax" (the paper's).
+        feature_cache: how many images' features to keep (per-image conditioning only).
+    """
+    predict = feature_predictor(extractor, dataset, matcher=matcher, feature_cache=feature_cache)
+    result = evaluate_predictions(
+        dataset,
+        predict,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        alphas=alphas,
+        max_pairs=max_pairs,
+        progress=progress,
+        desc=desc,
+        decode_images=extractor.conditioning == "pair",  # per-image features load their images through the cache
+    )
+    result.info.update({"matcher": matcher, "conditioning": extractor.conditioning})
+    return result
+
+
+def paper_table(results: dict[str, EvalResult], column: str = "per_image@0.1") -> pd.DataFrame:
+    """Methods as rows, categories (then "all") as columns, one PCK column: the layout of the paper's Table 2."""
+    rows = {name: r.table[column] for name, r in results.items()}
+    table = pd.DataFrame(rows).T
+    cols = [c for c in table.columns if c != "all"] + ["all"]
+    return table[cols].round(1)
+

@@ -1,0 +1,301 @@
+"""Prompt training with Hugging Face Accelerate (SD4Match's recipe), resumable to the step.
+
+Everything random is derived from (seed, step, process): the data order from per-epoch permutations of
+the seed, the diffusion noise from a generator seeded per step. So a run interrupted and resumed from its
+checkpoint computes exactly the steps an uninterrupted run would, and ends with the same prompt.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from sdm.data import PairDataset, collate_pairs
+from sdm.evaluate import SDExtractor, evaluate
+from sdm.features import SDFeaturizer
+from sdm.loss import gaussian_cross_entropy
+from sdm.matching import Matcher, to_feature_coords
+from sdm.models import StableDiffusion
+from sdm.prompts import CPMConfig, PromptEncoders, PromptKind, PromptModule, build_prompt, save_prompt
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; the defaults are the paper's."""
+
+    prompt: PromptKind = "single"
+    cpm: CPMConfig = field(default_factory=CPMConfig)
+    steps: int = 30_000
+    batch_size: int = 9  # pairs per step, over all processes
+    lr: float = 1e-2  # learned token vectors
+    lr_linear: float = 1e-3  # CPM's g_d and g_n
+    timestep: int = 261
+    image_size: int = 768
+    up_block: int = 1
+    ensemble: int = 1
+    temperature: float = 0.04
+    kernel_size: int = 7
+    sigma: float = 1.5
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    gradient_checkpointing: bool = False
+    val_every: int = 1000
+    val_pairs: int | None = None  # None: the whole validation split
+    val_timestep: int = 50
+    val_ensemble: int = 1
+    val_matcher: Matcher = "kernel_soft_argmax"
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 2
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("cpm"), dict):
+            values["cpm"] = CPMConfig(**values["cpm"])
+        return cls(**values)
+
+
+# Settings that may change when a run is resumed (the rest must match the checkpoint).
+RESUMABLE_CHANGES = {"steps", "val_every", "val_pairs", "checkpoint_every", "log_every", "num_workers"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    prompt: PromptModule
+    log: pd.DataFrame  # one row per logged step: step, loss, val_pck (NaN when not validated)
+    best_pck: float | None
+    best_step: int | None
+    out_dir: Path
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Dataset indices of the global batch at `step`: consecutive slices of a stream of per-epoch permutations."""
+    if n == 0:
+        raise ValueError("the training set is empty")
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = perm[offset : offset + batch_size - len(out)].tolist()
+        out += take
+        pos += len(take)
+    return out
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches for steps `start..stop-1`, this process's share (`rank::world`) of each global batch."""
+
+    def __init__(self, n: int, batch_size: int, start: int, stop: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.start, self.stop, self.seed = n, batch_size, start, stop, seed
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield batch_indices(self.n, self.batch_size, step, self.seed)[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_log(rows: list[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["step", "loss", "val_pck"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _check_resume(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = asdict(cfg)
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diff:
+        raise ValueError("cannot resume: the settings differ from the checkpoint's:\n  " + "\n  ".join(diff))
+
+
+def train(
+    cfg: TrainConfig,
+    sd: StableDiffusion,
+    train_set: PairDataset,
+    val_set: PairDataset | None = None,
+    *,
+    out_dir: str | Path = "runs/train",
+    encoders: PromptEncoders | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Trains a prompt of `cfg.prompt` on `train_set` and returns it with its log.
+
+    Writes into out_dir: checkpoint.pt (every `checkpoint_every` steps and at the end, atomically), prompt.*
+    (the latest learned prompt, `sdm.prompts.load_prompt` reads it), best.* (best validation PCK@0.1),
+    log.csv. With `resume`, continues from out_dir/checkpoint.pt exactly where it stopped.
+
+    Raises TrainingDiverged when the loss is NaN or infinite (the last checkpoint is left as it was).
+    """
+    from accelerate import Accelerator
+
+    out = Path(out_dir)
+    log_with = "tensorboard" if _has_tensorboard() else None
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(out))
+    device = accelerator.device
+    sd.to(device)
+    featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, seed=cfg.seed)
+    if encoders is not None:
+        for enc in (encoders.dino, encoders.clip):
+            if enc is not None:
+                enc.to(device)
+    module = build_prompt(cfg.prompt, featurizer, categories=train_set.categories, encoders=encoders, cpm=cfg.cpm, seed=cfg.seed)
+    optimizer = torch.optim.Adam(module.parameter_groups(cfg.lr, cfg.lr_linear))
+    optimizer = accelerator.prepare(optimizer)
+
+    start, rows, best_pck, best_step, saved_step = 0, [], None, None, None
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _check_resume(state["config"], cfg)
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for k, v in state["prompt"].items():
+                params[k].copy_(v)
+        optimizer.optimizer.load_state_dict(state["optimizer"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        start, rows, best_pck, best_step = state["step"], state["log"], state["best_pck"], state["best_step"]
+        saved_step = start
+    elif resume:
+        accelerator.print(f"no checkpoint at {ckpt_path}; starting from step 0")
+
+    if cfg.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+    val_featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.val_timestep, up_block=cfg.up_block, ensemble=cfg.val_ensemble, seed=cfg.seed)
+    extractor = SDExtractor(featurizer, module)  # its latent cache also serves training
+    sampler = StepBatchSampler(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed, accelerator.process_index, accelerator.num_processes)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda")
+    if log_with and accelerator.is_main_process:
+        accelerator.init_trackers("sdm-train")
+
+    def save(step: int) -> None:
+        nonlocal saved_step
+        saved_step = step
+        if not accelerator.is_main_process:
+            return
+        state = {
+            "step": step,
+            "config": asdict(cfg),
+            "prompt": {k: v.cpu() for k, v in module.trainable_state().items()},
+            "optimizer": optimizer.optimizer.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "log": rows,
+            "best_pck": best_pck,
+            "best_step": best_step,
+        }
+        _atomic_torch_save(state, ckpt_path)
+        save_prompt(module, out / "prompt", featurizer, step=step, train_config=asdict(cfg))
+        _write_log(rows, out / "log.csv")
+
+    def validate(step: int) -> float | None:
+        nonlocal best_pck, best_step
+        if val_set is None or not accelerator.is_main_process:
+            return None
+        result = evaluate(SDExtractor(val_featurizer, module), val_set, matcher=cfg.val_matcher, max_pairs=cfg.val_pairs, progress=False)
+        pck = float(result.table.loc["all", "per_image@0.1"])
+        if best_pck is None or pck > best_pck:
+            best_pck, best_step = pck, step
+            save_prompt(module, out / "best", featurizer, step=step, train_config=asdict(cfg))
+        return pck
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.prompt}", disable=not (progress and accelerator.is_main_process))
+    step = start
+    try:
+        for batch in loader:
+            batch = batch.to(device)
+            b = len(batch)
+            g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 997 + accelerator.process_index)
+            with accelerator.autocast():
+                p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories)
+                hidden = torch.cat([featurizer.encode_prompt(p_src, b), featurizer.encode_prompt(p_trg, b)])
+                lat = extractor.latents(torch.cat([batch.src_image, batch.trg_image]), [*batch.src_ids, *batch.trg_ids])
+                feats = featurizer.features_from_latents(lat, hidden, generator=g)
+            src_f, trg_f = feats[:b].float(), feats[b:].float()
+            size = tuple(batch.src_image.shape[-2:])
+            src_xy = to_feature_coords(batch.src_kps, size, tuple(src_f.shape[-2:]))
+            trg_xy = to_feature_coords(batch.trg_kps, size, tuple(trg_f.shape[-2:]))
+            loss = gaussian_cross_entropy(
+                src_f, trg_f, src_xy, trg_xy, batch.n_kps, temperature=cfg.temperature, kernel_size=cfg.kernel_size, sigma=cfg.sigma
+            )
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at step {step + 1}; training stopped. The last good checkpoint "
+                    f"({ckpt_path}, step {saved_step}) is kept: lower the learning rate or "
+                    "use mixed_precision='bf16'/'no', then resume."
+                )
+            accelerator.backward(loss)
+            if accelerator.num_processes > 1:  # average prompt gradients (the prompt module is not DDP-wrapped)
+                for p in module.parameters():
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            val_pck = validate(step) if cfg.val_every and step % cfg.val_every == 0 else None
+            if step % cfg.log_every == 0 or val_pck is not None or step == cfg.steps:
+                rows.append({"step": step, "loss": loss_value, "val_pck": val_pck if val_pck is not None else math.nan})
+                bar.set_postfix(loss=f"{loss_value:.3f}", **({"val": f"{val_pck:.1f}"} if val_pck is not None else {}))
+                if log_with:
+                    accelerator.log({"loss": loss_value, **({"val_pck": val_pck} if val_pck is not None else {})}, step=step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save(step)
+    finally:
+        bar.close()
+        if cfg.gradient_checkpointing:
+            sd.unet.disable_gradient_checkpointing()
+        if log_with:
+            accelerator.end_training()
+    if accelerator.is_main_process and step == start:  # nothing to do (already at cfg.steps): keep files consistent
+        save(step)
+    return TrainResult(module, pd.DataFrame(rows, columns=["step", "loss", "val_pck"]), best_pck, best_step, out)
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
