@@ -104,6 +104,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from sdm.features import SDFeaturizer
     from sdm.prompts import PROMPTS, build_prompt, load_prompt, read_metadata
 
+    if args.matcher == "attention":
+        return _evaluate_attention(args)
     size = args.image_size or (128 if args.model == "tiny" else 768)
     dataset = _dataset(args, args.split, size)
     if args.baseline:
@@ -120,9 +122,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             module = load_prompt(args.prompt, featurizer, encoders=_encoders(kind, args.dino, args.device, args.model == "tiny"))
         extractor = SDExtractor(featurizer, module)
         name = f"{kind}_t{args.timestep}_e{args.ensemble}"
-    result = evaluate(extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers)
+    result = evaluate(extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers, max_pairs=args.max_pairs)
     result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "name": name})
     out = result.save(args.out, f"{args.dataset}_{args.split}_{name}")
+    print(result.table.round(1).to_string())
+    print(f"results written to {out}")
+    return 0
+
+
+def _evaluate_attention(args: argparse.Namespace) -> int:
+    from sdm.attention import AttentionMatcher, AttentionMatcherConfig
+    from sdm.evaluate import attention_predictor, evaluate_predictions
+
+    size = args.image_size or (64 if args.model == "tiny" else 512)
+    dataset = _dataset(args, args.split, size)
+    config = AttentionMatcherConfig(
+        image_size=size, steps=args.attention_steps, num_embeddings=args.attention_embeddings, inference_crops=args.attention_crops, progress=False
+    )
+    predict = attention_predictor(AttentionMatcher(_load_model(args.model, args.device), config))
+    result = evaluate_predictions(dataset, predict, batch_size=1, max_pairs=args.max_pairs, desc="attention matcher")
+    result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "matcher": "attention"})
+    out = result.save(args.out, f"{args.dataset}_{args.split}_attention")
     print(result.table.round(1).to_string())
     print(f"results written to {out}")
     return 0
@@ -185,7 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", default="empty", help=f"one of {sorted(PROMPTS)} or a saved prompt (path/to/prompt.safetensors)")
     e.add_argument("--baseline", default=None, help="evaluate a transformers ViT instead (e.g. facebook/dinov2-base)")
     e.add_argument("--vit-size", type=int, default=840, help="input size of --baseline (a multiple of its patch size)")
-    e.add_argument("--matcher", default="kernel_soft_argmax", choices=list(MATCHERS))
+    e.add_argument(
+        "--matcher", default="kernel_soft_argmax", choices=[*MATCHERS, "attention"], help="'attention': Hedlin et al.'s training-free matcher"
+    )
+    e.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
+    e.add_argument("--attention-steps", type=int, default=130, help="attention matcher: optimisation steps per point")
+    e.add_argument("--attention-embeddings", type=int, default=5, help="attention matcher: embeddings per point")
+    e.add_argument("--attention-crops", type=int, default=20, help="attention matcher: inference crops")
     e.add_argument("--timestep", type=int, default=50)
     e.add_argument("--ensemble", type=int, default=8)
     e.add_argument("--up-block", type=int, default=1)
@@ -202,10 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list:
     """Subcommands defined next to the code they wrap (datasets, training, evaluation, notebooks)."""
     registers = []
-    try:
-        from sdm.data.download import add_download_parser
+    from sdm.data.download import add_download_parser
 
-        registers.append(add_download_parser)
+    registers.append(add_download_parser)
+    try:  # the notebook runner needs papermill (the `notebooks` extra)
+        from sdm.notebooks import add_notebooks_parser
+
+        registers.append(add_notebooks_parser)
     except ImportError:
         pass
     return registers

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sdm.attention import AttentionMatcher
 from sdm.data import PairBatch, PairDataset, collate_pairs
 from sdm.features import SDFeaturizer
 from sdm.matching import Matcher, match, to_feature_coords, to_image_coords
@@ -309,6 +310,20 @@ def evaluate(
     )
     result.info.update({"matcher": matcher, "conditioning": extractor.conditioning})
     return result
+
+
+def attention_predictor(matcher: AttentionMatcher) -> Predictor:
+    """Hedlin et al.'s matcher as a predictor: each pair's source points are optimised and found in the target
+    (images are the dataset's resized ones, so predictions are in the space of the PCK thresholds)."""
+
+    def predict(batch: PairBatch) -> torch.Tensor:
+        out = torch.zeros_like(batch.trg_kps)
+        for b in range(len(batch)):
+            n = int(batch.n_kps[b])
+            out[b, :n] = matcher.match(batch.src_image[b], batch.trg_image[b], batch.src_kps[b, :n]).to(out)
+        return out
+
+    return predict
 
 
 def paper_table(results: dict[str, EvalResult], column: str = "per_image@0.1") -> pd.DataFrame:

@@ -76,3 +76,10 @@ def test_train_then_evaluate_offline(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_evaluate_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="sdm download pfwillow"):
         main(["evaluate", "--model", "tiny", "--dataset", "pfwillow", "--root", str(tmp_path / "nope")])
+
+
+def test_evaluate_with_attention_matcher(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    args = ["evaluate", "--model", "tiny", "--dataset", "synthetic", "--matcher", "attention", "--max-pairs", "2", "--out", str(results)]
+    assert main([*args, "--attention-steps", "3", "--attention-embeddings", "2", "--attention-crops", "2"]) == 0
+    assert (results / "synthetic_test_attention.json").is_file()
