@@ -395,3 +395,13 @@ def test_pck_table_per_image_and_per_point() -> None:
     assert list(table.index) == ["cat", "dog", "all"] and table.loc["all", "n_pairs"] == 3
     with pytest.raises(ValueError, match="no keypoint records"):
         pck_table(pd.DataFrame(columns=rec.columns))
+
+
+def test_sd21_architecture_has_the_published_sizes() -> None:
+    """Built on the meta device (no memory, no time): parameter counts of SD2-1's UNet, VAE and text encoder."""
+    with torch.device("meta"):
+        sd = sdm.sd21_architecture(device="meta")
+    counts = [sum(p.numel() for p in m.parameters()) for m in (sd.unet, sd.vae, sd.text_encoder)]
+    assert counts == [865_910_724, 83_653_863, 340_387_840]
+    assert sd.unet.config.cross_attention_dim == 1024 and sd.embed_dim == 1024
+    assert len(sd.unet.up_blocks[1].resnets) == 3 and sd.unet.up_blocks[1].upsamplers is not None
