@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
@@ -28,6 +28,9 @@ from sdm.loss import gaussian_cross_entropy
 from sdm.matching import Matcher, to_feature_coords
 from sdm.models import StableDiffusion
 from sdm.prompts import CPMConfig, PromptEncoders, PromptKind, PromptModule, build_prompt, save_prompt
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -167,11 +170,9 @@ def train(
 
     Raises TrainingDiverged when the loss is NaN or infinite (the last checkpoint is left as it was).
     """
-    from accelerate import Accelerator
-
     out = Path(out_dir)
     log_with = "tensorboard" if _has_tensorboard() else None
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(out))
+    accelerator = _accelerator(cfg.mixed_precision, log_with, out)
     device = accelerator.device
     sd.to(device)
     featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, seed=cfg.seed)
@@ -291,6 +292,18 @@ def train(
     if accelerator.is_main_process and step == start:  # nothing to do (already at cfg.steps): keep files consistent
         save(step)
     return TrainResult(module, pd.DataFrame(rows, columns=["step", "loss", "val_pck"]), best_pck, best_step, out)
+
+
+def _accelerator(mixed_precision: str, log_with: str | None, out: Path) -> Accelerator:
+    """Accelerate keeps one global state per process; a single-process run (a notebook training several
+    prompts) may change the precision between runs, so that state is reset when it differs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision and shared.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=str(out))
 
 
 def _has_tensorboard() -> bool:

@@ -131,3 +131,18 @@ def test_class_and_cpm_train(tmp_path: Path) -> None:
         )
         assert result.log["loss"].notna().all()
     assert sorted(result.prompt.trainable_state()) == ["g_d.bias", "g_d.weight", "g_n.bias", "g_n.weight", "global_tokens", "omega_alpha", "omega_pos"]
+
+
+def test_gradient_checkpointing_gives_the_same_prompt(tmp_path: Path) -> None:
+    data = SyntheticPairs(n=4, image_size=SIZE, seed=4)
+    plain = train(quick_config(steps=2), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path / "a", progress=False)
+    sd = sdm.tiny_stable_diffusion(0)
+    ckpt = train(quick_config(steps=2, gradient_checkpointing=True), sd, data, out_dir=tmp_path / "b", progress=False)
+    torch.testing.assert_close(ckpt.prompt.tokens, plain.prompt.tokens, rtol=1e-5, atol=1e-6)
+    assert not sd.unet.is_gradient_checkpointing  # switched off again after training
+
+
+def test_bf16_mixed_precision_runs(tmp_path: Path) -> None:
+    data = SyntheticPairs(n=4, image_size=SIZE, seed=4)
+    result = train(quick_config(steps=2, mixed_precision="bf16"), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path, progress=False)
+    assert result.log["loss"].notna().all() and torch.isfinite(result.prompt.tokens).all()
