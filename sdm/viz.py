@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -105,3 +107,126 @@ def parse_points(text: str) -> list[tuple[float, float]]:
         raise ValueError("no points given: write them as 'x,y;x,y' in pixels of the source image")
     return points
 
+
+
+def heatmap_panels(
+    images: list[Image.Image | torch.Tensor | np.ndarray],
+    maps: list[torch.Tensor | np.ndarray],
+    *,
+    points: list[np.ndarray | torch.Tensor | None] | None = None,
+    crosses: list[np.ndarray | torch.Tensor | None] | None = None,
+    titles: list[str] | None = None,
+    ncols: int | None = None,
+    title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Figure:
+    """Maps (h x w, any resolution) drawn over their images, one panel each, laid out row-major.
+
+    points[i] (optional, N x 2 pixels) are drawn as white dots (e.g. a query or a prediction), crosses[i] as
+    green crosses (e.g. the ground truth).
+    """
+    n = len(images)
+    ncols = ncols or n
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.8 * ncols, 2.8 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = as_array(images[i])
+        ax.imshow(img)
+        if maps[i] is not None:
+            heat = np.asarray(torch.as_tensor(maps[i]).float().cpu())
+            h, w = img.shape[:2]
+            ax.imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=vmin, vmax=vmax)
+        for marks, style in ((points, dict(c="white", edgecolors="black", s=40)), (crosses, dict(c="lime", marker="x", s=50))):
+            if marks is not None and marks[i] is not None:
+                xy = np.asarray(torch.as_tensor(marks[i]).float().cpu()).reshape(-1, 2)
+                ax.scatter(xy[:, 0], xy[:, 1], **style)
+        if titles:
+            ax.set_title(titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def table_heatmap(table: pd.DataFrame, *, title: str | None = None, vmin: float = 0.0, vmax: float = 100.0, fmt: str = "{:.1f}") -> Figure:
+    """A numeric table (e.g. `evaluate.paper_table`: methods x categories) as an annotated heatmap."""
+    values = table.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(max(4, 0.7 * table.shape[1] + 2), max(2, 0.45 * table.shape[0] + 1.2)))
+    im = ax.imshow(values, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(table.shape[0]), [str(r) for r in table.index], fontsize=8)
+    for (r, c), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=7, color="white" if v < (vmin + vmax) / 2 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bar(table: pd.DataFrame, *, ylabel: str = "PCK@0.1 (%)", title: str | None = None, ylim: tuple[float, float] | None = (0, 100)) -> Figure:
+    """Bars of a table: one group per row (index), one bar per column, values written on the bars."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(table) * max(1, len(table.columns)) ** 0.5), 3.8))
+    table.plot.bar(ax=ax, rot=0 if len(table) < 5 else 30, width=0.8)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.1f", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("")
+    if ylim:
+        ax.set_ylim(*ylim)
+    if len(table.columns) > 1:
+        ax.legend(fontsize=8)
+    elif ax.get_legend() is not None:
+        ax.get_legend().remove()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def line_plot(
+    x: list[Any] | np.ndarray,
+    series: dict[str, list[float] | np.ndarray],
+    *,
+    xlabel: str,
+    ylabel: str = "PCK@0.1 (%)",
+    title: str | None = None,
+    ylim: tuple[float, float] | None = (0, 100),
+) -> Figure:
+    """One line with markers per series over shared x values."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, ys in series.items():
+        ax.plot(x, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: list[Image.Image | torch.Tensor | np.ndarray], *, titles: list[str] | None = None, ncols: int = 4, title: str | None = None) -> Figure:
+    """Images in a grid with optional titles."""
+    n = max(len(images), 1)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.8 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(as_array(images[i]))
+            if titles:
+                ax.set_title(titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,470 @@
+"""The notebooks as experiments: their quick profile, the papermill runner, and the helpers they share.
+
+Every notebook in `notebooks/` has one cell tagged ``parameters`` whose defaults are the paper's settings
+(real SD2-1 weights, real datasets, GPU). The *quick* profile (`QUICK`) overrides them with a tiny
+random-weight model, synthetic pairs and a few steps, so that everything runs offline on a CPU in seconds;
+its numbers only show that the pipeline runs. The runner, the CLI (``sdm notebooks``) and the tests all take
+the overrides from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# ---- profiles ------------------------------------------------------------------------------------------------
+# Shared by every notebook's quick profile.
+QUICK_SHARED: dict[str, Any] = {
+    "model": "tiny",  # random-weight SD2-1 architecture at toy width
+    "device": "cpu",
+    "image_size": 64,
+    "dataset": "synthetic",  # homography pairs of bundled scikit-image photographs
+    "data_root": None,
+    "progress": False,
+}
+
+# Per notebook (keyed by its two-digit number): what the quick profile sets beside QUICK_SHARED.
+# Keys a notebook has no parameter for are not passed (papermill would only warn), see `profile_parameters`.
+QUICK: dict[str, dict[str, Any]] = {
+    "00": {"image_size": 128, "timestep": 50, "ensemble": 2, "n_points": 6, "interactive": False},
+    "01": {
+        "n_pairs": 6,
+        "ensemble": 2,
+        "dino": "tiny",
+        "clip": "tiny",
+        "dino_size": 56,
+        "captioner_steps": 2,
+        "train_pairs": 8,
+        "batch_size": 2,
+    },
+    "02": {
+        "prompt": "single",
+        "steps": 8,
+        "batch_size": 2,
+        "train_pairs": 16,
+        "val_every": 4,
+        "val_pairs": 4,
+        "log_every": 1,
+        "mixed_precision": "no",
+        "dino": "tiny",
+    },
+    "03": {
+        "datasets": {"synthetic": None},
+        "n_pairs": 6,
+        "ensemble": 2,
+        "prompt_path": None,
+        "train_steps": 3,
+        "train_pairs": 8,
+        "batch_size": 2,
+        "mixed_precision": "no",
+        "dino": "tiny",
+        "dino_size": 56,
+    },
+    "04": {
+        "steps": 2,
+        "batch_size": 2,
+        "train_pairs": 8,
+        "n_pairs": 4,
+        "ensemble": 1,
+        "mixed_precision": "no",
+        "dino": "tiny",
+    },
+    "05": {
+        "prompt_path": None,
+        "train_steps": 3,
+        "train_pairs": 8,
+        "batch_size": 2,
+        "mixed_precision": "no",
+        "n_pairs": 4,
+        "ensemble": 1,
+        "timesteps": [10, 261, 700],
+        "inversion_timesteps": [50, 261],
+        "inversion_steps": 2,
+    },
+    "06": {
+        "class_prompt_path": None,
+        "cpm_prompt_path": None,
+        "train_steps": 2,
+        "train_pairs": 8,
+        "batch_size": 2,
+        "mixed_precision": "no",
+        "dino": "tiny",
+        "inference_steps": 2,
+        "n_categories": 2,
+        "n_pairs": 2,
+    },
+    "07": {
+        "prompt_path": None,
+        "train_steps": 3,
+        "train_pairs": 8,
+        "batch_size": 2,
+        "mixed_precision": "no",
+        "ensemble": 1,
+        "n_pairs": 2,
+        "n_points": 3,
+    },
+    "08": {
+        "n_pairs": 2,
+        "steps": 5,
+        "lr": 0.1,
+        "num_embeddings": 2,
+        "inference_crops": 2,
+    },
+}
+PROFILES = ("quick", "paper")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def notebook_key(path: str | Path) -> str:
+    """'notebooks/03_evaluate.ipynb' -> '03'."""
+    return Path(path).name.split("_", 1)[0]
+
+
+def find_notebooks(notebooks_dir: str | Path | None = None) -> list[Path]:
+    """The numbered notebooks (NN_*.ipynb), sorted."""
+    folder = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb") if p.is_file())
+
+
+def default_notebooks_dir() -> Path:
+    """./notebooks when it exists (run from a checkout), else the one next to the package (editable install)."""
+    here = Path("notebooks")
+    return here if here.is_dir() else REPO / "notebooks"
+
+
+def notebook_parameters(path: str | Path) -> dict[str, Any]:
+    """Names and default values of the notebook's `parameters` cell (evaluated as plain assignments)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path} must have exactly one cell tagged 'parameters'; it has {len(cells)}")
+    values: dict[str, Any] = {}
+    exec(compile(cells[0].source, str(path), "exec"), {}, values)
+    return values
+
+
+def profile_parameters(path: str | Path, profile: str, figures_dir: str | Path, results_dir: str | Path) -> dict[str, Any]:
+    """The papermill parameters of one notebook under a profile (only names its parameters cell defines)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
+    known = notebook_parameters(path)
+    params: dict[str, Any] = {}
+    if profile == "quick":
+        params.update(QUICK_SHARED)
+        params.update(QUICK.get(notebook_key(path), {}))
+    params.update(figures_dir=str(figures_dir), results_dir=str(results_dir))
+    return {k: v for k, v in params.items() if k in known}
+
+
+# ---- runner ------------------------------------------------------------------------------------------------------
+def _snapshot(folder: Path) -> dict[Path, int]:
+    if not folder.is_dir():
+        return {}
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def _written(before: dict[Path, int], folder: Path) -> list[str]:
+    after = _snapshot(folder)
+    return sorted(str(p) for p, m in after.items() if before.get(p) != m)
+
+
+def run_notebooks(
+    profile: str = "quick",
+    only: Sequence[str] | None = None,
+    out_dir: str | Path = "runs",
+    *,
+    notebooks_dir: str | Path | None = None,
+    parameters: dict[str, Any] | None = None,
+    kernel_name: str = "python3",
+    progress: bool = True,
+    stop_on_error: bool = False,
+) -> list[dict[str, Any]]:
+    """Runs the numbered notebooks with papermill and returns one summary dict per notebook.
+
+    Args:
+        profile: "quick" (tiny random-weight model, synthetic pairs, CPU, seconds per notebook; figures and
+            results go under out_dir) or "paper" (the notebooks' own defaults: the paper's settings; figures
+            and results go to the repository's figures/ and results/).
+        only: notebook numbers or name prefixes ("03", "3", "03_evaluate"); None: all.
+        out_dir: executed notebooks go to <out_dir>/notebooks (quick: also <out_dir>/figures, <out_dir>/results).
+        parameters: extra overrides for every notebook (only names a notebook defines are passed).
+        stop_on_error: raise the first failure instead of recording it and going on.
+
+    Each summary: notebook, status ("ok" or "failed"), seconds, output (the executed notebook), figures and
+    results (files written or rewritten by the run), error (a one-line reason, or "").
+    """
+    import papermill
+    from tqdm.auto import tqdm
+
+    root = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
+    paths = find_notebooks(root)
+    if only:
+        wanted = [str(o).removesuffix(".ipynb") for o in only]
+        wanted = [w.zfill(2) if w.isdigit() else w for w in wanted]
+        paths = [p for p in paths if any(p.stem == w or p.stem.startswith(w + "_") or notebook_key(p) == w for w in wanted)]
+        if not paths:
+            raise ValueError(f"no notebook in {root} matches {list(only)}")
+    if not paths:
+        raise FileNotFoundError(f"no numbered notebooks (NN_*.ipynb) in {root}")
+    out = Path(out_dir)
+    repo = root.resolve().parent
+    if profile == "quick":
+        figures_dir, results_dir = out / "figures", out / "results"
+    else:
+        figures_dir, results_dir = repo / "figures", repo / "results"
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    summaries: list[dict[str, Any]] = []
+    bar = tqdm(paths, desc=f"notebooks ({profile})", unit="nb", disable=not progress)
+    for path in bar:
+        bar.set_postfix_str(path.name)
+        params = profile_parameters(path, profile, figures_dir.resolve(), results_dir.resolve())
+        params.update({k: v for k, v in (parameters or {}).items() if k in notebook_parameters(path)})
+        before_f, before_r = _snapshot(figures_dir), _snapshot(results_dir)
+        output = out / "notebooks" / path.name
+        start = time.perf_counter()
+        status, error = "ok", ""
+        try:
+            papermill.execute_notebook(
+                str(path), str(output), parameters=params, kernel_name=kernel_name, cwd=str(repo), progress_bar=False
+            )
+        except Exception as err:  # papermill raises PapermillExecutionError for a failing cell, others for setup
+            if stop_on_error:
+                raise
+            status = "failed"
+            lines = [line for line in str(err).strip().splitlines() if line.strip()]
+            error = f"{type(err).__name__}: {lines[-1] if lines else err}"
+        summaries.append(
+            {
+                "notebook": path.name,
+                "status": status,
+                "seconds": round(time.perf_counter() - start, 1),
+                "output": str(output),
+                "figures": _written(before_f, figures_dir),
+                "results": _written(before_r, results_dir),
+                "error": error,
+            }
+        )
+    bar.close()
+    return summaries
+
+
+def summary_table(summaries: list[dict[str, Any]]) -> str:
+    """A plain-text table of what ran, how long it took and what it wrote."""
+    rows = [("notebook", "status", "seconds", "figures", "results")]
+    for s in summaries:
+        figs = ", ".join(Path(f).name for f in s["figures"]) or "-"
+        res = ", ".join(Path(f).name for f in s["results"]) or "-"
+        rows.append((s["notebook"], s["status"], f"{s['seconds']:.1f}", figs, res))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    total = sum(s["seconds"] for s in summaries)
+    lines.append(f"{len(summaries)} notebooks, {sum(s['status'] == 'ok' for s in summaries)} ok, {total:.0f} s")
+    for s in summaries:
+        if s["error"]:
+            lines.append(f"{s['notebook']}: {s['error']}")
+    return "\n".join(lines)
+
+
+def cmd_notebooks(args: argparse.Namespace) -> int:
+    try:
+        import papermill  # noqa: F401
+    except ImportError:
+        raise SystemExit('error: the notebook runner needs papermill: pip install -e ".[notebooks]"') from None
+    try:
+        summaries = run_notebooks(args.profile, args.only, args.out, notebooks_dir=args.notebooks)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(summary_table(summaries))
+    if args.profile == "quick":
+        print("quick profile: tiny random-weight model on synthetic pairs; its numbers only show that the pipeline runs")
+    print(f"executed notebooks in {Path(args.out) / 'notebooks'}")
+    return 0 if all(s["status"] == "ok" for s in summaries) else 1
+
+
+def add_notebooks_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers `sdm notebooks`."""
+    p = subparsers.add_parser(
+        "notebooks",
+        help="run the notebooks headless (papermill)",
+        description="Runs notebooks/NN_*.ipynb with papermill. quick: tiny random-weight model, synthetic pairs, "
+        "CPU, figures and results under --out; paper: the paper's settings, figures/ and results/ of the repository.",
+    )
+    p.add_argument("--profile", choices=PROFILES, default="quick")
+    p.add_argument("--only", nargs="+", default=None, metavar="NN", help="notebook numbers, e.g. --only 00 03")
+    p.add_argument("--out", default="runs", help="folder for executed notebooks (and quick-profile figures/results)")
+    p.add_argument("--notebooks", default=None, help="folder of the notebooks (default: ./notebooks)")
+    p.set_defaults(func=cmd_notebooks)
+
+
+# ---- helpers the notebooks share ---------------------------------------------------------------------------------
+def load_model(model: str, device: str | torch.device | None = None):  # -> StableDiffusion
+    """"tiny" -> `tiny_stable_diffusion` (random weights); anything else -> `load_stable_diffusion`."""
+    from sdm.models import load_stable_diffusion, tiny_stable_diffusion
+
+    if model == "tiny":
+        return tiny_stable_diffusion(device=device)
+    return load_stable_diffusion(model, device=device)
+
+
+def load_dino(name: str, device: str | torch.device | None = None) -> torch.nn.Module:
+    """"tiny" -> `tiny_dinov2()` (random weights), else DINOv2 by hub id or folder."""
+    from sdm.prompts import load_dinov2, tiny_dinov2
+
+    return tiny_dinov2().to(device or "cpu") if name == "tiny" else load_dinov2(name, device=device)
+
+
+def load_clip_vision(name: str, device: str | torch.device | None = None) -> torch.nn.Module:
+    """"tiny" -> `tiny_clip_vision()` (random weights), else a CLIPVisionModelWithProjection by id or folder."""
+    from sdm.prompts import tiny_clip_vision
+
+    if name == "tiny":
+        return tiny_clip_vision().to(device or "cpu")
+    from transformers import CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection.from_pretrained(name).to(device or "cpu").eval()
+
+
+def caveat(random_weights: bool) -> str:
+    """Suffix for titles and printouts of numbers from a random-weight model."""
+    return " (random weights: numbers meaningless)" if random_weights else ""
+
+
+class PairSubset:
+    """At most `n` pairs of a dataset, spread evenly over it (the datasets list pairs category by category, so
+    the first n pairs would cover only the first category). Behaves as the dataset for `evaluate` and `train`."""
+
+    def __init__(self, dataset: Any, n: int | None) -> None:
+        total = len(dataset)
+        n = total if n is None else max(0, min(int(n), total))
+        self.dataset = dataset
+        self.indices = sorted({math.floor(i * total / n) for i in range(n)}) if n else []
+        self.categories = dataset.categories
+        self.image_size = dataset.image_size
+
+    @property
+    def decode_images(self) -> bool:
+        return self.dataset.decode_images
+
+    @decode_images.setter
+    def decode_images(self, value: bool) -> None:
+        self.dataset.decode_images = value
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):  # -> Pair
+        return self.dataset[self.indices[i]]
+
+    def keypoints(self, i: int):
+        return self.dataset.keypoints(self.indices[i])
+
+    def load_image(self, image_id: str) -> torch.Tensor:
+        return self.dataset.load_image(image_id)
+
+    def pair_image(self, image_id: str) -> torch.Tensor:
+        return self.dataset.pair_image(image_id)
+
+    def image_ids(self) -> list[str]:
+        return self.dataset.image_ids()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["dataset"], name)
+
+
+def subset(dataset: Any, n: int | None) -> Any:
+    """`PairSubset` of n pairs spread over the dataset; the dataset itself when n is None or covers it."""
+    return dataset if n is None or n >= len(dataset) else PairSubset(dataset, n)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Writes JSON (NaN as null), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(payload), indent=2))
+    return path
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _clean(value.item())
+    return value
+
+
+def learned_prompt(
+    sd: Any,
+    *,
+    kind: str,
+    path: str | Path | None,
+    train_steps: int,
+    dataset: str,
+    data_root: str | None,
+    image_size: int,
+    out_dir: str | Path,
+    train_split: str = "trn",
+    train_pairs: int | None = None,
+    batch_size: int = 9,
+    mixed_precision: str = "fp16",
+    encoders: Any = None,
+    cpm: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> tuple[Any, str]:
+    """A learned prompt for the notebooks: loaded from `path` when given, else trained here for `train_steps`
+    steps (0: the untrained initial prompt). Returns (prompt module, a label saying which of the three it is)."""
+    from sdm.data import load_dataset
+    from sdm.features import SDFeaturizer
+    from sdm.prompts import CPMConfig, build_prompt, load_prompt
+    from sdm.train import TrainConfig, train
+
+    featurizer = SDFeaturizer(sd, image_size=image_size)
+    if path is not None:
+        return load_prompt(path, featurizer, encoders=encoders), f"{kind}: loaded from {Path(path).name}"
+    train_set = subset(load_dataset(dataset, data_root, split=train_split, image_size=image_size), train_pairs)
+    if train_steps <= 0:
+        module = build_prompt(kind, featurizer, categories=train_set.categories, encoders=encoders, cpm=CPMConfig(**(cpm or {})))  # type: ignore[arg-type]
+        return module, f"{kind}: untrained (initial vectors)"
+    cfg = TrainConfig(
+        prompt=kind,  # type: ignore[arg-type]
+        cpm=CPMConfig(**(cpm or {})),
+        steps=int(train_steps),
+        batch_size=batch_size,
+        image_size=image_size,
+        mixed_precision=mixed_precision,  # type: ignore[arg-type]
+        val_every=0,
+        checkpoint_every=max(int(train_steps), 1),
+        log_every=max(1, int(train_steps) // 20),
+        num_workers=0,
+    )
+    result = train(cfg, sd, train_set, None, out_dir=out_dir, encoders=encoders, progress=progress)
+    return result.prompt, f"{kind}: trained here for {train_steps} steps"
+
+
+def show(fig: Any, path: str | Path) -> Path:
+    """Saves a figure (`viz.save_figure`, which closes it) and displays the saved PNG in a notebook."""
+    from sdm.viz import save_figure
+
+    out = save_figure(fig, path)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+
+        if get_ipython() is not None:
+            display(Image(filename=str(out)))
+    except ImportError:
+        pass
+    return out

@@ -1,0 +1,129 @@
+"""Every notebook through papermill on its quick profile (`sdm.notebooks.QUICK`), and the notebook hygiene rules.
+
+The quick profile uses a tiny random-weight model on synthetic pairs: the checks are that each notebook runs,
+writes its figures and results, and that the numbers are well formed, in range and labelled as coming from
+random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+from sdm.notebooks import QUICK, find_notebooks, notebook_key, notebook_parameters, profile_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = find_notebooks(REPO / "notebooks")
+
+papermill = pytest.importorskip("papermill")
+
+
+def _pck_ok(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 100.0
+
+
+def _labelled(summary: dict[str, Any]) -> None:
+    assert summary["random_weights"] is True
+    assert summary["model"] == "tiny"
+    assert "random" in summary["note"]
+
+
+def _figures(figures: Path, *names: str) -> None:
+    for name in names:
+        assert (figures / name).stat().st_size > 1000, name
+
+
+def check_00(figures: Path, results: Path) -> None:
+    _figures(figures, "00_correspondences.png", "00_heatmaps.png")
+    s = json.loads((results / "00_quickstart.json").read_text())
+    _labelled(s)
+    assert len(s["matched"]) == len(s["src_points"]) == len(s["true"]) == QUICK["00"]["n_points"]
+    size = QUICK["00"]["image_size"]
+    assert all(-0.5 <= c <= size - 0.5 for xy in s["matched"] for c in xy)
+    assert _pck_ok(s["pck@0.1"]) and s["seconds"] > 0
+
+
+def check_08(figures: Path, results: Path) -> None:
+    _figures(figures, "08_optimization.png", "08_attention_maps.png", "08_pck.png")
+    s = json.loads((results / "08_attention.json").read_text())
+    _labelled(s)
+    assert s["n_pairs"] == QUICK["08"]["n_pairs"] and s["n_points"] >= 4
+    assert all(_pck_ok(v) for v in s["pck"].values())
+    assert s["loss_first"] > 0 and s["loss_last"] > 0 and s["seconds_per_point"] > 0
+
+
+CHECKS: dict[str, Callable[[Path, Path], None]] = {name[-2:]: fn for name, fn in globals().items() if name.startswith("check_")}
+
+
+def run(path: Path, tmp_path: Path) -> tuple[Path, Path]:
+    figures, results = tmp_path / "figures", tmp_path / "results"
+    papermill.execute_notebook(
+        str(path),
+        str(tmp_path / path.name),
+        parameters=profile_parameters(path, "quick", figures, results),
+        kernel_name="python3",
+        cwd=str(REPO),
+        progress_bar=False,
+    )
+    return figures, results
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_quick_profile(path: Path, tmp_path: Path) -> None:
+    check = CHECKS.get(notebook_key(path))
+    assert check is not None, f"no check for {path.name}: add check_{notebook_key(path)} to this file"
+    check(*run(path, tmp_path))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_clean(path: Path) -> None:
+    """Committed notebooks carry no outputs or execution counts, and one `parameters` cell of plain assignments
+    that sets where figures and results go; the quick profile only overrides parameters the notebook has."""
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}: a cell has outputs (clear them before committing)"
+            assert cell.execution_count is None, f"{path.name}: a cell has an execution count"
+            assert "%matplotlib widget" not in cell.source and "pip install" not in cell.source
+            assert ".cuda()" not in cell.source, f"{path.name}: use the device parameter, not .cuda()"
+    assert nb.cells[0].cell_type == "markdown"
+    params = notebook_parameters(path)
+    assert {"model", "device", "figures_dir", "results_dir"} <= set(params)
+    assert params["model"] != "tiny" and params["device"] == "cuda", "defaults are the paper's settings"
+    unknown = set(QUICK.get(notebook_key(path), {})) - set(params)
+    assert not unknown, f"QUICK[{notebook_key(path)!r}] sets parameters {path.name} does not have: {unknown}"
+
+
+def test_every_notebook_has_a_profile_and_a_check() -> None:
+    keys = {notebook_key(p) for p in NOTEBOOKS}
+    assert {f"{i:02d}" for i in range(9)} <= keys
+    assert keys <= set(QUICK) and keys <= set(CHECKS)
+
+
+@pytest.mark.notebooks
+def test_cli_runs_one_notebook(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdm.cli import main
+
+    out = tmp_path / "tmp"
+    assert main(["notebooks", "--only", "00", "--profile", "quick", "--out", str(out), "--notebooks", str(REPO / "notebooks")]) == 0
+    text = capsys.readouterr().out
+    assert "00_quickstart.ipynb" in text and "ok" in text and "random-weight" in text
+    assert (out / "notebooks" / "00_quickstart.ipynb").is_file()
+    assert (out / "figures" / "00_correspondences.png").is_file()
+    assert json.loads((out / "results" / "00_quickstart.json").read_text())["random_weights"] is True
+    executed = nbformat.read(str(out / "notebooks" / "00_quickstart.ipynb"), as_version=4)
+    assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+
+
+def test_only_rejects_unknown_notebook(tmp_path: Path) -> None:
+    from sdm.notebooks import run_notebooks
+
+    with pytest.raises(ValueError, match="no notebook"):
+        run_notebooks("quick", ["99"], tmp_path, notebooks_dir=REPO / "notebooks", progress=False)
