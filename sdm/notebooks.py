@@ -173,8 +173,10 @@ def _snapshot(folder: Path) -> dict[Path, int]:
 
 
 def _written(before: dict[Path, int], folder: Path) -> list[str]:
+    """Files of `folder` new or rewritten since `before`; a sub-folder's files count as the sub-folder."""
     after = _snapshot(folder)
-    return sorted(str(p) for p, m in after.items() if before.get(p) != m)
+    changed = {p.relative_to(folder) for p, m in after.items() if before.get(p) != m}
+    return sorted({str(folder / (rel.parts[0] + "/" if len(rel.parts) > 1 else rel)) for rel in changed})
 
 
 def run_notebooks(
@@ -261,8 +263,8 @@ def summary_table(summaries: list[dict[str, Any]]) -> str:
     """A plain-text table of what ran, how long it took and what it wrote."""
     rows = [("notebook", "status", "seconds", "figures", "results")]
     for s in summaries:
-        figs = ", ".join(Path(f).name for f in s["figures"]) or "-"
-        res = ", ".join(Path(f).name for f in s["results"]) or "-"
+        figs = ", ".join(Path(f).name + ("/" if f.endswith("/") else "") for f in s["figures"]) or "-"
+        res = ", ".join(Path(f).name + ("/" if f.endswith("/") else "") for f in s["results"]) or "-"
         rows.append((s["notebook"], s["status"], f"{s['seconds']:.1f}", figs, res))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]

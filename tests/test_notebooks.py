@@ -49,6 +49,19 @@ def check_00(figures: Path, results: Path) -> None:
     assert _pck_ok(s["pck@0.1"]) and s["seconds"] > 0
 
 
+def check_01(figures: Path, results: Path) -> None:
+    _figures(figures, "01_prompt_types.png")
+    s = json.loads((results / "01_prompt_types.json").read_text())
+    _labelled(s)
+    assert set(s["pck@0.1"]) == {"DIFT*", "SD+DINO*"}
+    for row in s["pck@0.1"].values():
+        assert set(row) == {"empty", "template", "captioner"} and all(_pck_ok(v) for v in row.values())
+    assert "trained here" in s["prompt_labels"]["captioner"]
+    assert all(_pck_ok(v) for table in s["pck"].values() for v in table.values())
+    csv = (results / "01_prompt_types.csv").read_text().splitlines()
+    assert len(csv) == 1 + 6 and csv[0].endswith(",all")
+
+
 def check_08(figures: Path, results: Path) -> None:
     _figures(figures, "08_optimization.png", "08_attention_maps.png", "08_pck.png")
     s = json.loads((results / "08_attention.json").read_text())
@@ -95,6 +108,7 @@ def test_notebook_is_clean(path: Path) -> None:
             assert ".cuda()" not in cell.source, f"{path.name}: use the device parameter, not .cuda()"
     assert nb.cells[0].cell_type == "markdown"
     params = notebook_parameters(path)
+    assert set(papermill.inspect_notebook(str(path))) == set(params), "papermill cannot parse every parameter line"
     assert {"model", "device", "figures_dir", "results_dir"} <= set(params)
     assert params["model"] != "tiny" and params["device"] == "cuda", "defaults are the paper's settings"
     unknown = set(QUICK.get(notebook_key(path), {})) - set(params)
