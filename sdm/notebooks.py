@@ -176,7 +176,7 @@ def _written(before: dict[Path, int], folder: Path) -> list[str]:
     """Files of `folder` new or rewritten since `before`; a sub-folder's files count as the sub-folder."""
     after = _snapshot(folder)
     changed = {p.relative_to(folder) for p, m in after.items() if before.get(p) != m}
-    return sorted({str(folder / (rel.parts[0] + "/" if len(rel.parts) > 1 else rel)) for rel in changed})
+    return sorted({str(folder / rel.parts[0]) + "/" if len(rel.parts) > 1 else str(folder / rel) for rel in changed})
 
 
 def run_notebooks(
@@ -425,9 +425,11 @@ def learned_prompt(
     encoders: Any = None,
     cpm: dict[str, Any] | None = None,
     progress: bool = False,
+    **train_options: Any,
 ) -> tuple[Any, str]:
     """A learned prompt for the notebooks: loaded from `path` when given, else trained here for `train_steps`
-    steps (0: the untrained initial prompt). Returns (prompt module, a label saying which of the three it is)."""
+    steps (0: the untrained initial prompt). `train_options` go to `TrainConfig` (lr, timestep, ...).
+    Returns (prompt module, a label saying which of the three it is)."""
     from sdm.data import load_dataset
     from sdm.features import SDFeaturizer
     from sdm.prompts import CPMConfig, build_prompt, load_prompt
@@ -451,6 +453,7 @@ def learned_prompt(
         checkpoint_every=max(int(train_steps), 1),
         log_every=max(1, int(train_steps) // 20),
         num_workers=0,
+        **train_options,
     )
     result = train(cfg, sd, train_set, None, out_dir=out_dir, encoders=encoders, progress=progress)
     return result.prompt, f"{kind}: trained here for {train_steps} steps"

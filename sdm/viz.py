@@ -230,3 +230,23 @@ def image_grid(images: list[Image.Image | torch.Tensor | np.ndarray], *, titles:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def training_curves(log: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Training loss (left axis) and validation PCK (right axis, where validated) against the step, from a
+    `train.TrainResult.log` (columns step, loss, val_pck)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(log["step"], log["loss"], color="tab:blue", lw=1.2, label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    val = log.dropna(subset=["val_pck"])
+    if len(val):
+        ax2 = ax.twinx()
+        ax2.plot(val["step"], val["val_pck"], color="tab:orange", marker="o", label="validation PCK@0.1")
+        ax2.set_ylabel("validation PCK@0.1 (%)", color="tab:orange")
+        ax2.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -62,6 +62,17 @@ def check_01(figures: Path, results: Path) -> None:
     assert len(csv) == 1 + 6 and csv[0].endswith(",all")
 
 
+def check_02(figures: Path, results: Path) -> None:
+    _figures(figures, "02_single_curves.png")
+    s = json.loads((results / "02_train_single.json").read_text())
+    _labelled(s)
+    assert s["steps"] == QUICK["02"]["steps"] and s["loss_first"] > 0 and s["loss_last"] > 0
+    assert s["val_pck"] and all(_pck_ok(v) for v in s["val_pck"].values())
+    assert (results / "02_single_prompt.safetensors").is_file() and (results / "02_single_prompt.json").is_file()
+    log = (results / "02_train_single_log.csv").read_text().splitlines()
+    assert log[0] == "step,loss,val_pck" and len(log) == 1 + QUICK["02"]["steps"]
+
+
 def check_08(figures: Path, results: Path) -> None:
     _figures(figures, "08_optimization.png", "08_attention_maps.png", "08_pck.png")
     s = json.loads((results / "08_attention.json").read_text())
