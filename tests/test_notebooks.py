@@ -73,6 +73,30 @@ def check_02(figures: Path, results: Path) -> None:
     assert log[0] == "step,loss,val_pck" and len(log) == 1 + QUICK["02"]["steps"]
 
 
+def check_03(figures: Path, results: Path) -> None:
+    _figures(figures, "03_synthetic_table.png", "03_overall.png")
+    s = json.loads((results / "03_evaluate.json").read_text())
+    _labelled(s)
+    assert set(s["pck@0.1"]) == {"synthetic"} and s["n_pairs"] == {"synthetic": QUICK["03"]["n_pairs"]}
+    methods = s["pck@0.1"]["synthetic"]
+    assert len(methods) == 3 and any("trained here" in m for m in methods) and any(m.startswith("DIFT") for m in methods)
+    for row in methods.values():
+        assert "all" in row and all(_pck_ok(v) for v in row.values())
+    assert (results / "03_synthetic_pck.csv").read_text().splitlines()[0].endswith(",all")
+
+
+def check_04(figures: Path, results: Path) -> None:
+    from sdm.prompts import CPM_ABLATIONS
+
+    _figures(figures, "04_cpm_ablation.png")
+    s = json.loads((results / "04_cpm_ablation.json").read_text())
+    _labelled(s)
+    assert list(s["cases"]) == list(CPM_ABLATIONS)
+    for case, row in s["cases"].items():
+        assert row["config"] == CPM_ABLATIONS[case] and "trained here" in row["label"]
+        assert all(_pck_ok(v) for k, v in row.items() if "@" in k) and row["seconds"] > 0
+
+
 def check_08(figures: Path, results: Path) -> None:
     _figures(figures, "08_optimization.png", "08_attention_maps.png", "08_pck.png")
     s = json.loads((results / "08_attention.json").read_text())
