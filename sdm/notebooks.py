@@ -101,6 +101,7 @@ QUICK: dict[str, dict[str, Any]] = {
         "n_pairs": 2,
     },
     "07": {
+        "image_size": 128,
         "prompt_path": None,
         "train_steps": 3,
         "train_pairs": 8,
@@ -473,3 +474,52 @@ def show(fig: Any, path: str | Path) -> Path:
     except ImportError:
         pass
     return out
+
+
+def generate_images(
+    sd: Any,
+    prompt_embeds: torch.Tensor,
+    *,
+    size: int = 768,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    negative_prompt_embeds: torch.Tensor | None = None,
+) -> list[Any]:
+    """Images Stable Diffusion generates from encoder hidden states (B x 77 x D, e.g. `featurizer.encode_prompt`
+    of a learned prompt): diffusers' `StableDiffusionPipeline` built from the bundle's parts with a DDIM
+    scheduler of the same noise schedule. Classifier-free guidance uses the empty prompt as the negative.
+    Returns B PIL images."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        unet=sd.unet,
+        scheduler=DDIMScheduler.from_config(sd.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    embeds = prompt_embeds.to(device=sd.device, dtype=sd.dtype)
+    if negative_prompt_embeds is None and guidance_scale > 1:
+        from sdm.features import SDFeaturizer
+
+        negative_prompt_embeds = SDFeaturizer(sd).encode_text([""]).expand(embeds.shape[0], -1, -1)
+    if negative_prompt_embeds is not None:
+        negative_prompt_embeds = negative_prompt_embeds.to(device=sd.device, dtype=sd.dtype)
+    generator = torch.Generator(device=sd.device).manual_seed(seed)
+    with torch.no_grad():
+        out = pipe(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="pil",
+        )
+    return list(out.images)

@@ -16,7 +16,14 @@ from typing import Any
 import nbformat
 import pytest
 
-from sdm.notebooks import QUICK, find_notebooks, notebook_key, notebook_parameters, profile_parameters
+from sdm.notebooks import (
+    QUICK,
+    QUICK_SHARED,
+    find_notebooks,
+    notebook_key,
+    notebook_parameters,
+    profile_parameters,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = find_notebooks(REPO / "notebooks")
@@ -95,6 +102,40 @@ def check_04(figures: Path, results: Path) -> None:
     for case, row in s["cases"].items():
         assert row["config"] == CPM_ABLATIONS[case] and "trained here" in row["label"]
         assert all(_pck_ok(v) for k, v in row.items() if "@" in k) and row["seconds"] > 0
+
+
+def check_05(figures: Path, results: Path) -> None:
+    _figures(figures, "05_timestep.png", "05_up_block.png", "05_inversion.png")
+    s = json.loads((results / "05_timestep_sweep.json").read_text())
+    _labelled(s)
+    assert s["ddim_add_noise_equals_ddpm"] is True
+    q = QUICK["05"]
+    for key, xs, n_series in (("timestep", q["timesteps"], 2), ("up_block", [0, 1, 2, 3], 2), ("inversion", q["inversion_timesteps"], 4)):
+        curves = s[key]["pck@0.1"]
+        assert len(curves) == n_series
+        assert all(len(v) == len(xs) and all(_pck_ok(x) for x in v) for v in curves.values()), key
+    assert all(len(shape) == 3 for shape in s["up_block"]["shape"].values())
+
+
+def check_06(figures: Path, results: Path) -> None:
+    _figures(figures, "06_class_prompts.png", "06_cpm_prompts.png")
+    s = json.loads((results / "06_prompt_to_image.json").read_text())
+    _labelled(s)
+    assert "trained here" in s["class_prompt"] and "trained here" in s["cpm_prompt"]
+    q = QUICK["06"]
+    assert len(s["class_images"]) == q["n_categories"] and len(s["cpm_images"]) == q["n_pairs"]
+    for stats in [*s["class_images"].values(), *s["cpm_images"].values()]:
+        assert stats["size"] == [QUICK_SHARED["image_size"]] * 2 and 0 <= stats["mean"] <= 1 and stats["std"] >= 0
+
+
+def check_07(figures: Path, results: Path) -> None:
+    _figures(figures, "07_correlation_maps.png")
+    s = json.loads((results / "07_correlation_maps.json").read_text())
+    _labelled(s)
+    assert len(s["methods"]) == 2 and s["n_pairs"] == QUICK["07"]["n_pairs"]
+    for row in s["methods"].values():
+        assert _pck_ok(row["pck@0.1"]) and row["points"] == QUICK["07"]["n_pairs"] * QUICK["07"]["n_points"]
+        assert -1.0 <= row["mean_peak_cosine"] <= 1.0 + 1e-6
 
 
 def check_08(figures: Path, results: Path) -> None:
