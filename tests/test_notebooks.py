@@ -217,3 +217,33 @@ def test_only_rejects_unknown_notebook(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="no notebook"):
         run_notebooks("quick", ["99"], tmp_path, notebooks_dir=REPO / "notebooks", progress=False)
+
+
+def test_pair_subset_spreads_over_the_dataset() -> None:
+    from sdm.data import SyntheticPairs
+    from sdm.notebooks import PairSubset, subset
+
+    ds = SyntheticPairs(n=12, image_size=64, n_kps=3)
+    sub = subset(ds, 4)
+    assert isinstance(sub, PairSubset) and len(sub) == 4 and sub.indices == [0, 3, 6, 9]
+    assert sub[1].pair_id == ds[3].pair_id and sub.categories == ds.categories and sub.image_size == ds.image_size
+    sub.decode_images = False
+    assert ds.decode_images is False
+    ds.decode_images = True
+    assert subset(ds, None) is ds and subset(ds, 50) is ds
+
+
+def test_profiles_and_summary(tmp_path: Path) -> None:
+    from sdm.notebooks import summary_table
+
+    path = REPO / "notebooks" / "00_quickstart.ipynb"
+    paper = profile_parameters(path, "paper", tmp_path / "f", tmp_path / "r")
+    assert paper == {"figures_dir": str(tmp_path / "f"), "results_dir": str(tmp_path / "r")}
+    quick = profile_parameters(path, "quick", "f", "r")
+    assert quick["model"] == "tiny" and quick["interactive"] is False and "data_root" not in quick
+    with pytest.raises(ValueError, match="profile"):
+        profile_parameters(path, "fast", "f", "r")
+    text = summary_table(
+        [{"notebook": "00_x.ipynb", "status": "failed", "seconds": 1.5, "output": "o", "figures": ["a/00.png"], "results": ["r/sub/"], "error": "Boom: x"}]
+    )
+    assert "00_x.ipynb" in text and "00.png" in text and "sub/" in text and "Boom" in text and "0 ok" in text
