@@ -80,9 +80,13 @@ class SDExtractor:
 
     def latents(self, images: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:
         """B x 4 x h x w VAE latents, encoding only the images not seen before (in one batch)."""
-        missing = [i for i, key in enumerate(ids) if key not in self._latents]
+        return self._cached_latents(ids, lambda idx: images[idx])
+
+    def _cached_latents(self, ids: Sequence[str], images_at: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        # images_at(indices) gives only the images to encode, so cached ones are never copied or moved.
+        missing = sorted({key: i for i, key in reversed(list(enumerate(ids))) if key not in self._latents}.values())
         if missing:
-            fresh = self.featurizer.encode_images(images[missing])
+            fresh = self.featurizer.encode_images(images_at(missing))
             for i, lat in zip(missing, fresh):
                 self._latents.put(ids[i], lat)
         return torch.stack([self._latents.get_(key) for key in ids])
@@ -99,8 +103,10 @@ class SDExtractor:
         dev = self.featurizer.device
         p_src, p_trg = self.prompt.pair_prompts(self.featurizer, src.to(dev), trg.to(dev), categories)
         b = src.shape[0]
-        hidden = torch.cat([self.featurizer.encode_prompt(p_src, b), self.featurizer.encode_prompt(p_trg, b)])
-        lat = self.latents(torch.cat([src, trg]), [*src_ids, *trg_ids])
+        h_src = self.featurizer.encode_prompt(p_src, b)
+        h_trg = h_src if p_trg is p_src else self.featurizer.encode_prompt(p_trg, b)  # CPM: one prompt per pair
+        hidden = torch.cat([h_src, h_trg])
+        lat = self._cached_latents([*src_ids, *trg_ids], lambda idx: torch.cat([src, trg])[idx])
         feats = self.featurizer.features_from_latents(lat, hidden)  # both images of all pairs in one UNet batch
         return feats[:b], feats[b:]
 

@@ -205,6 +205,9 @@ def train(
         sd.unet.enable_gradient_checkpointing()
     val_featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.val_timestep, up_block=cfg.up_block, ensemble=cfg.val_ensemble, seed=cfg.seed)
     extractor = SDExtractor(featurizer, module)  # its latent cache also serves training
+    # Prompts that never look at the images (Single, Class) need only the images' latents: encode every training
+    # image once up front, then load keypoints alone (no image decoding or transfer per step).
+    skip_images = _preencode_latents(extractor, train_set, module, device)
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed, accelerator.process_index, accelerator.num_processes)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda")
     if log_with and accelerator.is_main_process:
@@ -240,6 +243,8 @@ def train(
             save_prompt(module, out / "best", featurizer, step=step, train_config=asdict(cfg))
         return pck
 
+    previous_decode = train_set.decode_images
+    train_set.decode_images = previous_decode and not skip_images
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.prompt}", disable=not (progress and accelerator.is_main_process))
     step = start
     try:
@@ -253,7 +258,7 @@ def train(
                 lat = extractor.latents(torch.cat([batch.src_image, batch.trg_image]), [*batch.src_ids, *batch.trg_ids])
                 feats = featurizer.features_from_latents(lat, hidden, generator=g)
             src_f, trg_f = feats[:b].float(), feats[b:].float()
-            size = tuple(batch.src_image.shape[-2:])
+            size = tuple(train_set.image_size) if skip_images else tuple(batch.src_image.shape[-2:])
             src_xy = to_feature_coords(batch.src_kps, size, tuple(src_f.shape[-2:]))
             trg_xy = to_feature_coords(batch.trg_kps, size, tuple(trg_f.shape[-2:]))
             loss = gaussian_cross_entropy(
@@ -284,6 +289,7 @@ def train(
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save(step)
     finally:
+        train_set.decode_images = previous_decode
         bar.close()
         if cfg.gradient_checkpointing:
             sd.unet.disable_gradient_checkpointing()
@@ -304,6 +310,23 @@ def _accelerator(mixed_precision: str, log_with: str | None, out: Path) -> Accel
     if shared and shared.get("_mixed_precision") != mixed_precision and shared.get("num_processes", 1) == 1:
         AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=str(out))
+
+
+def _preencode_latents(extractor: SDExtractor, train_set: PairDataset, module: PromptModule, device: torch.device) -> bool:
+    """Fills the extractor's latent cache with every training image when the prompt ignores images and the
+    cache holds them all; returns whether the training loop may then skip loading images."""
+    if module.conditioning not in ("fixed", "category") or not train_set.decode_images:
+        return False
+    try:
+        ids = train_set.image_ids()
+    except NotImplementedError:
+        return False
+    if len(ids) > extractor._latents.size:
+        return False
+    for i in range(0, len(ids), 16):
+        chunk = ids[i : i + 16]
+        extractor.latents(torch.stack([train_set.load_image(k) for k in chunk]).to(device), chunk)
+    return True
 
 
 def _has_tensorboard() -> bool:

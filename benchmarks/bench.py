@@ -1,0 +1,540 @@
+"""GPU throughput harness: our path (sdm, fast settings) against the reference path (benchmarks/reference.py).
+
+    python benchmarks/bench.py --out bench.json            # everything, SD2-1 architecture, 768 px
+    python benchmarks/bench.py --tiny --out smoke.json     # tiny model, small sizes: a smoke test (CPU works)
+
+Weights are random (`sdm.sd21_architecture`): the same cost as the real model. benchmarks/README.md
+explains every row. Prints the correctness checks as they run and a table last; writes everything to --out.
+"""
+
+# ruff: noqa: B023  (lambdas in loops are called at once)
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference import ReferenceFeaturizer, reference_train_step
+
+import sdm
+from sdm.data.base import Pair, PairDataset
+from sdm.evaluate import SDExtractor, evaluate
+from sdm.features import SDFeaturizer, optimize
+from sdm.matching import match, to_feature_coords, to_image_coords
+from sdm.prompts import PromptEncoders, build_prompt
+
+SPAIR_TEST_PAIRS = 12_234
+# Assumption: SPair-71k has 1,800 images (18 categories x 100); the test split cannot use more, so projecting
+# with all 1,800 is an upper bound for the per-image (Single) cost.
+SPAIR_TEST_IMAGES = 1_800
+RESULTS: dict = {}
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], warmup: int, repeat: int) -> dict:
+    """Median wall time of fn (synchronised) after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "times_s": times}
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def param_bytes(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def smooth_images(n: int, size: int, seed: int, device) -> torch.Tensor:
+    """Random images with image-like spatial statistics (low-frequency noise), in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, max(size // 32, 2), max(size // 32, 2), generator=g)
+    img = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    img = img + 0.05 * torch.randn(n, 3, size, size, generator=g)
+    return img.clamp(0, 1).to(device)
+
+
+class BenchPairs(PairDataset):
+    """In-memory pairs among `n_images` images of `n_categories` categories, SPair-like: every image takes
+    part in several pairs, pairs listed category by category. Keypoints random, K = 10, threshold 100 px."""
+
+    def __init__(self, n_images: int, n_pairs: int, size: int, n_categories: int = 2, seed: int = 0) -> None:
+        self.image_size = (size, size)
+        self.categories = [f"cat{c}" for c in range(n_categories)]
+        self._images = smooth_images(n_images, size, seed, "cpu")
+        per_cat = [[i for i in range(n_images) if i % n_categories == c] for c in range(n_categories)]
+        pairs = []
+        for c, imgs in enumerate(per_cat):
+            cand = [(a, b) for a in imgs for b in imgs if a != b]
+            pairs += [(c, a, b) for a, b in cand]
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(pairs), generator=g)[:n_pairs].sort().values.tolist()  # keep category order
+        self.pairs = [pairs[i] for i in order]
+        if len(self.pairs) < n_pairs:
+            raise ValueError(f"only {len(self.pairs)} pairs possible")
+        self.kps = torch.rand(n_pairs, 2, 10, 2, generator=g) * (size - 1)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load_image(self, image_id: str) -> torch.Tensor:
+        return self._images[int(image_id[3:])].clone()  # a fresh tensor, as decoding gives
+
+    def image_ids(self) -> list[str]:
+        return list(dict.fromkeys(f"img{i}" for _, a, b in self.pairs for i in (a, b)))
+
+    def keypoints(self, i: int):
+        return self.kps[i, 0], self.kps[i, 1], 100.0
+
+    def __getitem__(self, i: int) -> Pair:
+        c, a, b = self.pairs[i]
+        s = self.image_size[::-1]
+        return Pair(
+            self.pair_image(f"img{a}"), self.pair_image(f"img{b}"), self.kps[i, 0], self.kps[i, 1], 10,
+            self.categories[c], 100.0, f"img{a}", f"img{b}", s, s, f"pair{i}",
+        )
+
+
+# ---- sections -----------------------------------------------------------------------------------------------
+def section_env(args, device) -> None:
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    for name in ("diffusers", "transformers", "accelerate", "triton"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2**30, 1))
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        t = timeit(lambda: a @ b, warmup=3, repeat=10)["median_s"]
+        info["matmul_bf16_tflops"] = 2 * n**3 / t / 1e12
+        del a, b
+    else:
+        info.update(gpu=None, matmul_bf16_tflops=float("nan"))
+    RESULTS["env"] = info
+    log("env:", json.dumps(info))
+
+
+def build_models(args, device):
+    build = sdm.tiny_stable_diffusion if args.tiny else sdm.sd21_architecture
+    start = time.perf_counter()
+    base = build(0, device=device, dtype=torch.float32)  # the plain fp32 path and the reference's weights
+    ours_eager = optimize(copy.deepcopy(base), dtype=torch.bfloat16, channels_last=True, fuse_qkv=True)
+    ours = copy.deepcopy(ours_eager)
+    if args.compile:
+        optimize(ours, compile=True, compile_mode=args.compile_mode, channels_last=False, fuse_qkv=False)
+    RESULTS["build_s"] = time.perf_counter() - start
+    return base, ours, ours_eager
+
+
+def section_checks(args, base, ours, ours_eager, tokens, device) -> None:
+    """Relative error of every fast variant against the plain fp32 path (same noise), and of the reference."""
+    size, e = args.size, 2
+    images = smooth_images(2, size, 123, device)
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            plain_f = SDFeaturizer(base, image_size=size, timestep=50, ensemble=e)
+            want = plain_f(images, tokens)
+            out = {}
+            for name, sd in (("ours_eager_bf16", ours_eager), ("ours_compiled_bf16", ours)):
+                got = SDFeaturizer(sd, image_size=size, timestep=50, ensemble=e)(images, tokens)
+                out[name] = rel_err(got, want)
+            ref = ReferenceFeaturizer(base, timestep=50, ensemble=e)
+            lat = plain_f.encode_images(images)
+            g = torch.Generator(device=device).manual_seed(plain_f.seed)
+            noise = torch.randn((1, e, *lat.shape[1:]), generator=g, device=device).expand(2, -1, -1, -1, -1)
+            noise = noise.transpose(0, 1).reshape(2 * e, *lat.shape[1:])  # ensemble-major as the reference
+            out["reference_fp16_autocast"] = rel_err(ref(images, ref.encode_prompt(tokens, 2), noise=noise), want)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    RESULTS["checks_rel_err_vs_plain_fp32"] = out
+    log("checks (relative L2 error of the features vs the plain fp32 path, same noise):", json.dumps(out))
+
+
+def section_features(args, base, ours, tokens, device) -> None:
+    res = {}
+    for e, b in ((1, args.batch_ens1), (8, args.batch_ens8)):
+        images = smooth_images(b, args.size, 7, device)
+        f_ours = SDFeaturizer(ours, image_size=args.size, timestep=50, ensemble=e)
+        f_ref = ReferenceFeaturizer(base, timestep=50, ensemble=e)
+        with torch.no_grad():
+            start = time.perf_counter()
+            f_ours(images, tokens)
+            sync()
+            first = time.perf_counter() - start
+            t_ours = timeit(lambda f=f_ours, x=images: f(x, tokens), args.warmup, args.repeat)
+            t_ref = timeit(lambda f=f_ref, x=images: f(x, f.encode_prompt(tokens, x.shape[0])), args.warmup, args.repeat)
+            one = images[:1]
+            fl_ours = count_flops(lambda: SDFeaturizer(base, image_size=args.size, timestep=50, ensemble=e)(one, tokens))
+            fl_ref = count_flops(lambda: f_ref(one, f_ref.encode_prompt(tokens, 1)))
+        res[f"ens{e}"] = {
+            "batch_images": b,
+            "first_call_s": first,
+            "ours": {**t_ours, "images_per_s": b / t_ours["median_s"], "flops_per_image": fl_ours},
+            "reference": {**t_ref, "images_per_s": b / t_ref["median_s"], "flops_per_image": fl_ref},
+        }
+        log(f"features ens {e}: ours {b / t_ours['median_s']:.2f} img/s, reference {b / t_ref['median_s']:.2f} img/s")
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    RESULTS["features"] = res
+
+
+def reference_eval(ref: ReferenceFeaturizer, ds: BenchPairs, prompt, n_pairs: int, device, dino_prompt=None) -> Callable[[], None]:
+    """The reference evaluation: pair by pair, both images through the reference path, Kernel-Softmax."""
+
+    def run() -> None:
+        for i in range(n_pairs):
+            p = ds[i]
+            src, trg = p.src_image[None].to(device), p.trg_image[None].to(device)
+            with torch.no_grad():
+                pr = dino_prompt(src, trg) if dino_prompt else prompt
+                hidden = ref.encode_prompt(pr, 2)
+                feats = ref(torch.cat([src, trg]), hidden)
+                size = ds.image_size
+                q = to_feature_coords(p.src_kps[None].to(device), size, tuple(feats.shape[-2:]))
+                cells = match(feats[:1], feats[1:], q, "kernel_soft_argmax")
+                to_image_coords(cells, tuple(feats.shape[-2:]), size).cpu()
+
+    return run
+
+
+def section_eval(args, base, ours, ours_eager, device) -> None:
+    res = {}
+    size, e = args.size, 8
+    dino_cfg = __import__("transformers").Dinov2Config()  # ViT-B/14 defaults
+    if args.tiny:
+        dino_cfg = __import__("transformers").Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    dino32 = __import__("transformers").Dinov2Model(dino_cfg).to(device).eval()
+    dino16 = copy.deepcopy(dino32).to(torch.bfloat16)
+    for kind in ("single", "cpm"):
+        n_img, n_pairs = (args.eval_images, args.eval_pairs) if kind == "single" else (args.cpm_images, args.cpm_pairs)
+        ds = BenchPairs(n_img, n_pairs, size, n_categories=2 if kind == "single" else 1)
+        feat = SDFeaturizer(ours, image_size=size, timestep=50, ensemble=e)
+        enc = PromptEncoders(dino=dino16) if kind == "cpm" else None
+        module = build_prompt(kind, feat, encoders=enc).to(device)
+        if kind == "cpm":
+            with torch.no_grad():
+                module.omega_alpha.normal_(0, 0.01)  # trained prompts are conditioned; cost is the same
+        workers = args.eval_workers if kind == "cpm" else 0  # Single loads images through its cache
+        run_ours = lambda m=module, d=ds, f=feat, w=workers: evaluate(SDExtractor(f, m), d, batch_size=8, progress=False, num_workers=w)  # noqa: E731
+        t = timeit(run_ours, warmup=1, repeat=args.eval_repeat)
+        pairs_s = n_pairs / t["median_s"]
+        # Projection: Single's cost is per image + per pair; the bench set has SPair's images-per-pair ratio.
+        if kind == "single":
+            scale = max(SPAIR_TEST_IMAGES / n_img, SPAIR_TEST_PAIRS / n_pairs)
+        else:
+            scale = SPAIR_TEST_PAIRS / n_pairs
+        projected = t["median_s"] * scale
+        # FLOPs counted on the eager twin of our model (the same operations; compiled code cannot be counted).
+        f_e = SDFeaturizer(ours_eager, image_size=size, timestep=50, ensemble=e)
+        m_e = build_prompt(kind, f_e, encoders=enc).to(device)
+        fl_total = count_flops(lambda m=m_e, d=ds, f=f_e: evaluate(SDExtractor(f, m), d, batch_size=8, progress=False))
+        # Reference: pair by pair.
+        ref = ReferenceFeaturizer(base, timestep=50, ensemble=e)
+        if kind == "cpm":
+            m_ref = build_prompt("cpm", ref.prompts, encoders=PromptEncoders(dino=dino32)).to(device)
+
+            def dino_prompt(src, trg, m=m_ref):
+                with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                    return m.pair_prompts(ref.prompts, src, trg, ["cat0"])[0]
+
+            run_ref = reference_eval(ref, ds, None, args.ref_eval_pairs, device, dino_prompt)
+        else:
+            m_ref = build_prompt("single", ref.prompts).to(device)
+            run_ref = reference_eval(ref, ds, m_ref.tokens, args.ref_eval_pairs, device)
+        t_ref = timeit(run_ref, warmup=1, repeat=args.eval_repeat)
+        ref_pair_s = t_ref["median_s"] / args.ref_eval_pairs
+        fl_ref = count_flops(reference_eval(ref, ds, m_ref.tokens if kind == "single" else None, 1, device,
+                                            dino_prompt if kind == "cpm" else None))
+        res[kind] = {
+            "bench_images": n_img, "bench_pairs": n_pairs, "ensemble": e,
+            "ours": {**t, "pairs_per_s": pairs_s, "projected_spair_test_s": projected, "flops_per_pair": fl_total / n_pairs},
+            "reference": {**t_ref, "pairs_timed": args.ref_eval_pairs, "pairs_per_s": 1 / ref_pair_s,
+                          "projected_spair_test_s": ref_pair_s * SPAIR_TEST_PAIRS, "flops_per_pair": fl_ref},
+        }
+        log(f"eval {kind}: ours {pairs_s:.2f} pairs/s (SPair test ~{projected / 60:.1f} min), "
+            f"reference {1 / ref_pair_s:.2f} pairs/s (~{ref_pair_s * SPAIR_TEST_PAIRS / 60:.1f} min)")
+    RESULTS["eval"] = res
+
+
+def section_train(args, base, ours_eager, device) -> None:
+    from sdm import train as train_module
+    from sdm.train import TrainConfig
+
+    res = {}
+    size = args.size
+    ds = BenchPairs(args.train_images, 48, size, seed=3)
+    for pairs, ckpt in ((9, False), (3, False), (3, True)):
+        key = f"{pairs}pairs" + ("_checkpointing" if ckpt else "")
+        times, peaks = [], []
+        stamps: list[float] = []
+        loss_fn = train_module.gaussian_cross_entropy
+
+        def timed_loss(*a, **k):  # one call per step: its time stamps give the steady-state step time
+            sync()
+            stamps.append(time.perf_counter())
+            return loss_fn(*a, **k)
+
+        def run(steps: int, pairs=pairs, ckpt=ckpt) -> None:
+            cfg = TrainConfig(prompt="single", steps=steps, batch_size=pairs, image_size=size, mixed_precision="bf16",
+                              gradient_checkpointing=ckpt, val_every=0, checkpoint_every=10**9, log_every=10**9,
+                              num_workers=2, timestep=261)
+            with tempfile.TemporaryDirectory() as tmp:
+                train_module.train(cfg, ours_eager, ds, out_dir=tmp, progress=False)
+
+        base_alloc = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        train_module.gaussian_cross_entropy = timed_loss
+        try:
+            run(args.train_warm + args.train_steps)
+        finally:
+            train_module.gaussian_cross_entropy = loss_fn
+        times = [b - a for a, b in zip(stamps[args.train_warm:], stamps[args.train_warm + 1:])]
+        if device.type == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated() - base_alloc + param_bytes(ours_eager.unet, ours_eager.text_encoder, ours_eager.vae))
+        res[key] = {"ours": {"step_s": statistics.median(times), "steps_per_s": 1 / statistics.median(times),
+                             "step_s_runs": times, "peak_gb": max(peaks) / 1e9 if peaks else None}}
+        log(f"train {key}: ours {1 / statistics.median(times):.2f} steps/s, peak {res[key]['ours']['peak_gb']} GB")
+    # FLOPs per step (ours: latents cached, so no VAE; fwd to up_blocks[1] + backward to the prompt).
+    ref = ReferenceFeaturizer(base, timestep=261, ensemble=1)
+    tokens = torch.nn.Parameter(build_prompt("single", ref.prompts).tokens.detach().clone())
+    opt = torch.optim.Adam([tokens], lr=1e-2)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    one = ds[0]
+    src1, trg1 = one.src_image[None].to(device), one.trg_image[None].to(device)
+    k1s, k1t, n1 = one.src_kps[None].to(device), one.trg_kps[None].to(device), torch.tensor([10], device=device)
+    fl_ref_pair = count_flops(lambda: reference_train_step(ref, tokens, opt, scaler, src1, trg1, k1s, k1t, n1))
+    f32 = SDFeaturizer(base, image_size=size, timestep=261)
+    lat = f32.encode_images(torch.cat([src1, trg1]))
+
+    def ours_pair_step() -> None:
+        feats = f32.features_from_latents(lat, f32.encode_prompt(tokens, 2), generator=torch.Generator(device=device).manual_seed(0))
+        hw = tuple(feats.shape[-2:])
+        loss = sdm.loss.gaussian_cross_entropy(feats[:1], feats[1:], to_feature_coords(k1s, (size, size), hw),
+                                               to_feature_coords(k1t, (size, size), hw), n1)
+        loss.backward()
+
+    fl_ours_pair = count_flops(ours_pair_step)
+    tokens.grad = None
+    for pairs in (9, 3):
+        src = smooth_images(pairs, size, 11, device)
+        trg = smooth_images(pairs, size, 12, device)
+        ks = torch.rand(pairs, 10, 2, device=device) * (size - 1)
+        kt = torch.rand(pairs, 10, 2, device=device) * (size - 1)
+        n = torch.full((pairs,), 10, device=device)
+        micro, t, peak = None, None, None
+        for attempt in (None, 3):
+            try:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+                micro = attempt
+                t = timeit(lambda m=attempt: reference_train_step(ref, tokens, opt, scaler, src, trg, ks, kt, n, m), 2, args.repeat)
+                peak = (torch.cuda.max_memory_allocated() - before + param_bytes(base.unet, base.vae, base.text_encoder)) / 1e9 if device.type == "cuda" else None
+                break
+            except torch.OutOfMemoryError:
+                log(f"reference training at {pairs} pairs ran out of memory; retrying with micro-batches of 3 pairs")
+                tokens.grad = None
+                continue
+        key = f"{pairs}pairs"
+        if t is None:
+            continue
+        res[key]["reference"] = {**t, "steps_per_s": 1 / t["median_s"], "micro_batch_pairs": micro, "peak_gb": peak,
+                                 "flops_per_step": fl_ref_pair * pairs}
+        for k in res:
+            if k.startswith(key):
+                res[k]["ours"]["flops_per_step"] = fl_ours_pair * pairs
+        log(f"train {key}: reference {1 / t['median_s']:.2f} steps/s (micro {micro}), peak {peak} GB")
+    RESULTS["train"] = res
+
+
+def section_attention(args, ours_eager, base, device) -> None:
+    from sdm.attention import AttentionMatcher, AttentionMatcherConfig
+
+    res = {}
+    size = 512 if not args.tiny else 128
+    image = smooth_images(2, size, 5, device).cpu()
+    pts = torch.tensor([[size * 0.4, size * 0.55]])
+    fp16 = copy.deepcopy(base).to(dtype=torch.float16) if device.type == "cuda" else base
+    for name, sd in (("sdm_fp16_default", fp16), ("sdm_bf16_optimized", ours_eager)):
+        cfg = AttentionMatcherConfig(image_size=size, progress=False)
+        m = AttentionMatcher(sd, cfg)
+        short = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, steps=args.attn_steps))
+        t_opt = timeit(lambda s=short: s.optimize_embeddings(image[0], pts), 1, args.attn_repeat)
+        emb = short.optimize_embeddings(image[0], pts).embeddings
+        t_inf = timeit(lambda mm=m, e=emb: mm.attention_maps(image[1], e), 1, args.attn_repeat)
+        per_step = t_opt["median_s"] / args.attn_steps
+        per_point = per_step * cfg.steps + t_inf["median_s"]
+        res[name] = {"opt_step_s": per_step, "inference_s": t_inf["median_s"], "seconds_per_point": per_point,
+                     "opt_runs_s": t_opt["times_s"], "inference_runs_s": t_inf["times_s"]}
+        log(f"attention {name}: {per_point:.2f} s per query point ({per_step * 1e3:.1f} ms/step x {cfg.steps} + {t_inf['median_s']:.2f} s)")
+    one = AttentionMatcher(base, AttentionMatcherConfig(image_size=size, progress=False, steps=1))
+    fl_step = count_flops(lambda: one.optimize_embeddings(image[0], pts))
+    fl_inf = count_flops(lambda: one.attention_maps(image[1], emb))
+    for v in res.values():
+        v["flops_per_point"] = fl_step * AttentionMatcherConfig().steps + fl_inf
+    RESULTS["attention"] = res
+    del fp16
+
+
+def table(peak_tflops: float) -> str:
+    rows = []
+
+    def mfu(flops, seconds):
+        return 100 * flops / seconds / 1e12 / peak_tflops if seconds and peak_tflops == peak_tflops else float("nan")
+
+    f = RESULTS.get("features", {})
+    for e in ("ens1", "ens8"):
+        if e in f:
+            o, r = f[e]["ours"], f[e]["reference"]
+            rows.append((f"features t=50 {e} (img/s)", o["images_per_s"], r["images_per_s"],
+                         mfu(o["flops_per_image"], 1 / o["images_per_s"]), mfu(r["flops_per_image"], 1 / r["images_per_s"]),
+                         o["flops_per_image"] / 1e12, r["flops_per_image"] / 1e12))
+    ev = RESULTS.get("eval", {})
+    for k in ("single", "cpm"):
+        if k in ev:
+            o, r = ev[k]["ours"], ev[k]["reference"]
+            rows.append((f"eval {k} ens8 (pairs/s)", o["pairs_per_s"], r["pairs_per_s"],
+                         mfu(o["flops_per_pair"], 1 / o["pairs_per_s"]), mfu(r["flops_per_pair"], 1 / r["pairs_per_s"]),
+                         o["flops_per_pair"] / 1e12, r["flops_per_pair"] / 1e12))
+            rows.append((f"  SPair test {k} (min)", o["projected_spair_test_s"] / 60, r["projected_spair_test_s"] / 60,
+                         float("nan"), float("nan"), float("nan"), float("nan")))
+    tr = RESULTS.get("train", {})
+    for k, v in tr.items():
+        o, r = v["ours"], v.get("reference", {})
+        rows.append((f"train {k} (steps/s)", o["steps_per_s"], r.get("steps_per_s", float("nan")),
+                     mfu(o.get("flops_per_step", math.nan), o["step_s"]), mfu(r.get("flops_per_step", math.nan), r.get("median_s")),
+                     o.get("flops_per_step", math.nan) / 1e12, r.get("flops_per_step", math.nan) / 1e12))
+        rows.append((f"  peak GB {k}", o["peak_gb"] or math.nan, r.get("peak_gb") or math.nan, math.nan, math.nan, math.nan, math.nan))
+    at = RESULTS.get("attention", {})
+    if at:
+        o, r = at["sdm_bf16_optimized"], at["sdm_fp16_default"]
+        rows.append(("attention matcher (s/point)", o["seconds_per_point"], r["seconds_per_point"],
+                     mfu(o["flops_per_point"], o["seconds_per_point"]), mfu(r["flops_per_point"], r["seconds_per_point"]),
+                     o["flops_per_point"] / 1e12, r["flops_per_point"] / 1e12))
+    head = f"{'row':34s} {'ours':>10s} {'ref':>10s} {'ours/ref':>9s} {'MFU ours':>9s} {'MFU ref':>8s} {'TF ours':>8s} {'TF ref':>8s}"
+    lines = [head]
+    for name, o, r, mo, mr, fo, fr in rows:
+        ratio = o / r if r else math.nan
+        if "s/point" in name or "(min)" in name or "peak" in name:
+            ratio = r / o if o else math.nan  # lower is better: the speed-up / saving factor
+        lines.append(f"{name:34s} {o:10.3f} {r:10.3f} {ratio:9.2f} {mo:8.1f}% {mr:7.1f}% {fo:8.3f} {fr:8.3f}")
+    RESULTS["table"] = lines
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--sections", default="checks,features,eval,train,attention")
+    ap.add_argument("--tiny", action="store_true", help="tiny model at 128 px (smoke test)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--compile-mode", default=None)
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--batch-ens1", type=int, default=16)
+    ap.add_argument("--batch-ens8", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--eval-images", type=int, default=25)
+    ap.add_argument("--eval-pairs", type=int, default=170)
+    ap.add_argument("--cpm-images", type=int, default=10)
+    ap.add_argument("--cpm-pairs", type=int, default=64)
+    ap.add_argument("--ref-eval-pairs", type=int, default=4)
+    ap.add_argument("--eval-repeat", type=int, default=2)
+    ap.add_argument("--eval-workers", type=int, default=4, help="DataLoader workers for CPM evaluation")
+    ap.add_argument("--train-images", type=int, default=12)
+    ap.add_argument("--train-warm", type=int, default=4)
+    ap.add_argument("--train-steps", type=int, default=16)
+    ap.add_argument("--attn-steps", type=int, default=10)
+    ap.add_argument("--attn-repeat", type=int, default=2)
+    args = ap.parse_args()
+    args.size = args.size or (128 if args.tiny else 768)
+    device = sdm.models.default_device()
+    sections = args.sections.split(",")
+    section_env(args, device)
+    base, ours, ours_eager = build_models(args, device)
+    tokens = build_prompt("single", SDFeaturizer(base, image_size=args.size)).tokens.detach()
+    out = Path(args.out)
+
+    def dump() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"args": vars(args), **RESULTS}, indent=2, default=str))
+
+    steps = {
+        "checks": lambda: section_checks(args, base, ours, ours_eager, tokens, device),
+        "features": lambda: section_features(args, base, ours, tokens, device),
+        "eval": lambda: section_eval(args, base, ours, ours_eager, device),
+        "train": lambda: section_train(args, base, ours_eager, device),
+        "attention": lambda: section_attention(args, ours_eager, base, device),
+    }
+    for name in sections:
+        start = time.perf_counter()
+        try:
+            steps[name]()
+        except Exception as err:  # keep the other sections' numbers
+            import traceback
+
+            traceback.print_exc()
+            RESULTS.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"
+        RESULTS.setdefault("section_s", {})[name] = time.perf_counter() - start
+        log(f"[{name} done in {time.perf_counter() - start:.0f} s]")
+        dump()
+    env = RESULTS["env"]
+    print(f"\n{env.get('gpu')} | torch {env['torch']} | diffusers {env['diffusers']} | transformers {env['transformers']} | {env['date_utc']}")
+    print("checks:", json.dumps(RESULTS.get("checks_rel_err_vs_plain_fp32")))
+    print(table(env["matmul_bf16_tflops"]))
+    dump()
+
+
+if __name__ == "__main__":
+    main()

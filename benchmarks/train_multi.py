@@ -1,0 +1,66 @@
+"""Training throughput under `accelerate launch` (one process per GPU): steps per second of `sdm.train.train`.
+
+    accelerate launch --num_processes 2 benchmarks/train_multi.py --pairs 9 --out multi2.json
+
+The global batch (`--pairs`) is split over the processes, as `sdm.train` does. SD2-1 architecture, random
+weights, bf16 with `sdm.features.optimize`; the time per step is read from the loss calls (steady state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import BenchPairs
+
+import sdm
+from sdm import train as train_module
+from sdm.features import optimize
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=9)
+    ap.add_argument("--warm", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--out", default="multi.json")
+    args = ap.parse_args()
+    from accelerate import PartialState
+
+    state = PartialState()
+    sd = optimize(sdm.sd21_architecture(0, device=state.device, dtype=torch.bfloat16))
+    ds = BenchPairs(12, 48, 768, seed=3)
+    stamps: list[float] = []
+    loss_fn = train_module.gaussian_cross_entropy
+
+    def timed(*a, **k):
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return loss_fn(*a, **k)
+
+    train_module.gaussian_cross_entropy = timed
+    cfg = train_module.TrainConfig(prompt="single", steps=args.warm + args.steps, batch_size=args.pairs, mixed_precision="bf16",
+                                   val_every=0, checkpoint_every=10**9, log_every=10**9, num_workers=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_module.train(cfg, sd, ds, out_dir=tmp, progress=False)
+    steps = [b - a for a, b in zip(stamps[args.warm :], stamps[args.warm + 1 :])]
+    step_s = statistics.median(steps)
+    if state.is_main_process:
+        res = {"processes": state.num_processes, "pairs_per_step": args.pairs, "step_s": step_s, "steps_per_s": 1 / step_s,
+               "step_s_runs": steps, "gpu": torch.cuda.get_device_name(), "peak_gb_rank0": torch.cuda.max_memory_allocated() / 1e9}
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(json.dumps({k: v for k, v in res.items() if k != "step_s_runs"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

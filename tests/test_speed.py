@@ -1,0 +1,55 @@
+"""Opt-in speed settings (`sdm.features.optimize`) compute the same features as the plain model.
+
+GPU-only settings (bf16, torch.compile) are checked inside benchmarks/bench.py, which prints their errors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import sdm
+from sdm.features import SDFeaturizer, optimize
+
+SIZE = 64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_channels_last_and_fused_qkv_keep_features() -> None:
+    plain = sdm.tiny_stable_diffusion(0)
+    fast = optimize(copy.deepcopy(plain), channels_last=True, fuse_qkv=True)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    prompt = torch.randn(1, 5, plain.embed_dim, generator=torch.Generator().manual_seed(2))
+    kwargs = dict(image_size=SIZE, timestep=50, ensemble=3)
+    with torch.no_grad():
+        want = SDFeaturizer(plain, **kwargs)(images, prompt)
+        got = SDFeaturizer(fast, **kwargs)(images, prompt)
+    assert got.shape == want.shape
+    assert rel(got, want) < 1e-5
+    assert fast.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_qkv is not None
+    assert next(fast.unet.conv_in.parameters()).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_optimize_keeps_model_frozen_and_prompt_gradients() -> None:
+    plain = sdm.tiny_stable_diffusion(0)
+    fast = optimize(copy.deepcopy(plain))
+    assert not any(p.requires_grad for m in (fast.unet, fast.vae, fast.text_encoder) for p in m.parameters())
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for sd in (plain, fast):
+        featurizer = SDFeaturizer(sd, image_size=SIZE, timestep=261)
+        tokens = torch.randn(1, 75, sd.embed_dim, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+        featurizer(images, tokens, generator=torch.Generator().manual_seed(5)).square().mean().backward()
+        grads.append(tokens.grad)
+    assert rel(grads[1], grads[0]) < 1e-5
+
+
+def test_optimize_is_idempotent_and_casts() -> None:
+    sd = optimize(optimize(sdm.tiny_stable_diffusion(0)), dtype=torch.bfloat16)
+    assert sd.unet.dtype == torch.bfloat16 and sd.vae.dtype == torch.bfloat16 and sd.text_encoder.dtype == torch.bfloat16
+    feats = SDFeaturizer(sd, image_size=SIZE)(torch.rand(1, 3, SIZE, SIZE), [""])
+    assert feats.dtype == torch.bfloat16 and torch.isfinite(feats).all()
