@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -434,8 +435,9 @@ class PromptMetadata:
     random_weights: bool = False
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Writes through a temporary file in the same folder and renames it, so a crash never leaves half a file."""
+def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """Calls `write(tmp)` on a temporary file in the same folder, then renames it to `path`, so a crash never
+    leaves half a file (prompts, training checkpoints and logs all go through here)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -473,8 +475,8 @@ def save_prompt(
         random_weights=featurizer.sd.random_weights,
     )
     weights = base.with_name(base.name + ".safetensors")
-    _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"kind": module.kind}))
-    _atomic_write(base.with_name(base.name + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(asdict(meta), indent=2)))
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"kind": module.kind}))
+    atomic_write(base.with_name(base.name + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(asdict(meta), indent=2)))
     return weights
 
 

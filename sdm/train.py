@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,7 +25,15 @@ from sdm.features import SDFeaturizer
 from sdm.loss import gaussian_cross_entropy
 from sdm.matching import Matcher, to_feature_coords
 from sdm.models import StableDiffusion
-from sdm.prompts import CPMConfig, PromptEncoders, PromptKind, PromptModule, build_prompt, save_prompt
+from sdm.prompts import (
+    CPMConfig,
+    PromptEncoders,
+    PromptKind,
+    PromptModule,
+    atomic_write,
+    build_prompt,
+    save_prompt,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -123,25 +129,14 @@ class StepBatchSampler(Sampler[list[int]]):
         return max(0, self.stop - self.start)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_log(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["step", "loss", "val_pck"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["step", "loss", "val_pck"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -228,7 +223,7 @@ def train(
             "best_pck": best_pck,
             "best_step": best_step,
         }
-        _atomic_torch_save(state, ckpt_path)
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         save_prompt(module, out / "prompt", featurizer, step=step, train_config=asdict(cfg))
         _write_log(rows, out / "log.csv")
 
