@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sdm.data import category_label
 from sdm.features import PromptInput, SDFeaturizer
 
 Conditioning = Literal["fixed", "category", "image", "pair"]
@@ -45,7 +45,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def category_text(name: str) -> str:
     """Dataset category name -> words for a text prompt: "car(G)" -> "car", "pottedplant" -> "potted plant"."""
-    base = re.sub(r"\(.*?\)", "", name).strip().replace("_", " ")
+    base = category_label(name).replace("_", " ")
     return _CATEGORY_WORDS.get(base, base)
 
 
