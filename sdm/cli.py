@@ -8,14 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _load_model(name: str, device: str | None):  # -> StableDiffusion
-    from sdm.models import load_stable_diffusion, tiny_stable_diffusion
-
-    if name == "tiny":
-        return tiny_stable_diffusion(device=device)
-    return load_stable_diffusion(name, device=device)
-
-
 def _open_image(path: str):  # -> PIL.Image.Image
     from PIL import Image, UnidentifiedImageError
 
@@ -34,6 +26,7 @@ def cmd_match(args: argparse.Namespace) -> int:
 
     from sdm.features import SDFeaturizer
     from sdm.matching import match_points
+    from sdm.models import load_model
     from sdm.viz import parse_points, plot_correspondences, save_figure
 
     src, trg = _open_image(args.image_a), _open_image(args.image_b)
@@ -41,7 +34,7 @@ def cmd_match(args: argparse.Namespace) -> int:
         points = torch.tensor(parse_points(args.points))
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    sd = _load_model(args.model, args.device)
+    sd = load_model(args.model, args.device)
     size = args.image_size or (64 if args.model == "tiny" else 768)
     featurizer = SDFeaturizer(sd, image_size=size, timestep=args.timestep, ensemble=args.ensemble)
     try:
@@ -66,22 +59,19 @@ def _dataset(args: argparse.Namespace, split: str, image_size: int):  # -> PairD
 
 
 def _encoders(kind: str, dino: str, device: str | None, tiny: bool):  # -> PromptEncoders
-    from sdm.prompts import PromptEncoders, load_dinov2, tiny_clip_vision, tiny_dinov2
+    from sdm.prompts import PromptEncoders, load_clip_vision, load_dino
 
     if kind == "cpm":
-        return PromptEncoders(dino=tiny_dinov2() if tiny else load_dinov2(dino, device=device))
+        return PromptEncoders(dino=load_dino("tiny" if tiny else dino, device))
     if kind == "captioner":
-        if tiny:
-            return PromptEncoders(clip=tiny_clip_vision())
-        from transformers import CLIPVisionModelWithProjection
-
-        return PromptEncoders(clip=CLIPVisionModelWithProjection.from_pretrained("openai/clip-vit-large-patch14").to(device or "cpu"))
+        return PromptEncoders(clip=load_clip_vision("tiny" if tiny else "openai/clip-vit-large-patch14", device))
     return PromptEncoders()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    from sdm.models import load_model
     from sdm.prompts import CPM_ABLATIONS, CPMConfig
     from sdm.train import TrainConfig, train
 
@@ -89,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     overrides.update(image_size=size, cpm=CPMConfig(**CPM_ABLATIONS[args.cpm_ablation]))
     cfg = TrainConfig(**overrides)
-    sd = _load_model(args.model, args.device)
+    sd = load_model(args.model, args.device)
     train_set = _dataset(args, args.split, size)
     val_set = _dataset(args, args.val_split, size) if args.val_split else None
     result = train(cfg, sd, train_set, val_set, out_dir=args.out, encoders=_encoders(cfg.prompt, args.dino, args.device, args.model == "tiny"), resume=args.resume)
@@ -102,6 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from sdm.evaluate import ModuleExtractor, SDExtractor, ViTFeatures, evaluate, load_vit
     from sdm.features import SDFeaturizer
+    from sdm.models import load_model
     from sdm.prompts import PROMPTS, build_prompt, load_prompt, read_metadata
 
     if args.matcher == "attention":
@@ -112,7 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         extractor = ModuleExtractor(ViTFeatures(load_vit(args.baseline, device=args.device), image_size=args.vit_size))
         name = args.baseline.replace("/", "_")
     else:
-        sd = _load_model(args.model, args.device)
+        sd = load_model(args.model, args.device)
         featurizer = SDFeaturizer(sd, image_size=size, timestep=args.timestep, ensemble=args.ensemble, up_block=args.up_block)
         if args.prompt in PROMPTS:
             kind = args.prompt
@@ -133,13 +124,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_attention(args: argparse.Namespace) -> int:
     from sdm.attention import AttentionMatcher, AttentionMatcherConfig
     from sdm.evaluate import attention_predictor, evaluate_predictions
+    from sdm.models import load_model
 
     size = args.image_size or (64 if args.model == "tiny" else 512)
     dataset = _dataset(args, args.split, size)
     config = AttentionMatcherConfig(
         image_size=size, steps=args.attention_steps, num_embeddings=args.attention_embeddings, inference_crops=args.attention_crops, progress=False
     )
-    predict = attention_predictor(AttentionMatcher(_load_model(args.model, args.device), config))
+    predict = attention_predictor(AttentionMatcher(load_model(args.model, args.device), config))
     result = evaluate_predictions(dataset, predict, batch_size=1, max_pairs=args.max_pairs, desc="attention matcher")
     result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "matcher": "attention"})
     out = result.save(args.out, f"{args.dataset}_{args.split}_attention")

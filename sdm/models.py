@@ -148,6 +148,14 @@ def load_stable_diffusion(
     return sd.to(device)
 
 
+def load_model(model: str, device: torch.device | str | None = None) -> StableDiffusion:
+    """By name, as the CLI and the notebooks take it: "tiny" -> `tiny_stable_diffusion()` (random weights, offline),
+    anything else (hub id or folder) -> `load_stable_diffusion`."""
+    if model == "tiny":
+        return tiny_stable_diffusion(device=device)
+    return load_stable_diffusion(model, device=device)
+
+
 def tiny_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """A working byte-level CLIP tokenizer built in memory (no download): every byte is a token.
 

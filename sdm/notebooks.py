@@ -19,6 +19,11 @@ from typing import Any
 
 import torch
 
+# Loaders by name ("tiny" = random weights) that the notebooks import from here.
+from sdm.models import load_model as load_model
+from sdm.prompts import load_clip_vision as load_clip_vision
+from sdm.prompts import load_dino as load_dino
+
 # ---- profiles ------------------------------------------------------------------------------------------------
 # Shared by every notebook's quick profile.
 QUICK_SHARED: dict[str, Any] = {
@@ -310,33 +315,6 @@ def add_notebooks_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ---- helpers the notebooks share ---------------------------------------------------------------------------------
-def load_model(model: str, device: str | torch.device | None = None):  # -> StableDiffusion
-    """"tiny" -> `tiny_stable_diffusion` (random weights); anything else -> `load_stable_diffusion`."""
-    from sdm.models import load_stable_diffusion, tiny_stable_diffusion
-
-    if model == "tiny":
-        return tiny_stable_diffusion(device=device)
-    return load_stable_diffusion(model, device=device)
-
-
-def load_dino(name: str, device: str | torch.device | None = None) -> torch.nn.Module:
-    """"tiny" -> `tiny_dinov2()` (random weights), else DINOv2 by hub id or folder."""
-    from sdm.prompts import load_dinov2, tiny_dinov2
-
-    return tiny_dinov2().to(device or "cpu") if name == "tiny" else load_dinov2(name, device=device)
-
-
-def load_clip_vision(name: str, device: str | torch.device | None = None) -> torch.nn.Module:
-    """"tiny" -> `tiny_clip_vision()` (random weights), else a CLIPVisionModelWithProjection by id or folder."""
-    from sdm.prompts import tiny_clip_vision
-
-    if name == "tiny":
-        return tiny_clip_vision().to(device or "cpu")
-    from transformers import CLIPVisionModelWithProjection
-
-    return CLIPVisionModelWithProjection.from_pretrained(name).to(device or "cpu").eval()
-
-
 def caveat(random_weights: bool) -> str:
     """Suffix for titles and printouts of numbers from a random-weight model."""
     return " (random weights: numbers meaningless)" if random_weights else ""

@@ -363,6 +363,20 @@ def tiny_clip_vision(seed: int = 0) -> nn.Module:
         return CLIPVisionModelWithProjection(cfg).eval()
 
 
+def load_dino(name: str, device: torch.device | str | None = None) -> nn.Module:
+    """By name: "tiny" -> `tiny_dinov2()` (random weights), else DINOv2 by hub id or folder."""
+    return tiny_dinov2().to(device or "cpu") if name == "tiny" else load_dinov2(name, device=device)
+
+
+def load_clip_vision(name: str, device: torch.device | str | None = None) -> nn.Module:
+    """By name: "tiny" -> `tiny_clip_vision()` (random weights), else a CLIPVisionModelWithProjection by id or folder."""
+    if name == "tiny":
+        return tiny_clip_vision().to(device or "cpu")
+    from transformers import CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection.from_pretrained(name).to(device or "cpu").eval()
+
+
 PROMPTS: dict[str, type[PromptModule]] = {
     cls.kind: cls for cls in (EmptyPrompt, TemplatePrompt, ImplicitCaptioner, SinglePrompt, ClassPrompt, CPMPrompt)
 }
