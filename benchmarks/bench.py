@@ -259,10 +259,7 @@ def section_eval(args, base, ours, ours_eager, device) -> None:
         ds = BenchPairs(n_img, n_pairs, size, n_categories=2 if kind == "single" else 1)
         feat = SDFeaturizer(ours, image_size=size, timestep=50, ensemble=e)
         enc = PromptEncoders(dino=dino16) if kind == "cpm" else None
-        module = build_prompt(kind, feat, encoders=enc).to(device)
-        if kind == "cpm":
-            with torch.no_grad():
-                module.omega_alpha.normal_(0, 0.01)  # trained prompts are conditioned; cost is the same
+        module = build_prompt(kind, feat, encoders=enc).to(device)  # CPM starts conditioned (the authors' init)
         workers = args.eval_workers if kind == "cpm" else 0  # Single loads images through its cache
         run_ours = lambda m=module, d=ds, f=feat, w=workers: evaluate(SDExtractor(f, m), d, batch_size=8, progress=False, num_workers=w)  # noqa: E731
         t = timeit(run_ours, warmup=1, repeat=args.eval_repeat)
@@ -284,7 +281,8 @@ def section_eval(args, base, ours, ours_eager, device) -> None:
 
             def dino_prompt(src, trg, m=m_ref):
                 with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                    return m.pair_prompts(ref.prompts, src, trg, ["cat0"])[0]
+                    originals = (list(src.float().cpu()), list(trg.float().cpu()))  # the authors cache DINOv2 outputs
+                    return m.pair_prompts(ref.prompts, src, trg, ["cat0"], originals)[0]
 
             run_ref = reference_eval(ref, ds, None, args.ref_eval_pairs, device, dino_prompt)
         else:

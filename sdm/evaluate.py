@@ -17,12 +17,13 @@ from typing import Any, Protocol
 
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sdm.attention import AttentionMatcher
-from sdm.data import PairBatch, PairDataset, collate_pairs
+from sdm.data import OriginalLoader, PairBatch, PairDataset, collate_pairs
 from sdm.features import SDFeaturizer
 from sdm.matching import Matcher, match, to_feature_coords, to_image_coords
 from sdm.metrics import ALPHAS, pck_table, point_records
@@ -35,17 +36,26 @@ class FeatureExtractor(Protocol):
     """What `evaluate` needs from a feature extractor.
 
     conditioning: "fixed", "category" or "image" -> `image_features` is used and cached per image;
-    "pair" -> `pair_features`.
+    "pair" -> `pair_features`. `originals` loads an image as stored by its id, for prompts that look at it
+    (CPM's DINOv2 input); extractors that do not need it ignore it.
     """
 
     conditioning: Conditioning
 
-    def image_features(self, images: torch.Tensor, categories: list[str], ids: list[str]) -> torch.Tensor:
+    def image_features(
+        self, images: torch.Tensor, categories: list[str], ids: list[str], originals: OriginalLoader | None = None
+    ) -> torch.Tensor:
         """B x 3 x H x W in [0, 1] -> B x C x h x w."""
         ...
 
     def pair_features(
-        self, src: torch.Tensor, trg: torch.Tensor, categories: list[str], src_ids: list[str], trg_ids: list[str]
+        self,
+        src: torch.Tensor,
+        trg: torch.Tensor,
+        categories: list[str],
+        src_ids: list[str],
+        trg_ids: list[str],
+        originals: OriginalLoader | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Two B x 3 x H x W batches -> two B x C x h x w batches."""
         ...
@@ -70,44 +80,71 @@ class _LRU(OrderedDict):
 
 
 class SDExtractor:
-    """Stable Diffusion features under a prompt module; VAE latents cached per image id."""
+    """Stable Diffusion features under a prompt module; the VAE posterior is cached per image id.
+
+    Each image's posterior draw and diffusion noise are seeded by its id (`SDFeaturizer`), so an image's features
+    are the same in every pair and every batch it appears in, and differ in their noise from every other image's.
+    """
 
     def __init__(self, featurizer: SDFeaturizer, prompt: PromptModule, latent_cache: int = 4096) -> None:
         self.featurizer = featurizer
         self.prompt = prompt
         self.conditioning: Conditioning = prompt.conditioning
-        self._latents = _LRU(latent_cache)
+        self._posteriors = _LRU(latent_cache)
 
-    def latents(self, images: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:
-        """B x 4 x h x w VAE latents, encoding only the images not seen before (in one batch)."""
-        return self._cached_latents(ids, lambda idx: images[idx])
+    def latents(self, images: torch.Tensor, ids: Sequence[str], generator: torch.Generator | None = None) -> torch.Tensor:
+        """B x 4 x h x w VAE latents, encoding only the images not seen before (in one batch); the posterior draw
+        is seeded by the image id, or fresh from `generator` (training)."""
+        posterior = self.posteriors(ids, lambda idx: images[idx])
+        return self.featurizer.sample_latents(posterior, ids, generator)
 
-    def _cached_latents(self, ids: Sequence[str], images_at: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
-        # images_at(indices) gives only the images to encode, so cached ones are never copied or moved.
-        missing = sorted({key: i for i, key in reversed(list(enumerate(ids))) if key not in self._latents}.values())
+    def posteriors(self, ids: Sequence[str], images_at: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """B x 2C x h x w posteriors (`SDFeaturizer.encode_posterior`) of the images `ids`, cached by id.
+        `images_at(indices)` gives only the images to encode, so cached ones are never copied or moved."""
+        missing = sorted({key: i for i, key in reversed(list(enumerate(ids))) if key not in self._posteriors}.values())
         if missing:
-            fresh = self.featurizer.encode_images(images_at(missing))
-            for i, lat in zip(missing, fresh):
-                self._latents.put(ids[i], lat)
-        return torch.stack([self._latents.get_(key) for key in ids])
+            fresh = self.featurizer.encode_posterior(images_at(missing))
+            for i, post in zip(missing, fresh):
+                self._posteriors.put(ids[i], post)
+        return torch.stack([self._posteriors.get_(key) for key in ids])
+
+    def _originals(self, ids: Sequence[str], originals: OriginalLoader | None) -> list[Image.Image] | None:
+        if not self.prompt.needs_originals:
+            return None
+        if originals is None:
+            raise ValueError(
+                f"the {self.prompt.kind!r} prompt looks at the images as stored: pass originals=dataset.original_image"
+            )
+        return [originals(i) for i in ids]
 
     @torch.no_grad()
-    def image_features(self, images: torch.Tensor, categories: list[str], ids: list[str]) -> torch.Tensor:
-        prompt = self.prompt.image_prompt(self.featurizer, images.to(self.featurizer.device), categories)
-        return self.featurizer.features_from_latents(self.latents(images, ids), prompt)
+    def image_features(
+        self, images: torch.Tensor, categories: list[str], ids: list[str], originals: OriginalLoader | None = None
+    ) -> torch.Tensor:
+        dev = self.featurizer.device
+        prompt = self.prompt.image_prompt(self.featurizer, images.to(dev), categories, self._originals(ids, originals))
+        return self.featurizer.features_from_latents(self.latents(images, ids), prompt, keys=ids)
 
     @torch.no_grad()
     def pair_features(
-        self, src: torch.Tensor, trg: torch.Tensor, categories: list[str], src_ids: list[str], trg_ids: list[str]
+        self,
+        src: torch.Tensor,
+        trg: torch.Tensor,
+        categories: list[str],
+        src_ids: list[str],
+        trg_ids: list[str],
+        originals: OriginalLoader | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.featurizer.device
-        p_src, p_trg = self.prompt.pair_prompts(self.featurizer, src.to(dev), trg.to(dev), categories)
+        orig = (self._originals(src_ids, originals), self._originals(trg_ids, originals)) if self.prompt.needs_originals else None
+        p_src, p_trg = self.prompt.pair_prompts(self.featurizer, src.to(dev), trg.to(dev), categories, orig)  # type: ignore[arg-type]
         b = src.shape[0]
         h_src = self.featurizer.encode_prompt(p_src, b)
         h_trg = h_src if p_trg is p_src else self.featurizer.encode_prompt(p_trg, b)  # CPM: one prompt per pair
         hidden = torch.cat([h_src, h_trg])
-        lat = self._cached_latents([*src_ids, *trg_ids], lambda idx: torch.cat([src, trg])[idx])
-        feats = self.featurizer.features_from_latents(lat, hidden)  # both images of all pairs in one UNet batch
+        ids = [*src_ids, *trg_ids]
+        lat = self.latents(torch.cat([src, trg]), ids)
+        feats = self.featurizer.features_from_latents(lat, hidden, keys=ids)  # both images of all pairs in one UNet batch
         return feats[:b], feats[b:]
 
 
@@ -121,11 +158,19 @@ class ModuleExtractor:
         self.device = torch.device(device) if device else next(module.parameters()).device
 
     @torch.no_grad()
-    def image_features(self, images: torch.Tensor, categories: list[str], ids: list[str]) -> torch.Tensor:
+    def image_features(
+        self, images: torch.Tensor, categories: list[str], ids: list[str], originals: OriginalLoader | None = None
+    ) -> torch.Tensor:
         return self.module(images.to(self.device))
 
     def pair_features(
-        self, src: torch.Tensor, trg: torch.Tensor, categories: list[str], src_ids: list[str], trg_ids: list[str]
+        self,
+        src: torch.Tensor,
+        trg: torch.Tensor,
+        categories: list[str],
+        src_ids: list[str],
+        trg_ids: list[str],
+        originals: OriginalLoader | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.image_features(torch.cat([src, trg]), categories * 2, [*src_ids, *trg_ids])
         return feats[: src.shape[0]], feats[src.shape[0] :]
@@ -263,7 +308,7 @@ def feature_predictor(
         if missing:
             sel = [first[k] for k in missing]
             images = torch.stack([dataset.load_image(ids[n]) for n in sel])
-            feats = extractor.image_features(images, [categories[n] for n in sel], [ids[n] for n in sel])
+            feats = extractor.image_features(images, [categories[n] for n in sel], [ids[n] for n in sel], dataset.original_image)
             for k, f in zip(missing, feats):
                 cache.put(k, f)
         return torch.stack([cache.get_(k) for k in keys]).float()
@@ -271,7 +316,9 @@ def feature_predictor(
     def predict(batch: PairBatch) -> torch.Tensor:
         b = len(batch)
         if extractor.conditioning == "pair":
-            src, trg = extractor.pair_features(batch.src_image, batch.trg_image, batch.categories, batch.src_ids, batch.trg_ids)
+            src, trg = extractor.pair_features(
+                batch.src_image, batch.trg_image, batch.categories, batch.src_ids, batch.trg_ids, dataset.original_image
+            )
         else:
             both = image_feats([*batch.src_ids, *batch.trg_ids], batch.categories * 2)
             src, trg = both[:b], both[b:]

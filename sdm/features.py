@@ -6,8 +6,10 @@ DESIGN.md, "Feature extraction" and "Prompt assembly for learned prompts", is th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -88,6 +90,36 @@ def to_pixel_tensor(images: ImageInput, size: tuple[int, int], device: torch.dev
     return (x * 2.0 - 1.0).clamp(-1.0, 1.0).to(dtype)
 
 
+LatentMode = Literal["sample", "mean"]
+
+
+def derived_seed(seed: int, *parts: str) -> int:
+    """A 63-bit generator seed from a run's `seed` and names (blake2b), e.g. one per learned tensor or image."""
+    digest = hashlib.blake2b("|".join([str(seed), *parts]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def image_seed(seed: int, key: str, purpose: str) -> int:
+    """The seed of one image's draw: the run's `seed`, the image's `key` (its id) and what the draw is for
+    ("latent", "noise"). Draws seeded this way do not depend on the other images of a batch, and two
+    different images never share them."""
+    return derived_seed(seed, purpose, key)
+
+
+def keyed_normal(keys: Sequence[str], shape: tuple[int, ...], seed: int, purpose: str) -> torch.Tensor:
+    """len(keys) x *shape standard normal draws on the CPU, one seeded generator per key (`image_seed`), so the
+    numbers are the same on every device and in every batch."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(seed, k, purpose))) for k in keys]
+    )
+
+
+def content_keys(x: torch.Tensor) -> list[str]:
+    """One key per batch item from its values (used when the caller names no image ids)."""
+    flat = x.detach().float().cpu().contiguous().numpy()
+    return [hashlib.blake2b(item.tobytes(), digest_size=16).hexdigest() for item in flat]
+
+
 def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
     if len(size) != 2 or min(size) < 64 or any(s % 8 for s in size):
@@ -101,9 +133,14 @@ class SDFeaturizer(nn.Module):
     ``featurizer(images, prompt)`` returns B x C x h x w: the output of ``unet.up_blocks[up_block]``
     (SD2-1 at 768 px, up_block 1: 1280 x 48 x 48), averaged over `ensemble` noise draws.
 
-    Noise: without a `generator`, each call draws the same `ensemble` noise maps from `seed` and uses them
-    for every image of the batch, so an image's features do not depend on the call or on the other images
-    in the batch. Pass a `torch.Generator` to draw fresh, independent noise per image (training).
+    Latent (`latent`): "sample" (default, the authors' `latent_dist.sample()`, sd_feature_extractor.py:76), one
+    posterior draw per image shared by its ensemble copies; "mean" uses the posterior mean instead.
+
+    Noise: without a `generator`, every image gets its own `ensemble` noise maps (and posterior draw), seeded by
+    `image_seed(seed, key)` where `key` is the image id passed as `keys` (or, when none is given, a hash of the
+    image's pixels; `add_noise` and `sample_latents` called on their own hash the latent instead). So the draws are independent between images, as in the authors' code (a fresh
+    `randn_like` per image and ensemble member, sd_feature_extractor.py:111), yet reproducible and independent
+    of the other images in the batch. Pass a `torch.Generator` to draw fresh noise at every call (training).
 
     The UNet stops after the feature block (a forward hook), so nothing after it is computed.
     """
@@ -117,6 +154,7 @@ class SDFeaturizer(nn.Module):
         up_block: int = 1,
         ensemble: int = 1,
         seed: int = 0,
+        latent: LatentMode = "sample",
     ) -> None:
         super().__init__()
         n_up = len(sd.unet.up_blocks)
@@ -127,12 +165,15 @@ class SDFeaturizer(nn.Module):
             raise ValueError(f"timestep must be in 0..{n_t - 1}; got {timestep}")
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1; got {ensemble}")
+        if latent not in ("sample", "mean"):
+            raise ValueError(f"latent must be 'sample' (the authors' code) or 'mean'; got {latent!r}")
         self.sd = sd
         self.image_size = _size_pair(image_size)
         self.timestep = int(timestep)
         self.up_block = int(up_block)
         self.ensemble = int(ensemble)
         self.seed = int(seed)
+        self.latent: LatentMode = latent
         self._token_cache: dict[str, torch.Tensor] = {}
 
     # ---- images -------------------------------------------------------------------------------------------
@@ -141,26 +182,64 @@ class SDFeaturizer(nn.Module):
         return self.sd.device
 
     @torch.no_grad()
-    def encode_images(self, images: ImageInput) -> torch.Tensor:
-        """Images -> VAE latents B x 4 x H/8 x W/8 (posterior mean x scaling factor).
+    def encode_posterior(self, images: ImageInput) -> torch.Tensor:
+        """Images -> the VAE posterior B x 2C x H/8 x W/8: mean and standard deviation stacked along channels
+        (not yet scaled). It depends on nothing else: cache it per image, then `sample_latents`."""
+        return self._posterior(self.pixels(images))
 
-        The latent does not depend on the prompt or the noise: cache it per image and pass it to
-        `features_from_latents`.
-        """
-        x = to_pixel_tensor(images, self.image_size, self.device, self.sd.vae.dtype)
-        posterior = self.sd.vae.encode(x).latent_dist
-        return posterior.mean * self.sd.vae.config.scaling_factor
+    def pixels(self, images: ImageInput) -> torch.Tensor:
+        """Images -> the VAE input B x 3 x H x W in [-1, 1] at `image_size`."""
+        return to_pixel_tensor(images, self.image_size, self.device, self.sd.vae.dtype)
 
-    def add_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """B x 4 x h x w -> (B * ensemble) x 4 x h x w, DDPM-noised to `timestep` (image-major order)."""
-        b, e = latents.shape[0], self.ensemble
-        if generator is None:
-            g = torch.Generator(device=latents.device).manual_seed(self.seed)
-            noise = torch.randn((1, e, *latents.shape[1:]), generator=g, device=latents.device, dtype=torch.float32)
-            noise = noise.expand(b, -1, -1, -1, -1)
+    @torch.no_grad()
+    def _posterior(self, pixels: torch.Tensor) -> torch.Tensor:
+        posterior = self.sd.vae.encode(pixels).latent_dist
+        return torch.cat([posterior.mean, posterior.std], dim=1)
+
+    def sample_latents(
+        self, posterior: torch.Tensor, keys: Sequence[str] | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Posterior B x 2C x h x w -> latents B x C x h x w (x scaling factor): one draw per image (`latent`
+        "sample", seeded per key or from `generator`) or the mean (`latent` "mean")."""
+        mean, std = posterior.chunk(2, dim=1)
+        if self.latent == "mean":
+            return mean * self.sd.vae.config.scaling_factor
+        if generator is not None:
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
         else:
-            noise = torch.randn((b, e, *latents.shape[1:]), generator=generator, device=latents.device, dtype=torch.float32)
-        noise = noise.reshape(b * e, *latents.shape[1:]).to(latents.dtype)
+            keys = content_keys(mean) if keys is None else list(keys)
+            if len(keys) != mean.shape[0]:
+                raise ValueError(f"{len(keys)} image keys for {mean.shape[0]} images")
+            eps = keyed_normal(keys, tuple(mean.shape[1:]), self.seed, "latent")
+        return (mean + std * eps.to(mean.device, mean.dtype)) * self.sd.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_images(self, images: ImageInput, keys: Sequence[str] | None = None) -> torch.Tensor:
+        """Images -> VAE latents B x 4 x H/8 x W/8 (a posterior draw, or the mean; x scaling factor).
+
+        `keys`: one id per image for its seeded draw (default: a hash of the image's pixels).
+        """
+        x = self.pixels(images)
+        return self.sample_latents(self._posterior(x), content_keys(x) if keys is None else keys)
+
+    def add_noise(
+        self, latents: torch.Tensor, generator: torch.Generator | None = None, keys: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """B x 4 x h x w -> (B * ensemble) x 4 x h x w, DDPM-noised to `timestep` (image-major order).
+
+        Noise: from `generator` when given, else `ensemble` draws seeded per image key (default keys: a hash of
+        each latent), independent between images and between ensemble members.
+        """
+        b, e = latents.shape[0], self.ensemble
+        shape = (e, *latents.shape[1:])
+        if generator is not None:
+            noise = torch.randn((b, *shape), generator=generator, device=generator.device, dtype=torch.float32)
+        else:
+            keys = content_keys(latents) if keys is None else list(keys)
+            if len(keys) != b:
+                raise ValueError(f"{len(keys)} image keys for {b} latents")
+            noise = keyed_normal(keys, shape, self.seed, "noise")
+        noise = noise.reshape(b * e, *latents.shape[1:]).to(latents.device, latents.dtype)
         rep = latents.repeat_interleave(e, dim=0)
         t = torch.full((b * e,), self.timestep, device=latents.device, dtype=torch.long)
         return self.sd.scheduler.add_noise(rep, noise, t)
@@ -279,19 +358,39 @@ class SDFeaturizer(nn.Module):
         return run_until(unet, unet.up_blocks[self.up_block], noisy, t, encoder_hidden_states=hidden.to(unet.dtype))
 
     def features_from_latents(
-        self, latents: torch.Tensor, prompt: PromptInput, generator: torch.Generator | None = None
+        self,
+        latents: torch.Tensor,
+        prompt: PromptInput,
+        generator: torch.Generator | None = None,
+        keys: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """VAE latents B x 4 x h x w -> features B x C x h' x w' averaged over the ensemble."""
+        """VAE latents B x 4 x h x w -> features B x C x h' x w' averaged over the ensemble (noise: `add_noise`)."""
         b = latents.shape[0]
         hidden = self.encode_prompt(prompt, batch_size=b)
-        noisy = self.add_noise(latents.to(self.sd.unet.dtype), generator)
+        noisy = self.add_noise(latents.to(self.sd.unet.dtype), generator, keys)
         hidden = hidden.repeat_interleave(self.ensemble, dim=0)
         feats = self.unet_features(noisy, hidden)
         return feats.view(b, self.ensemble, *feats.shape[1:]).mean(dim=1)
 
-    def forward(self, images: ImageInput, prompt: PromptInput, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images (B x 3 x H x W in [0, 1], or a list of PIL images) and a prompt -> B x C x h x w features."""
-        return self.features_from_latents(self.encode_images(images), prompt, generator)
+    def forward(
+        self,
+        images: ImageInput,
+        prompt: PromptInput,
+        generator: torch.Generator | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Images (B x 3 x H x W in [0, 1], or a list of PIL images) and a prompt -> B x C x h x w features.
+
+        `keys`: one id per image seeding its posterior draw and noise (default: a hash of the image's pixels);
+        `generator`: fresh draws instead (training).
+        """
+        x = self.pixels(images)
+        if generator is not None:
+            latents = self.sample_latents(self._posterior(x), generator=generator)
+            return self.features_from_latents(latents, prompt, generator)
+        keys = content_keys(x) if keys is None else keys
+        latents = self.sample_latents(self._posterior(x), keys)
+        return self.features_from_latents(latents, prompt, keys=keys)
 
 
 # ---- speed ------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdm.data import OriginalLoader
 from sdm.prompts import Conditioning
 
 
@@ -72,13 +73,22 @@ class FusedExtractor:
         return fuse_features([sd_feats, vit_feats.to(sd_feats.device)], self.weights, self.grid)
 
     @torch.no_grad()
-    def image_features(self, images: torch.Tensor, categories: list[str], ids: list[str]) -> torch.Tensor:
-        return self.fuse(self.sd_extractor.image_features(images, categories, ids), self.vit_features(images))  # type: ignore[attr-defined]
+    def image_features(
+        self, images: torch.Tensor, categories: list[str], ids: list[str], originals: OriginalLoader | None = None
+    ) -> torch.Tensor:
+        sd_feats = self.sd_extractor.image_features(images, categories, ids, originals)  # type: ignore[attr-defined]
+        return self.fuse(sd_feats, self.vit_features(images))
 
     @torch.no_grad()
     def pair_features(
-        self, src: torch.Tensor, trg: torch.Tensor, categories: list[str], src_ids: list[str], trg_ids: list[str]
+        self,
+        src: torch.Tensor,
+        trg: torch.Tensor,
+        categories: list[str],
+        src_ids: list[str],
+        trg_ids: list[str],
+        originals: OriginalLoader | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        s, t = self.sd_extractor.pair_features(src, trg, categories, src_ids, trg_ids)  # type: ignore[attr-defined]
+        s, t = self.sd_extractor.pair_features(src, trg, categories, src_ids, trg_ids, originals)  # type: ignore[attr-defined]
         v = self.vit_features(torch.cat([src, trg]))
         return self.fuse(s, v[: src.shape[0]]), self.fuse(t, v[src.shape[0] :])

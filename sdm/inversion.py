@@ -17,6 +17,7 @@ import itertools
 
 import torch
 
+from sdm.data import OriginalLoader
 from sdm.features import PromptInput, SDFeaturizer
 from sdm.prompts import Conditioning, PromptModule
 
@@ -88,19 +89,31 @@ class InversionExtractor:
         self.conditioning: Conditioning = prompt.conditioning
 
     @torch.no_grad()
-    def image_features(self, images: torch.Tensor, categories: list[str], ids: list[str]) -> torch.Tensor:
+    def image_features(
+        self, images: torch.Tensor, categories: list[str], ids: list[str], originals: OriginalLoader | None = None
+    ) -> torch.Tensor:
         images = images.to(self.featurizer.device)
-        prompt = self.prompt.image_prompt(self.featurizer, images, categories)
-        return inverted_features(self.featurizer, self.featurizer.encode_images(images), prompt, self.steps)
+        orig = [originals(i) for i in ids] if self.prompt.needs_originals and originals is not None else None
+        prompt = self.prompt.image_prompt(self.featurizer, images, categories, orig)
+        return inverted_features(self.featurizer, self.featurizer.encode_images(images, ids), prompt, self.steps)
 
     @torch.no_grad()
     def pair_features(
-        self, src: torch.Tensor, trg: torch.Tensor, categories: list[str], src_ids: list[str], trg_ids: list[str]
+        self,
+        src: torch.Tensor,
+        trg: torch.Tensor,
+        categories: list[str],
+        src_ids: list[str],
+        trg_ids: list[str],
+        originals: OriginalLoader | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.featurizer.device
         src, trg = src.to(dev), trg.to(dev)
-        p_src, p_trg = self.prompt.pair_prompts(self.featurizer, src, trg, categories)
+        orig = None
+        if self.prompt.needs_originals and originals is not None:
+            orig = ([originals(i) for i in src_ids], [originals(i) for i in trg_ids])
+        p_src, p_trg = self.prompt.pair_prompts(self.featurizer, src, trg, categories, orig)
         return (
-            inverted_features(self.featurizer, self.featurizer.encode_images(src), p_src, self.steps),
-            inverted_features(self.featurizer, self.featurizer.encode_images(trg), p_trg, self.steps),
+            inverted_features(self.featurizer, self.featurizer.encode_images(src, src_ids), p_src, self.steps),
+            inverted_features(self.featurizer, self.featurizer.encode_images(trg, trg_ids), p_trg, self.steps),
         )

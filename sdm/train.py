@@ -60,11 +60,14 @@ class TrainConfig:
     sigma: float = 1.5
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     gradient_checkpointing: bool = False
-    val_every: int = 1000
+    # Checkpoint selection as the authors' code (train_simple_prompt.py:219-260, train_cpm.py:198-245): once per
+    # epoch, on the whole validation split, at the training timestep, ensemble 1, nearest neighbour, PCK@0.1 per
+    # image; the best is kept. "epoch": every ceil(len(train_set) / batch_size) steps.
+    val_every: int | Literal["epoch"] = "epoch"
     val_pairs: int | None = None  # None: the whole validation split
-    val_timestep: int = 50
+    val_timestep: int = 261
     val_ensemble: int = 1
-    val_matcher: Matcher = "kernel_soft_argmax"
+    val_matcher: Matcher = "nearest"
     checkpoint_every: int = 1000
     log_every: int = 10
     seed: int = 0
@@ -80,6 +83,40 @@ class TrainConfig:
         if isinstance(values.get("cpm"), dict):
             values["cpm"] = CPMConfig(**values["cpm"])
         return cls(**values)
+
+
+RecipeName = Literal["paper", "authors"]
+# Epochs of the authors' training scripts (script/{spair,pfpascal}/sd4match_{single,class,cpm}.sh).
+AUTHORS_EPOCHS = {"spair": 5, "pfpascal": 90}
+AUTHORS_PROCESSES, AUTHORS_BATCH = 3, 3
+
+
+def recipe(name: RecipeName, n_train: int, dataset: str | None = None) -> dict[str, Any]:
+    """TrainConfig overrides of a named recipe for a training set of `n_train` pairs.
+
+    "paper": the paper's text, and sdm's default: one prompt, Adam on synchronised batches of 9 pairs, 30,000
+        steps, validated once per epoch (ceil(n_train / 9) steps).
+    "authors": how the released prompts were trained. The authors' scripts launch 3 processes x 3 pairs, but the
+        loops call the wrapped module's `.module(...)` (train_cpm.py:157-161, train_simple_prompt.py:181-182),
+        which bypasses DDP, so gradients are never averaged: each GPU trains its own prompt on batches of 3
+        from its third of the data and rank 0's is saved. Here: batch 3, one process, as many steps as rank 0
+        took (epochs x ceil(ceil(n_train / 3) / 3): 29,635 on SPair-71k, 29,430 on PF-Pascal; 30,000 for other
+        datasets), validated once per rank-0 epoch.
+    """
+    if name == "paper":
+        return {"batch_size": 9, "steps": 30_000, "val_every": "epoch"}
+    if name == "authors":
+        epoch = math.ceil(math.ceil(n_train / AUTHORS_PROCESSES) / AUTHORS_BATCH)
+        steps = AUTHORS_EPOCHS[dataset] * epoch if dataset in AUTHORS_EPOCHS else 30_000
+        return {"batch_size": AUTHORS_BATCH, "steps": steps, "val_every": epoch}
+    raise ValueError(f"unknown recipe {name!r}; choose 'paper' or 'authors'")
+
+
+def validation_interval(cfg: TrainConfig, n_train: int) -> int:
+    """Steps between validations: `cfg.val_every`, or one epoch of the training set for "epoch" (0: never)."""
+    if cfg.val_every == "epoch":
+        return max(1, math.ceil(n_train / cfg.batch_size))
+    return int(cfg.val_every)
 
 
 # Settings that may change when a run is resumed (the rest must match the checkpoint).
@@ -203,6 +240,7 @@ def train(
     # Prompts that never look at the images (Single, Class) need only the images' latents: encode every training
     # image once up front, then load keypoints alone (no image decoding or transfer per step).
     skip_images = _preencode_latents(extractor, train_set, module, device)
+    val_every = validation_interval(cfg, len(train_set))
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed, accelerator.process_index, accelerator.num_processes)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda")
     if log_with and accelerator.is_main_process:
@@ -247,10 +285,15 @@ def train(
             batch = batch.to(device)
             b = len(batch)
             g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 997 + accelerator.process_index)
+            originals = None
+            if module.needs_originals:  # CPM's DINOv2 input: the images as stored
+                originals = ([train_set.original_image(i) for i in batch.src_ids], [train_set.original_image(i) for i in batch.trg_ids])
             with accelerator.autocast():
-                p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories)
+                p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories, originals)
                 hidden = torch.cat([featurizer.encode_prompt(p_src, b), featurizer.encode_prompt(p_trg, b)])
-                lat = extractor.latents(torch.cat([batch.src_image, batch.trg_image]), [*batch.src_ids, *batch.trg_ids])
+                # a fresh posterior draw and fresh noise at every step, as the authors' training calls the VAE's
+                # latent_dist.sample() and randn_like each time (sd_feature_extractor.py:76,111)
+                lat = extractor.latents(torch.cat([batch.src_image, batch.trg_image]), [*batch.src_ids, *batch.trg_ids], generator=g)
                 feats = featurizer.features_from_latents(lat, hidden, generator=g)
             src_f, trg_f = feats[:b].float(), feats[b:].float()
             size = tuple(train_set.image_size) if skip_images else tuple(batch.src_image.shape[-2:])
@@ -275,7 +318,7 @@ def train(
             step += 1
             bar.update(1)
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            val_pck = validate(step) if cfg.val_every and step % cfg.val_every == 0 else None
+            val_pck = validate(step) if val_every and step % val_every == 0 else None
             if step % cfg.log_every == 0 or val_pck is not None or step == cfg.steps:
                 rows.append({"step": step, "loss": loss_value, "val_pck": val_pck if val_pck is not None else math.nan})
                 bar.set_postfix(loss=f"{loss_value:.3f}", **({"val": f"{val_pck:.1f}"} if val_pck is not None else {}))
@@ -316,11 +359,12 @@ def _preencode_latents(extractor: SDExtractor, train_set: PairDataset, module: P
         ids = train_set.image_ids()
     except NotImplementedError:
         return False
-    if len(ids) > extractor._latents.size:
+    if len(ids) > extractor._posteriors.size:
         return False
     for i in range(0, len(ids), 16):
         chunk = ids[i : i + 16]
-        extractor.latents(torch.stack([train_set.load_image(k) for k in chunk]).to(device), chunk)
+        images = torch.stack([train_set.load_image(k) for k in chunk]).to(device)
+        extractor.posteriors(chunk, lambda idx, images=images: images[idx])
     return True
 
 

@@ -82,9 +82,9 @@ def test_features_shape_and_determinism(featurizer: SDFeaturizer) -> None:
 
 def test_stopped_unet_equals_full_run(sd: sdm.StableDiffusion, featurizer: SDFeaturizer) -> None:
     x = torch.rand(2, 3, 64, 64)
-    fast = featurizer(x, "a photo")
-    latents = featurizer.encode_images(x)
-    noisy = featurizer.add_noise(latents)
+    fast = featurizer(x, "a photo", keys=["a", "b"])
+    latents = featurizer.encode_images(x, keys=["a", "b"])
+    noisy = featurizer.add_noise(latents, keys=["a", "b"])
     hidden = featurizer.encode_prompt("a photo", 2)
     seen: dict[str, torch.Tensor] = {}
     handle = sd.unet.up_blocks[1].register_forward_hook(lambda _m, _a, out: seen.setdefault("out", out))
@@ -105,13 +105,43 @@ def test_run_until_raises_if_block_never_runs(sd: sdm.StableDiffusion) -> None:
 def test_ensemble_averages_noise_draws(sd: sdm.StableDiffusion) -> None:
     x = torch.rand(1, 3, 64, 64)
     ens = SDFeaturizer(sd, image_size=64, ensemble=3, seed=5)
-    f = ens(x, "")
-    latents = ens.encode_images(x)
-    noisy = ens.add_noise(latents)  # 3 draws
+    f = ens(x, "", keys=["img"])
+    latents = ens.encode_images(x, keys=["img"])
+    noisy = ens.add_noise(latents, keys=["img"])  # 3 draws
     hidden = ens.encode_prompt("", 3)
     single = ens.unet_features(noisy, hidden)
     torch.testing.assert_close(f, single.mean(0, keepdim=True))
     assert not torch.allclose(single[0], single[1])
+
+
+def test_noise_is_independent_per_image_and_seeded_by_its_id(sd: sdm.StableDiffusion) -> None:
+    """Every image gets its own noise (the authors' randn_like per image), reproducible from (seed, image id)."""
+    f = SDFeaturizer(sd, image_size=64, ensemble=2, seed=3)
+    lat = torch.randn(1, 4, 8, 8).expand(2, -1, -1, -1)  # the same latent twice: only the noise can differ
+    t = torch.tensor([f.timestep])
+    abar = sd.scheduler.alphas_cumprod[t].item()
+    noisy = f.add_noise(lat, keys=["src", "trg"])
+    noise = ((noisy - abar**0.5 * lat.repeat_interleave(2, 0)) / (1 - abar) ** 0.5).view(2, 2, 4, 8, 8)
+    assert not torch.allclose(noise[0], noise[1], atol=1e-2)  # source and target never share noise
+    assert not torch.allclose(noise[0, 0], noise[0, 1], atol=1e-2)  # nor do ensemble members
+    assert abs(noise.std().item() - 1) < 0.15 and abs(noise.mean().item()) < 0.15  # standard normal
+    torch.testing.assert_close(f.add_noise(lat[:1], keys=["trg"]), noisy[2:])  # batch mates do not matter
+    assert not torch.allclose(SDFeaturizer(sd, image_size=64, ensemble=2, seed=4).add_noise(lat, keys=["src", "trg"]), noisy)
+
+
+def test_latent_is_a_seeded_posterior_sample_or_the_mean(sd: sdm.StableDiffusion) -> None:
+    x = torch.rand(2, 3, 64, 64)
+    dist = sd.vae.encode(x * 2 - 1).latent_dist  # diffusers' own posterior, computed here
+    scale = sd.vae.config.scaling_factor
+    mean = SDFeaturizer(sd, image_size=64, latent="mean").encode_images(x, keys=["a", "b"])
+    torch.testing.assert_close(mean, dist.mean * scale)
+    sampled = SDFeaturizer(sd, image_size=64).encode_images(x, keys=["a", "b"])
+    eps = (sampled / scale - dist.mean) / dist.std
+    assert abs(eps.std().item() - 1) < 0.2 and not torch.allclose(sampled, mean, atol=1e-3)
+    again = SDFeaturizer(sd, image_size=64).encode_images(x[1:], keys=["b"])
+    torch.testing.assert_close(again, sampled[1:])  # seeded by the id, whatever the batch
+    with pytest.raises(ValueError, match="latent must be"):
+        SDFeaturizer(sd, latent="median")  # type: ignore[arg-type]
 
 
 def test_generator_gives_fresh_noise(featurizer: SDFeaturizer) -> None:

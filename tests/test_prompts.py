@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
+from PIL import Image
 
 import sdm
 from sdm.features import SDFeaturizer
@@ -14,9 +17,12 @@ from sdm.prompts import (
     CPM_ABLATIONS,
     PROMPTS,
     CPMConfig,
+    CPMPrompt,
+    DinoDescriptor,
     PromptEncoders,
     build_prompt,
     category_text,
+    dino_pixels,
     load_prompt,
     save_prompt,
     tiny_clip_vision,
@@ -43,17 +49,25 @@ def images(n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", sorted(PROMPTS))
 def test_every_prompt_gives_hidden_states(kind: str, featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
     module = build_prompt(kind, featurizer, categories=CATS, encoders=encoders)  # type: ignore[arg-type]
-    src, trg = module.pair_prompts(featurizer, images(2, 0), images(2, 1), ["cat", "dog"])
+    a, b = images(2, 0), images(2, 1)
+    src, trg = module.pair_prompts(featurizer, a, b, ["cat", "dog"], (list(a), list(b)))
     for p in (src, trg):
         assert featurizer.encode_prompt(p, batch_size=2).shape == (2, 77, 32)
     feats = featurizer(images(2, 0), src)
     assert feats.shape == (2, 64, 4, 4) and torch.isfinite(feats).all()
 
 
-def test_template_normalises_categories(featurizer: SDFeaturizer) -> None:
+def test_template_uses_the_raw_category_names(featurizer: SDFeaturizer) -> None:
+    # the authors' prompt.py:38-52: raw names, PF-Willow's condition dropped
     module = build_prompt("template", featurizer)
-    assert module.image_prompt(featurizer, None, ["car(G)", "pottedplant"]) == ["a photo of a car", "a photo of a potted plant"]
-    assert category_text("winebottle(woC)") == "winebottle"
+    cats = ["car(G)", "pottedplant", "tvmonitor", "diningtable", "duck(S)", "motorbike(M)", "winebottle(woC)"]
+    assert module.image_prompt(featurizer, None, cats) == [
+        "a photo of a car", "a photo of a pottedplant", "a photo of a tvmonitor", "a photo of a diningtable",
+        "a photo of a duck", "a photo of a motorbike", "a photo of a winebottle",
+    ]
+    readable = build_prompt("template", featurizer, template_words="readable")
+    assert readable.image_prompt(featurizer, None, ["pottedplant", "car(G)"]) == ["a photo of a potted plant", "a photo of a car"]
+    assert category_text("tvmonitor", "readable") == "tv monitor" and category_text("tvmonitor") == "tvmonitor"
 
 
 def test_class_picks_the_category_prompt(featurizer: SDFeaturizer) -> None:
@@ -82,68 +96,152 @@ def test_captioner_starts_as_the_empty_prompt(featurizer: SDFeaturizer, encoders
     torch.testing.assert_close(hidden, featurizer.encode_text([""]).expand(2, -1, -1))
 
 
-def cpm(featurizer: SDFeaturizer, encoders: PromptEncoders, **overrides) -> torch.nn.Module:
-    module = build_prompt("cpm", featurizer, encoders=encoders, cpm=CPMConfig(**overrides))
-    with torch.no_grad():
-        module.omega_alpha.normal_()  # starts at zero; make the conditioning visible
-    return module
+def cpm(featurizer: SDFeaturizer, encoders: PromptEncoders, **overrides) -> CPMPrompt:
+    return build_prompt("cpm", featurizer, encoders=encoders, cpm=CPMConfig(**overrides))  # type: ignore[return-value]
 
 
-def test_cpm_pair_conditioning(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+def adaptive_max_pool(x: torch.Tensor, n: int) -> torch.Tensor:
+    """B x L x D -> B x n x D: window i covers rows floor(i L / n) .. ceil((i + 1) L / n) - 1 (PyTorch's rule)."""
+    length = x.shape[1]
+    return torch.stack([x[:, (i * length) // n : -((-(i + 1) * length) // n)].amax(dim=1) for i in range(n)], dim=1)
+
+
+def test_cpm_computes_the_authors_formula(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+    """hybrid_captioner.py:161-167 written out here: tanh(A) * (pool(g_n(g_d([F_s, F_t]))) + P)."""
     module = cpm(featurizer, encoders)
-    assert module.conditioning == "pair"
-    a, b, c = images(1, 0), images(1, 1), images(1, 2)
-    src, trg = module.pair_prompts(featurizer, a, b, ["x"])
-    assert src.shape == (1, 75, 32)
-    torch.testing.assert_close(src, trg)  # one prompt for both images
-    other, _ = module.pair_prompts(featurizer, a, c, ["x"])
-    assert not torch.allclose(src, other)  # the source's prompt depends on the target
-    torch.testing.assert_close(src[:, :25], module.global_tokens)  # global part first
-    assert module.g_d.in_features == 2 * 32 and module.g_n.in_features == 256
+    a, b = images(2, 0), images(2, 1)
+    src, trg = module.pair_prompts(featurizer, a, b, ["x", "y"], (list(a), list(b)))
+    assert src is trg and src.shape == (2, 75, 32)
+    dino = encoders.dino
+    feats = [dino(pixel_values=torch.stack([dino_pixels(im) for im in side])).last_hidden_state[:, 1:] for side in (a, b)]
+    f = torch.cat(feats, dim=2)  # B x 256 x 64
+    x = f @ module.g_d.weight.T + module.g_d.bias  # linear_C
+    x = (x.transpose(1, 2) @ module.g_n.weight.T + module.g_n.bias).transpose(1, 2)  # linear_N along the patches
+    x = adaptive_max_pool(x, 50)
+    cond = torch.tanh(module.alpha_cond) * (x + module.positional_embedding)
+    torch.testing.assert_close(src, torch.cat([module.global_embeds.expand(2, -1, -1), cond], dim=1), rtol=1e-4, atol=1e-5)
+    c = images(2, 2)
+    other, _ = module.pair_prompts(featurizer, a, c, ["x", "y"], (list(a), list(c)))
+    assert not torch.allclose(src[:, 25:], other[:, 25:])  # the source's prompt depends on the target
     with pytest.raises(NotImplementedError, match="pair_prompts"):
-        module.image_prompt(featurizer, a, ["x"])
+        module.image_prompt(featurizer, a, ["x"], list(a))
+    with pytest.raises(ValueError, match="original image"):
+        module.pair_prompts(featurizer, a, b, ["x", "y"])
 
 
-def test_cpm_single_image_conditioning(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+def test_cpm_initialisation_is_the_authors_and_comes_from_the_seed(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+    state = torch.random.get_rng_state()
+    module = build_prompt("cpm", featurizer, encoders=encoders, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left alone
+    for name in ("global_embeds", "positional_embedding", "alpha_cond"):  # torch.rand: U[0, 1)
+        t = getattr(module, name)
+        assert t.min() >= 0 and t.max() < 1 and abs(t.mean().item() - 0.5) < 0.05
+    assert module.global_embeds.shape == (1, 25, 32) and module.alpha_cond.shape == (1, 50, 32)
+    for lin in (module.g_d, module.g_n):  # PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = lin.in_features**-0.5
+        assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.9 * bound
+    again = build_prompt("cpm", featurizer, encoders=encoders, seed=7)
+    other = build_prompt("cpm", featurizer, encoders=encoders, seed=8)
+    for k, v in module.trainable_state().items():
+        torch.testing.assert_close(again.trainable_state()[k], v, rtol=0, atol=0)
+        assert not torch.equal(other.trainable_state()[k], v)
+
+
+def test_cpm_paper_form(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+    module = cpm(featurizer, encoders, form="paper", dino_input="resized")
+    assert torch.count_nonzero(module.alpha_cond) == 0  # the paper's form starts without the conditioning
+    with torch.no_grad():
+        module.alpha_cond.normal_()
+    desc = torch.randn(1, 256, 64)
+    x = module.g_n((desc @ module.g_d.weight.T + module.g_d.bias).transpose(1, 2)).transpose(1, 2)
+    expected = adaptive_max_pool(x, 50) * module.alpha_cond + module.positional_embedding
+    torch.testing.assert_close(module.condition_tokens(desc), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cpm_image_mode_has_no_gn(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+    """The code's "Img-DINO-Feat": linear 768 -> D, pool, no g_n, one prompt per image."""
     module = cpm(featurizer, encoders, condition="image")
-    assert module.conditioning == "image" and module.g_d.in_features == 32
+    assert module.conditioning == "image" and module.g_d.in_features == 32 and module.g_n is None
     a, b, c = images(1, 0), images(1, 1), images(1, 2)
-    src1, trg1 = module.pair_prompts(featurizer, a, b, ["x"])
-    src2, _ = module.pair_prompts(featurizer, a, c, ["x"])
+    src1, trg1 = module.pair_prompts(featurizer, a, b, ["x"], (list(a), list(b)))
+    src2, _ = module.pair_prompts(featurizer, a, c, ["x"], (list(a), list(c)))
     torch.testing.assert_close(src1, src2)  # the source prompt ignores the target
     assert not torch.allclose(src1, trg1)
-    torch.testing.assert_close(src1, module.image_prompt(featurizer, a, ["x"]))
+    f = encoders.dino(pixel_values=dino_pixels(a[0])[None]).last_hidden_state[:, 1:]
+    cond = torch.tanh(module.alpha_cond) * (adaptive_max_pool(module.g_d(f), 50) + module.positional_embedding)
+    torch.testing.assert_close(src1[:, 25:], cond, rtol=1e-4, atol=1e-5)
+    assert cpm(featurizer, encoders, condition="image", use_gn=True).g_n is not None  # sdm's own variant
 
 
-def test_cpm_global_descriptor(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+def test_cpm_global_descriptor_is_broadcast(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+    """The code's "Pair-DINO-Head": pooler outputs of both images -> linear -> broadcast to the 50 tokens + P."""
     module = cpm(featurizer, encoders, descriptor="global")
-    assert module.g_n.in_features == 1
-    desc = module.dino(images(2, 0), "global")
-    assert desc.shape == (2, 1, 32)
-    assert module.dino(images(2, 0), "patch").shape == (2, 256, 32)
-    src, _ = module.pair_prompts(featurizer, images(2, 0), images(2, 1), ["x", "y"])
-    assert src.shape == (2, 75, 32)
+    assert module.g_n is None and module.g_d.in_features == 64
+    a, b = images(2, 0), images(2, 1)
+    src, _ = module.pair_prompts(featurizer, a, b, ["x", "y"], (list(a), list(b)))
+    pooled = [encoders.dino(pixel_values=torch.stack([dino_pixels(im) for im in side])).pooler_output for side in (a, b)]
+    x = module.g_d(torch.cat(pooled, dim=1)).unsqueeze(1)
+    torch.testing.assert_close(src[:, 25:], torch.tanh(module.alpha_cond) * (module.positional_embedding + x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="global descriptor"):
+        CPMConfig(descriptor="global", use_gn=True)
 
 
 def test_cpm_without_global_prompt_and_without_gn(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
     no_global = cpm(featurizer, encoders, global_prompt=False)
-    src, _ = no_global.pair_prompts(featurizer, images(1, 0), images(1, 1), ["x"])
-    assert src.shape == (1, 50, 32) and no_global.global_tokens is None
-    no_gn = cpm(featurizer, encoders, use_gn=False)
-    assert no_gn.g_n is None
-    desc = torch.randn(1, 256, 64)
-    f = no_gn.g_d(desc).transpose(1, 2)
-    expected = torch.nn.functional.adaptive_max_pool1d(f, 50).transpose(1, 2) * no_gn.omega_alpha + no_gn.omega_pos
-    torch.testing.assert_close(no_gn.condition_tokens(desc), expected)
+    a, b = images(1, 0), images(1, 1)
+    src, _ = no_global.pair_prompts(featurizer, a, b, ["x"], (list(a), list(b)))
+    assert src.shape == (1, 50, 32) and no_global.global_embeds is None
+    assert cpm(featurizer, encoders, use_gn=False).g_n is None
+
+
+def test_dino_input_is_the_dinov2_processor_on_the_original(featurizer: SDFeaturizer) -> None:
+    """dino_pixels against transformers' own dinov2-base image processor (PIL backend), on odd sizes."""
+    processor = _dinov2_processor()
+    rng = np.random.default_rng(0)
+    for w, h in [(500, 375), (333, 517), (256, 256), (640, 241)]:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        torch.testing.assert_close(dino_pixels(im), processor(im, return_tensors="pt")["pixel_values"][0], rtol=0, atol=1e-6)
+
+
+def test_dino_input_on_real_pfwillow_images() -> None:
+    root = SHARED_DATA / "pf-willow"
+    if not root.is_dir():
+        pytest.skip("the PF-Willow test set is not at ../shared/data/pf-willow")
+    from sdm.data import load_dataset
+
+    data = load_dataset("pfwillow", root, image_size=768)
+    processor = _dinov2_processor()
+    ids = data.image_ids()[::25]
+    for image_id in ids:
+        original = data.original_image(image_id)
+        assert original.size != (768, 768)
+        torch.testing.assert_close(dino_pixels(original), processor(original, return_tensors="pt")["pixel_values"][0], rtol=0, atol=1e-6)
+        squashed = DinoDescriptor(tiny_dinov2(0)).resized_pixels(data.load_image(image_id)[None])[0]
+        assert (squashed - dino_pixels(original)).abs().mean() > 0.05  # the resized input is another input
+
+
+def _dinov2_processor():  # facebook/dinov2-base's preprocessor_config.json, as transformers' PIL processor
+    try:
+        from transformers import BitImageProcessorPil as Processor
+    except ImportError:  # transformers without the PIL-named class
+        from transformers import BitImageProcessor as Processor
+    return Processor(
+        do_resize=True, size={"shortest_edge": 256}, resample=3, do_center_crop=True, crop_size={"height": 224, "width": 224},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225], do_convert_rgb=True,
+    )
 
 
 def test_all_six_ablations_build(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
     assert len(CPM_ABLATIONS) == 6
-    n_params = set()
+    a, b = images(1, 0), images(1, 1)
+    prompts = []
     for overrides in CPM_ABLATIONS.values():
         module = build_prompt("cpm", featurizer, encoders=encoders, cpm=CPMConfig(**overrides))
-        n_params.add(sum(p.numel() for p in module.trainable_state().values()))
-    assert len(n_params) == 6  # six different computations
+        src, _ = module.pair_prompts(featurizer, a, b, ["x"], (list(a), list(b)))
+        prompts.append(src)
+    for i in range(6):  # six different computations
+        assert all(prompts[i].shape != prompts[j].shape or not torch.allclose(prompts[i], prompts[j]) for j in range(i))
 
 
 def test_parameter_groups(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 ImageSize = int | tuple[int, int]
+OriginalLoader = Callable[[str], Image.Image]  # image id -> the image as stored (`PairDataset.original_image`)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -260,6 +261,12 @@ class PairDataset(Dataset):
     def load_image(self, image_id: str) -> torch.Tensor:
         """The resized image 3 x H x W in [0, 1] that pairs carrying ``image_id`` use."""
         raise NotImplementedError
+
+    def original_image(self, image_id: str) -> Image.Image:
+        """The image as stored, before resizing (RGB), oriented as the pairs use it (PF-Pascal's "|flip" ids are
+        flipped): CPM's DINOv2 input. Datasets made in memory return the image they made."""
+        array = (self.load_image(image_id).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(array)
 
     def images(self) -> ImageSet:
         """The split's unique images as a Dataset of (image_id, 3 x H x W tensor)."""

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.io
 import torch
+from PIL import Image
 
 from sdm.metrics import pfpascal_threshold
 
@@ -209,6 +210,11 @@ class PFPascal(PairDataset):
         stem = image_id.removesuffix(FLIP_SUFFIX)
         image = pil_to_tensor(read_image(self._image_path(self._files[stem])), self.image_size)
         return image.flip(-1) if flip else image
+
+    def original_image(self, image_id: str) -> Image.Image:
+        image = read_image(self._image_path(self._files[image_id.removesuffix(FLIP_SUFFIX)]))
+        # flipped before DINOv2's preprocessing, as the authors' pre_compute_dino_feature.py:60-61
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if image_id.endswith(FLIP_SUFFIX) else image
 
     def _flip_x(self, xy: torch.Tensor, x_cols: tuple[int, ...]) -> torch.Tensor:
         out = xy.clone()

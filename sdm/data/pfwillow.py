@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from sdm.metrics import pfwillow_threshold
 
@@ -141,6 +142,9 @@ class PFWillow(PairDataset):
 
     def load_image(self, image_id: str) -> torch.Tensor:
         return pil_to_tensor(read_image(self._path(image_id + ".png")), self.image_size)
+
+    def original_image(self, image_id: str) -> Image.Image:
+        return read_image(self._path(image_id + ".png"))
 
     def _size(self, rel: str) -> tuple[int, int]:
         if rel not in self._sizes:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sdm.metrics import spair_threshold
 
@@ -181,6 +182,9 @@ class SPair71k(PairDataset):
 
     def load_image(self, image_id: str) -> torch.Tensor:
         return pil_to_tensor(read_image(self._path(image_id)), self.image_size)
+
+    def original_image(self, image_id: str) -> Image.Image:
+        return read_image(self._path(image_id))
 
     def _scaled(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         r = self.records[i]
