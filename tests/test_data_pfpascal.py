@@ -146,3 +146,15 @@ def test_malformed_mat_and_csv(pascal_root: Path) -> None:
     (pascal_root / "test_pairs.csv").write_text("source_image,class\na.jpg,2\n")
     with pytest.raises(AnnotationError, match=r"test_pairs\.csv: missing column\(s\) \['target_image'\]"):
         PFPascal(pascal_root, split="test")
+
+
+def test_original_image_is_flipped_before_dinov2(pascal_root: Path) -> None:
+    """CPM's DINOv2 input: the stored image at its own size, flipped first for flipped pairs (the authors'
+    pre_compute_dino_feature.py:59-61)."""
+    ds = PFPascal(pascal_root, split="trn", image_size=(16, 24))
+    plain, flipped = ds[0], ds[1]
+    original = np.asarray(ds.original_image(plain.src_id))
+    assert original.shape == (30, 40, 3)  # (H, W) of the stored file, not the resized input
+    stored = np.asarray(Image.open(pascal_root / "PF-dataset-PASCAL" / "JPEGImages" / "2008_000001.jpg").convert("RGB"))
+    assert np.array_equal(original, stored)
+    assert np.array_equal(np.asarray(ds.original_image(flipped.src_id)), stored[:, ::-1])

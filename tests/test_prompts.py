@@ -291,3 +291,38 @@ def test_unknown_prompt_and_missing_encoders(featurizer: SDFeaturizer) -> None:
         build_prompt("cpm", featurizer)
     with pytest.raises(ValueError, match="categories"):
         build_prompt("class", featurizer)
+
+
+def test_prompts_saved_by_sdm_0_1_keep_their_computation(tmp_path: Path, featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+    """A CPM saved before the authors' form existed (tensors omega_alpha, omega_pos, global_tokens; no "form" in
+    its config) still computes F * omega_alpha + omega_pos on the resized image; an old template keeps its words."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "global_tokens": torch.randn(1, 25, 32, generator=g), "omega_alpha": torch.randn(50, 32, generator=g),
+        "omega_pos": torch.randn(50, 32, generator=g), "g_d.weight": torch.randn(32, 64, generator=g) * 0.1,
+        "g_d.bias": torch.zeros(32), "g_n.weight": torch.randn(256, 256, generator=g) * 0.05, "g_n.bias": torch.zeros(256),
+    }
+    save_file(state, str(tmp_path / "old.safetensors"))
+    old_cfg = {"n_global": 25, "n_cond": 50, "descriptor": "patch", "condition": "pair", "global_prompt": True, "use_gn": True, "dino_size": 224, "gn_width": 256}
+    meta = {"kind": "cpm", "model": "tiny", "embed_dim": 32, "shapes": {k: list(v.shape) for k, v in state.items()}, "config": {"cpm": old_cfg}}
+    (tmp_path / "old.json").write_text(json.dumps(meta))
+    module = load_prompt(tmp_path / "old", featurizer, encoders=encoders)
+    assert module.cfg.form == "paper" and not module.needs_originals
+    a, b = images(1, 0), images(1, 1)
+    prompt, _ = module.pair_prompts(featurizer, a, b, ["x"])
+    from sdm.prompts import IMAGENET_MEAN, IMAGENET_STD
+
+    def dino(x: torch.Tensor) -> torch.Tensor:  # sdm 0.1: the resized image squashed to 224, bicubic, antialiased
+        x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return encoders.dino(pixel_values=x).last_hidden_state[:, 1:]
+
+    f = torch.cat([dino(a), dino(b)], dim=2) @ state["g_d.weight"].T + state["g_d.bias"]
+    f = (f.transpose(1, 2) @ state["g_n.weight"].T).transpose(1, 2)
+    expected = adaptive_max_pool(f, 50) * state["omega_alpha"] + state["omega_pos"]
+    torch.testing.assert_close(prompt, torch.cat([state["global_tokens"], expected], dim=1), rtol=1e-4, atol=1e-5)
+    save_file({}, str(tmp_path / "t.safetensors"))
+    (tmp_path / "t.json").write_text(json.dumps({"kind": "template", "model": "tiny", "embed_dim": 32, "shapes": {}, "config": {"template": "a photo of a {}"}}))
+    assert load_prompt(tmp_path / "t", featurizer).image_prompt(featurizer, None, ["pottedplant"]) == ["a photo of a potted plant"]
