@@ -124,12 +124,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             module = load_prompt(args.prompt, featurizer, encoders=_encoders(kind, args.dino, args.device, tiny))
         extractor = SDExtractor(featurizer, module)
         name = f"{kind}_t{args.timestep}_e{args.ensemble}"
-    result = evaluate(extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers, max_pairs=args.max_pairs)
+    result = evaluate(
+        extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers, max_pairs=args.max_pairs,
+        threshold=args.threshold, frame=args.frame,
+    )
+    if _is_released(args.prompt) or Path(args.prompt).suffix in (".safetensors", ".json"):
+        result.info["protocol"].update(prompt_file=str(args.prompt), prompt_hash=_file_hash(args.prompt))
     result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "name": name})
     out = result.save(args.out, f"{args.dataset}_{args.split}_{name}")
     print(result.table.round(1).to_string())
     print(f"results written to {out}")
     return 0
+
+
+def _file_hash(path: str) -> str | None:
+    """blake2b of the prompt's weights file (its safetensors, the release's zip, or None for a folder)."""
+    import hashlib
+
+    p = Path(path)
+    p = p.with_suffix(".safetensors") if p.suffix == ".json" else p
+    return hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest() if p.is_file() else None
 
 
 def _is_released(path: str) -> bool:
@@ -261,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--matcher", default="kernel_soft_argmax", choices=[*MATCHERS, "attention"], help="'attention': Hedlin et al.'s training-free matcher"
     )
-    e.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
+    from sdm.metrics import THRESHOLDS
+
+    e.add_argument("--threshold", default=None, choices=sorted(THRESHOLDS), help="PCK threshold mode (default: the dataset's standard; docs/protocols.md)")
+    e.add_argument("--frame", default="resized", choices=["resized", "original"], help="measure in the resized input or the stored image")
+    e.add_argument("--max-pairs", type=int, default=None, help="evaluate N pairs spread evenly over the split (every category covered)")
     e.add_argument("--attention-steps", type=int, default=130, help="attention matcher: optimisation steps per point")
     e.add_argument("--attention-embeddings", type=int, default=5, help="attention matcher: embeddings per point")
     e.add_argument("--attention-crops", type=int, default=20, help="attention matcher: inference crops")

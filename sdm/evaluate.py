@@ -7,6 +7,7 @@ VAE latents still computed once per image.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import OrderedDict
@@ -23,10 +24,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sdm.attention import AttentionMatcher
-from sdm.data import OriginalLoader, PairBatch, PairDataset, collate_pairs
+from sdm.data import OriginalLoader, PairBatch, PairDataset, collate_pairs, spread_subset
 from sdm.features import SDFeaturizer
 from sdm.matching import Matcher, match, to_feature_coords, to_image_coords
-from sdm.metrics import ALPHAS, pck_table, point_records
+from sdm.metrics import (
+    ALPHAS,
+    CATEGORY_MEAN,
+    Frame,
+    frame_scale,
+    pair_facts,
+    pck_table,
+    point_records,
+    threshold_of,
+)
 from sdm.prompts import Conditioning, PromptModule
 
 Predictor = Callable[[PairBatch], torch.Tensor]  # batch -> B x K x 2 predicted target pixels
@@ -215,21 +225,29 @@ def load_vit(name: str, *, device: torch.device | str | None = None) -> nn.Modul
 
 @dataclass
 class EvalResult:
-    """Per-category PCK (`table`, see `metrics.pck_table`), the per-point `records`, and run facts."""
+    """Per-category PCK (`table`, see `metrics.pck_table`), the per-point `records`, and run facts (`info`, with
+    the protocol record under "protocol")."""
 
     table: pd.DataFrame
     records: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path, name: str) -> Path:
-        """Writes <name>_pck.csv, <name>_points.csv and <name>.json (table + info) into out_dir."""
+        """Writes <name>_pck.csv, <name>_points.csv (each headed by `# protocol: {...}`) and <name>.json (table +
+        info) into out_dir. Read the CSVs with `pandas.read_csv(path, comment="#")`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.table.to_csv(out / f"{name}_pck.csv")
-        self.records.to_csv(out / f"{name}_points.csv", index=False)
+        header = f"# protocol: {json.dumps(self.info.get('protocol', {}), sort_keys=True)}\n"
+        for frame, path, index in ((self.table, out / f"{name}_pck.csv", True), (self.records, out / f"{name}_points.csv", False)):
+            path.write_text(header + frame.to_csv(index=index))
         payload = {"info": self.info, "pck": json.loads(self.table.to_json(orient="index"))}
         (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
         return out / f"{name}.json"
+
+
+def standard_threshold(dataset: PairDataset) -> str | None:
+    """The dataset's standard threshold mode (`metrics.THRESHOLDS`); None for datasets that set their own."""
+    return getattr(dataset, "threshold_mode", None)
 
 
 def evaluate_predictions(
@@ -240,47 +258,129 @@ def evaluate_predictions(
     num_workers: int = 0,
     alphas: Sequence[float] = ALPHAS,
     max_pairs: int | None = None,
+    threshold: str | None = None,
+    frame: Frame = "resized",
     progress: bool = True,
     desc: str = "evaluate",
     decode_images: bool = True,
 ) -> EvalResult:
     """PCK of any predictor of target points (pixels of the resized target) over a dataset.
 
-    With `decode_images=False` the batches carry empty images (for predictors that need only keypoints and ids).
+    Args:
+        max_pairs: evaluate a subset of this many pairs, spread evenly over the split (`spread_subset`: every
+            category is covered); None: all pairs.
+        threshold: a mode of `sdm.metrics.THRESHOLDS`; None: the dataset's standard (`threshold_mode`).
+        frame: "resized" (distances and thresholds in the network's input pixels, SD4Match) or "original"
+            (in the stored image's pixels, DIFT's SPair-71k script).
+        decode_images: False gives batches with empty images (for predictors that need only keypoints and ids).
     """
-    n = len(dataset) if max_pairs is None else min(max_pairs, len(dataset))
+    pairs = spread_subset(dataset, max_pairs)
+    n = len(pairs)
     if n == 0:
         raise ValueError("the dataset has no pairs")
+    mode = threshold or standard_threshold(dataset)
+    if mode is None and frame != "resized":
+        raise ValueError("this dataset sets its own thresholds in the resized frame; name a threshold mode for frame='original'")
     previous = dataset.decode_images
     dataset.decode_images = decode_images
     try:
-        return _evaluate_loop(dataset, predict, n, batch_size, num_workers, alphas, progress, desc)
+        result = _evaluate_loop(pairs, predict, batch_size, num_workers, alphas, progress, desc, mode, frame)
     finally:
         dataset.decode_images = previous
+    chosen = "all pairs" if n == len(dataset) else f"{n} of {len(dataset)} pairs spread evenly over the split (sdm.data.spread_subset)"
+    result.info["protocol"] = {
+        "pairs": n,
+        "split_pairs": len(dataset),
+        "subset": chosen,
+        "threshold": mode or "the dataset's own",
+        "frame": frame,
+        "alphas": [float(a) for a in alphas],
+        "averaging": "per image (mean over a pair's points, then over pairs) and per point; overall over pairs "
+        "('all') and over categories ('mean of categories')",
+        "sdm_version": _sdm_version(),
+        "git_commit": _git_commit(),
+    }
+    return result
 
 
 def _evaluate_loop(
-    dataset: PairDataset,
+    pairs: Any,
     predict: Predictor,
-    n: int,
     batch_size: int,
     num_workers: int,
     alphas: Sequence[float],
     progress: bool,
     desc: str,
+    mode: str | None,
+    frame: Frame,
 ) -> EvalResult:
-    subset = torch.utils.data.Subset(dataset, range(n))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_pairs)
+    loader = DataLoader(pairs, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_pairs)
+    size = tuple(pairs.image_size)
     frames, start = [], time.perf_counter()
     for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
         pred = predict(batch).float().cpu()
         if pred.shape != batch.trg_kps.shape:
             raise ValueError(f"the predictor returned {tuple(pred.shape)}, expected {tuple(batch.trg_kps.shape)} (B x K x 2)")
-        frames.append(point_records(pred, batch.trg_kps, batch.n_kps, batch.threshold, batch.categories, batch.pair_ids))
+        gt, thresholds = batch.trg_kps.clone(), batch.threshold.clone()
+        if mode is not None:
+            for b in range(len(batch)):
+                k = int(batch.n_kps[b])
+                facts = pair_facts(
+                    batch.src_kps[b, :k], batch.trg_kps[b, :k], batch.extra[b], batch.src_sizes[b], batch.trg_sizes[b], size, frame
+                )
+                thresholds[b] = threshold_of(facts, mode)
+                scale = frame_scale(batch.trg_sizes[b], size, frame)
+                pred[b], gt[b] = pred[b] * scale, gt[b] * scale
+        frames.append(point_records(pred, gt, batch.n_kps, thresholds, batch.categories, batch.pair_ids))
     seconds = time.perf_counter() - start
     records = pd.concat(frames, ignore_index=True)
-    info = {"pairs": n, "seconds": round(seconds, 3), "pairs_per_second": round(n / seconds, 3)}
+    info = {"pairs": len(pairs), "seconds": round(seconds, 3), "pairs_per_second": round(len(pairs) / seconds, 3)}
     return EvalResult(pck_table(records, alphas), records, info)
+
+
+def _sdm_version() -> str:
+    import sdm
+
+    return sdm.__version__
+
+
+def _git_commit() -> str | None:
+    """The commit of the sdm checkout this code runs from (None when installed without git)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def model_fingerprint(*modules: nn.Module) -> str:
+    """A short hash of the modules' parameters (names, shapes, and the first 64 values of each), enough to tell
+    two sets of weights apart."""
+    h = hashlib.blake2b(digest_size=8)
+    for module in modules:
+        for name, param in module.named_parameters():
+            h.update(f"{name}:{tuple(param.shape)}".encode())
+            h.update(param.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def extractor_record(extractor: Any) -> dict[str, Any]:
+    """What an extractor adds to the protocol record: model id, weights fingerprint, timestep, ensemble, ..."""
+    featurizer = getattr(extractor, "featurizer", None) or getattr(getattr(extractor, "sd_extractor", None), "featurizer", None)
+    record: dict[str, Any] = {"extractor": type(extractor).__name__, "conditioning": extractor.conditioning}
+    if featurizer is not None:
+        sd = featurizer.sd
+        record.update(
+            model=sd.name, weights=model_fingerprint(sd.unet, sd.text_encoder, sd.vae), random_weights=bool(sd.random_weights),
+            timestep=featurizer.timestep, ensemble=featurizer.ensemble, image_size=list(featurizer.image_size),
+            up_block=featurizer.up_block, seed=featurizer.seed, latent=featurizer.latent,
+        )
+    prompt = getattr(extractor, "prompt", None)
+    if prompt is not None:
+        record.update(prompt=prompt.kind, prompt_config=prompt.config())
+    return record
 
 
 def feature_predictor(
@@ -338,9 +438,13 @@ def evaluate(
     num_workers: int = 0,
     alphas: Sequence[float] = ALPHAS,
     max_pairs: int | None = None,
+    threshold: str | None = None,
+    frame: Frame = "resized",
     progress: bool = True,
     feature_cache: int = 256,
     desc: str = "evaluate",
+    temperature: float = 0.04,
+    sigma: float = 7.0,
 ) -> EvalResult:
     """PCK of features + matcher over a dataset (per image and per point, per category and overall).
 
@@ -348,8 +452,10 @@ def evaluate(
         extractor: `SDExtractor`, `ModuleExtractor` or anything with the `FeatureExtractor` methods.
         matcher: "nearest", "soft_argmax" or "kernel_soft_argmax" (the paper's).
         feature_cache: how many images' features to keep (per-image conditioning only).
+        max_pairs, threshold, frame: the protocol (`evaluate_predictions`); the result's info["protocol"]
+            records it with the extractor's settings.
     """
-    predict = feature_predictor(extractor, dataset, matcher=matcher, feature_cache=feature_cache)
+    predict = feature_predictor(extractor, dataset, matcher=matcher, feature_cache=feature_cache, temperature=temperature, sigma=sigma)
     result = evaluate_predictions(
         dataset,
         predict,
@@ -357,11 +463,15 @@ def evaluate(
         num_workers=num_workers,
         alphas=alphas,
         max_pairs=max_pairs,
+        threshold=threshold,
+        frame=frame,
         progress=progress,
         desc=desc,
         decode_images=extractor.conditioning == "pair",  # per-image features load their images through the cache
     )
     result.info.update({"matcher": matcher, "conditioning": extractor.conditioning})
+    matcher_params = {"temperature": temperature, "sigma": sigma} if matcher != "nearest" else {}
+    result.info["protocol"].update(matcher=matcher, matcher_params=matcher_params, **extractor_record(extractor))
     return result
 
 
@@ -383,6 +493,6 @@ def paper_table(results: dict[str, EvalResult], column: str = "per_image@0.1") -
     """Methods as rows, categories (then "all") as columns, one PCK column: the layout of the paper's Table 2."""
     rows = {name: r.table[column] for name, r in results.items()}
     table = pd.DataFrame(rows).T
-    cols = [c for c in table.columns if c != "all"] + ["all"]
+    cols = [c for c in table.columns if c not in ("all", CATEGORY_MEAN)] + ["all"]
     return table[cols].round(1)
 

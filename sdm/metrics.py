@@ -1,18 +1,23 @@
 """PCK: the correctness test, the three datasets' thresholds, and per-image / per-point aggregation.
 
-A prediction is correct when its distance to the ground truth is <= alpha * threshold, all in the
-resized (e.g. 768 x 768) image space. DESIGN.md, "PCK", is the specification.
+A prediction is correct when its distance to the ground truth is <= alpha * threshold, by default in the
+resized (e.g. 768 x 768) image space with each dataset's standard threshold. Other papers use other
+threshold modes and frames: `THRESHOLDS` names them all (docs/protocols.md). DESIGN.md, "PCK", is the
+specification.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
 ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15)
+CATEGORY_MEAN = "mean of categories"  # row of `pck_table`: the unweighted mean of the per-category rows
 
 
 def pck(pred_xy: torch.Tensor, gt_xy: torch.Tensor, threshold: torch.Tensor | float, alpha: float = 0.1) -> torch.Tensor:
@@ -96,7 +101,8 @@ def pck_table(records: pd.DataFrame, alphas: Sequence[float] = ALPHAS) -> pd.Dat
     Returns a DataFrame indexed by category (sorted, then "all"), with columns
     ``per_image@<alpha>`` (mean over a pair's points, then over pairs: the paper's protocol) and
     ``per_point@<alpha>`` (all points pooled), plus ``n_pairs`` and ``n_points``.
-    "all" is computed over all pairs (not the mean of the categories).
+    "all" is computed over all pairs; the row `CATEGORY_MEAN` is the mean of the per-category values (what
+    papers that average over categories report).
     """
     if len(records) == 0:
         raise ValueError("no keypoint records to aggregate")
@@ -119,7 +125,101 @@ def pck_table(records: pd.DataFrame, alphas: Sequence[float] = ALPHAS) -> pd.Dat
 
     table = {cat: summarise(df[df.category == cat], per_pair[per_pair.category == cat]) for cat in sorted(df.category.unique())}
     table["all"] = summarise(df, per_pair)
+    cats = [table[c] for c in sorted(df.category.unique())]
+    table[CATEGORY_MEAN] = {k: float(np.mean([c[k] for c in cats])) for k in table["all"] if k.startswith("per_")}
+    table[CATEGORY_MEAN].update(n_pairs=table["all"]["n_pairs"], n_points=table["all"]["n_points"])
     result = pd.DataFrame.from_dict(table, orient="index")
     result.index.name = "category"
     result[["n_pairs", "n_points"]] = result[["n_pairs", "n_points"]].astype(int)
     return result
+
+
+# ---- protocols: threshold modes and frames ----------------------------------------------------------------
+ThresholdMode = Literal["trg-bbox", "src-bbox", "image", "kps-extent", "kps-extent-hedlin"]
+Frame = Literal["resized", "original"]
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """One way of turning a pair into its PCK threshold (in pixels of the chosen frame)."""
+
+    name: str
+    description: str
+    used_by: str
+    compute: Callable[[PairFacts], float]
+
+
+@dataclass
+class PairFacts:
+    """What the threshold rules look at, for one pair, in one frame (resized input or original image)."""
+
+    src_kps: torch.Tensor  # K x 2
+    trg_kps: torch.Tensor  # K x 2
+    src_bbox: torch.Tensor | None  # (x1, y1, x2, y2)
+    trg_bbox: torch.Tensor | None
+    trg_hw: tuple[float, float]  # target image (H, W)
+
+
+def _bbox_side(box: torch.Tensor | None, which: str) -> float:
+    if box is None:
+        raise ValueError(f"this dataset has no {which} bounding boxes: choose another threshold mode (see sdm.metrics.THRESHOLDS)")
+    return float(spair_threshold(torch.as_tensor(box, dtype=torch.float32)))
+
+
+def _hedlin_padded_extent(f: PairFacts) -> float:
+    # eval/pfwillow.py:52 and 60-69 of ubc-vision/LDM_correspondences: points padded to 40 with -1, then
+    # max(max - min) over x and y including the padding, i.e. max(max_x, max_y) + 1 for non-negative points
+    return float((f.trg_kps.max(dim=0).values + 1.0).max())
+
+
+THRESHOLDS: dict[str, ThresholdRule] = {
+    r.name: r
+    for r in (
+        ThresholdRule("trg-bbox", "max(h, w) of the target bounding box", "SPair-71k standard (SD4Match, DIFT)", lambda f: _bbox_side(f.trg_bbox, "target")),
+        ThresholdRule(
+            "src-bbox", "max(h, w) of the source bounding box", "DHPF, CATs; Hedlin et al.'s SPair-71k code (eval/dataset.py:188-200)",
+            lambda f: _bbox_side(f.src_bbox, "source"),
+        ),
+        ThresholdRule("image", "max(H, W) of the target image", "PF-Pascal standard; an option for SPair-71k", lambda f: float(max(f.trg_hw))),
+        ThresholdRule("kps-extent", "max(x extent, y extent) of the target keypoints", "PF-Willow standard", lambda f: float(pfwillow_threshold(f.trg_kps))),
+        ThresholdRule(
+            "kps-extent-hedlin", "the extent over the keypoints padded with -1 to 40 points: max(max x, max y) + 1",
+            "Hedlin et al.'s PF-Willow code (a bug that inflates the threshold; only to reproduce their numbers)", _hedlin_padded_extent,
+        ),
+    )
+}
+
+
+def frame_scale(size_wh: tuple[int, int], image_size: tuple[int, int], frame: Frame) -> torch.Tensor:
+    """Per-axis factors (x, y) from resized-input pixels to the frame's pixels."""
+    if frame == "resized":
+        return torch.ones(2)
+    if frame == "original":
+        return torch.tensor([size_wh[0] / image_size[1], size_wh[1] / image_size[0]], dtype=torch.float32)
+    raise ValueError(f"unknown frame {frame!r}; choose 'resized' (the network input, SD4Match) or 'original' (the stored image)")
+
+
+def pair_facts(
+    src_kps: torch.Tensor,
+    trg_kps: torch.Tensor,
+    extra: dict[str, Any],
+    src_size: tuple[int, int],
+    trg_size: tuple[int, int],
+    image_size: tuple[int, int],
+    frame: Frame,
+) -> PairFacts:
+    """One pair's keypoints (resized-input pixels), boxes and sizes expressed in `frame`."""
+    fs, ft = frame_scale(src_size, image_size, frame), frame_scale(trg_size, image_size, frame)
+    box = lambda b, f: None if b is None else torch.as_tensor(b, dtype=torch.float32) * f.repeat(2)  # noqa: E731
+    hw = (float(image_size[0]), float(image_size[1])) if frame == "resized" else (float(trg_size[1]), float(trg_size[0]))
+    return PairFacts(src_kps.float() * fs, trg_kps.float() * ft, box(extra.get("src_bbox"), fs), box(extra.get("trg_bbox"), ft), hw)
+
+
+def threshold_of(facts: PairFacts, mode: str) -> float:
+    """The PCK threshold of one pair under a mode of `THRESHOLDS`."""
+    if mode not in THRESHOLDS:
+        raise ValueError(f"unknown threshold mode {mode!r}; choose one of {', '.join(THRESHOLDS)}")
+    value = THRESHOLDS[mode].compute(facts)
+    if not value > 0:
+        raise ValueError(f"threshold mode {mode!r} gives {value} for a pair; PCK thresholds must be positive")
+    return value

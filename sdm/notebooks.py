@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 # Loaders by name ("tiny" = random weights) that the notebooks import from here.
+from sdm.data import PairSubset as PairSubset
+from sdm.data import spread_subset
 from sdm.models import load_model as load_model
 from sdm.prompts import load_clip_vision as load_clip_vision
 from sdm.prompts import load_dino as load_dino
@@ -320,51 +322,9 @@ def caveat(random_weights: bool) -> str:
     return " (random weights: numbers meaningless)" if random_weights else ""
 
 
-class PairSubset:
-    """At most `n` pairs of a dataset, spread evenly over it (the datasets list pairs category by category, so
-    the first n pairs would cover only the first category). Behaves as the dataset for `evaluate` and `train`."""
-
-    def __init__(self, dataset: Any, n: int | None) -> None:
-        total = len(dataset)
-        n = total if n is None else max(0, min(int(n), total))
-        self.dataset = dataset
-        self.indices = sorted({math.floor(i * total / n) for i in range(n)}) if n else []
-        self.categories = dataset.categories
-        self.image_size = dataset.image_size
-
-    @property
-    def decode_images(self) -> bool:
-        return self.dataset.decode_images
-
-    @decode_images.setter
-    def decode_images(self, value: bool) -> None:
-        self.dataset.decode_images = value
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):  # -> Pair
-        return self.dataset[self.indices[i]]
-
-    def keypoints(self, i: int):
-        return self.dataset.keypoints(self.indices[i])
-
-    def load_image(self, image_id: str) -> torch.Tensor:
-        return self.dataset.load_image(image_id)
-
-    def pair_image(self, image_id: str) -> torch.Tensor:
-        return self.dataset.pair_image(image_id)
-
-    def image_ids(self) -> list[str]:
-        return self.dataset.image_ids()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["dataset"], name)
-
-
 def subset(dataset: Any, n: int | None) -> Any:
-    """`PairSubset` of n pairs spread over the dataset; the dataset itself when n is None or covers it."""
-    return dataset if n is None or n >= len(dataset) else PairSubset(dataset, n)
+    """`spread_subset` (kept here for the notebooks)."""
+    return spread_subset(dataset, n)
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:

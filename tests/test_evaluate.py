@@ -36,7 +36,7 @@ def test_oracle_scores_pck_one_on_pf_willow() -> None:
     assert result.info["pairs"] == 900
     assert result.table.loc["all", "n_points"] == 9000
     assert (result.table.filter(like="@") == 100.0).all().all()
-    assert len(result.table) == 11  # 10 classes and "all"
+    assert len(result.table) == 12  # 10 classes, "all" and "mean of categories"
 
 
 @needs_willow

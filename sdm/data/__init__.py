@@ -19,7 +19,9 @@ from .base import (
     Pair,
     PairBatch,
     PairDataset,
+    PairSubset,
     collate_pairs,
+    spread_subset,
 )
 from .pfpascal import PFPASCAL_CATEGORIES, PFPascal, parse_pfpascal_csv, read_pfpascal_mat
 from .pfwillow import PFWillow, category_label, parse_pfwillow_csv
@@ -86,6 +88,7 @@ __all__ = [
     "Pair",
     "PairBatch",
     "PairDataset",
+    "PairSubset",
     "SPair71k",
     "SyntheticPairs",
     "apply_homography",
@@ -96,4 +99,5 @@ __all__ = [
     "parse_pfwillow_csv",
     "parse_spair_annotation",
     "read_pfpascal_mat",
+    "spread_subset",
 ]

@@ -8,6 +8,7 @@ resized space too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,3 +279,52 @@ def check_category(category: str | None, valid: Sequence[str]) -> str | None:
     if category is not None and category not in valid:
         raise ValueError(f"unknown category {category!r}; valid categories: {', '.join(valid)}")
     return category
+
+
+class PairSubset:
+    """At most `n` pairs of a dataset, spread evenly over it (the datasets list pairs category by category, so
+    the first n pairs would cover only the first category). Behaves as the dataset for `evaluate` and `train`."""
+
+    def __init__(self, dataset: Any, n: int | None) -> None:
+        total = len(dataset)
+        n = total if n is None else max(0, min(int(n), total))
+        self.dataset = dataset
+        self.indices = sorted({math.floor(i * total / n) for i in range(n)}) if n else []
+        self.categories = dataset.categories
+        self.image_size = dataset.image_size
+        self.of = total  # pairs of the full split
+
+    @property
+    def decode_images(self) -> bool:
+        return self.dataset.decode_images
+
+    @decode_images.setter
+    def decode_images(self, value: bool) -> None:
+        self.dataset.decode_images = value
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):  # -> Pair
+        return self.dataset[self.indices[i]]
+
+    def keypoints(self, i: int):
+        return self.dataset.keypoints(self.indices[i])
+
+    def load_image(self, image_id: str) -> torch.Tensor:
+        return self.dataset.load_image(image_id)
+
+    def pair_image(self, image_id: str) -> torch.Tensor:
+        return self.dataset.pair_image(image_id)
+
+    def image_ids(self) -> list[str]:
+        return self.dataset.image_ids()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["dataset"], name)
+
+
+def spread_subset(dataset: Any, n: int | None) -> Any:
+    """`PairSubset` of n pairs spread evenly and deterministically over the dataset (every len / n-th pair, so
+    every category is covered); the dataset itself when n is None or covers it."""
+    return dataset if n is None or n >= len(dataset) else PairSubset(dataset, n)

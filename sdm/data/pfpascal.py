@@ -160,6 +160,8 @@ class PFPascal(PairDataset):
     W_new - 1 - c exactly as ``torch.flip`` moves it (some public loaders use W - x, one pixel apart).
     """
 
+    threshold_mode = "image"  # the standard PCK threshold (sdm.metrics.THRESHOLDS)
+
     def __init__(
         self,
         root: str | Path,

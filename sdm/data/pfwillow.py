@@ -111,6 +111,8 @@ class PFWillow(PairDataset):
     "<class>/<stem>" (e.g. "car(G)/Cars_006a"), pair_id "<csv row, from 0>:<src_id>-><trg_id>". ``extra`` is empty.
     """
 
+    threshold_mode = "kps-extent"  # the standard PCK threshold (sdm.metrics.THRESHOLDS)
+
     def __init__(self, root: str | Path, image_size: ImageSize = 768, category: str | None = None) -> None:
         self.root = Path(root)
         self.image_size = as_hw(image_size)

@@ -127,6 +127,8 @@ class SPair71k(PairDataset):
     (int, or None when the annotation lacks them). Annotations are read at construction.
     """
 
+    threshold_mode = "trg-bbox"  # the standard PCK threshold (sdm.metrics.THRESHOLDS)
+
     def __init__(
         self,
         root: str | Path,

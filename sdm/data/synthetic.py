@@ -167,6 +167,8 @@ class SyntheticPairs(PairDataset):
     to target pixels), photo (name). ``photometric=False`` turns the jitter off.
     """
 
+    threshold_mode = "kps-extent"  # the standard PCK threshold (sdm.metrics.THRESHOLDS)
+
     def __init__(
         self,
         n: int = 64,

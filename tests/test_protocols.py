@@ -1,0 +1,107 @@
+"""Evaluation protocols: threshold modes and frames against values computed by hand, Hedlin et al.'s padded
+PF-Willow threshold, spread subsets, and the protocol record in every result file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import SHARED_DATA
+from PIL import Image
+
+from sdm.data import PFWillow, SPair71k, spread_subset
+from sdm.evaluate import evaluate_predictions
+from sdm.metrics import CATEGORY_MEAN, THRESHOLDS, pair_facts, threshold_of
+
+WILLOW = SHARED_DATA / "pf-willow"
+SPAIR = SHARED_DATA / "spair-mini"
+needs_willow = pytest.mark.skipif(not WILLOW.is_dir(), reason="the PF-Willow test set is not at ../shared/data/pf-willow")
+needs_spair = pytest.mark.skipif(not SPAIR.is_dir(), reason="the SPair mini set is not at ../shared/data/spair-mini")
+
+
+def facts(ds, i: int, frame: str = "resized"):
+    p = ds[i]
+    return pair_facts(p.src_kps, p.trg_kps, p.extra, p.src_size, p.trg_size, tuple(ds.image_size), frame)  # type: ignore[arg-type]
+
+
+@needs_willow
+def test_pfwillow_modes_by_hand() -> None:
+    ds = PFWillow(WILLOW, image_size=512)
+    ds.decode_images = False
+    raw = pd.read_csv(WILLOW / "test_pairs.csv")
+    row = raw.iloc[0]
+    xb, yb = row.iloc[22:32].to_numpy(float), row.iloc[32:42].to_numpy(float)
+    w, h = Image.open(WILLOW / "PF-dataset" / row.iloc[1].split("/", 1)[1]).size
+    x, y = xb * 512 / w, yb * 512 / h  # the target points in the 512 x 512 input
+    f = facts(ds, 0)
+    assert threshold_of(f, "kps-extent") == pytest.approx(max(x.max() - x.min(), y.max() - y.min()), rel=1e-5)
+    assert threshold_of(f, "kps-extent-hedlin") == pytest.approx(max(x.max(), y.max()) + 1, rel=1e-5)
+    assert threshold_of(f, "image") == 512
+    assert threshold_of(facts(ds, 0, "original"), "kps-extent") == pytest.approx(max(np.ptp(xb), np.ptp(yb)), rel=1e-5)
+    assert threshold_of(facts(ds, 0, "original"), "image") == max(w, h)
+    with pytest.raises(ValueError, match="no target bounding boxes"):
+        threshold_of(f, "trg-bbox")
+
+
+@needs_willow
+def test_hedlin_padded_threshold_is_about_1_28x_on_pf_willow() -> None:
+    """Hedlin et al. pad the 10 points with -1 to 40 and take the extent over the padding too
+    (eval/pfwillow.py:52,60-69): over the 900 pairs at 512 px the threshold grows by about 1.28x."""
+    ds = PFWillow(WILLOW, image_size=512)
+    ratios = []
+    for i in range(len(ds)):
+        _, trg, _ = ds.keypoints(i)
+        padded = torch.cat([trg, torch.full((30, 2), -1.0)])  # their padding, written out
+        hedlin = (padded.max(0).values - padded.min(0).values).max()
+        ratios.append(float(hedlin / (trg.max(0).values - trg.min(0).values).max()))
+    assert 1.2 < np.mean(ratios) < 1.36
+    f = facts(ds, 5)
+    assert threshold_of(f, "kps-extent-hedlin") / threshold_of(f, "kps-extent") == pytest.approx(ratios[5], rel=1e-5)
+
+
+@needs_spair
+def test_spair_modes_by_hand() -> None:
+    ds = SPair71k(SPAIR, split="test", image_size=768)
+    ds.decode_images = False
+    p = ds[0]
+    ann = json.loads(next((SPAIR / "PairAnnotation" / "test").glob(f"{p.pair_id}*.json")).read_text())
+    (sw, sh), (tw, th) = p.src_size, p.trg_size
+    tb, sb = np.array(ann["trg_bndbox"], float), np.array(ann["src_bndbox"], float)
+    assert threshold_of(facts(ds, 0), "trg-bbox") == pytest.approx(max((tb[2] - tb[0]) * 768 / tw, (tb[3] - tb[1]) * 768 / th), rel=1e-5)
+    assert threshold_of(facts(ds, 0), "src-bbox") == pytest.approx(max((sb[2] - sb[0]) * 768 / sw, (sb[3] - sb[1]) * 768 / sh), rel=1e-5)
+    assert threshold_of(facts(ds, 0, "original"), "trg-bbox") == pytest.approx(max(tb[2] - tb[0], tb[3] - tb[1]), rel=1e-5)
+    assert threshold_of(facts(ds, 0), "image") == 768
+
+
+def test_every_mode_is_documented() -> None:
+    assert set(THRESHOLDS) == {"trg-bbox", "src-bbox", "image", "kps-extent", "kps-extent-hedlin"}
+    doc = (Path(__file__).parents[1] / "docs" / "protocols.md").read_text()
+    assert all(f"`{name}`" in doc for name in THRESHOLDS)
+
+
+@needs_willow
+def test_subsets_spread_over_categories_and_results_carry_the_protocol(tmp_path: Path) -> None:
+    ds = PFWillow(WILLOW, image_size=512)
+    sub = spread_subset(ds, 100)
+    ds.decode_images = False
+    assert len({sub[i].category for i in range(len(sub))}) == 10  # the first 100 pairs cover 2 categories
+    ds.decode_images = True
+    noisy = lambda batch: batch.trg_kps + 30.0  # noqa: E731
+    res = evaluate_predictions(ds, noisy, max_pairs=100, batch_size=50, progress=False, decode_images=False)
+    assert res.table.loc["all", "n_pairs"] == 100 and len(res.table) == 12
+    per_cat = res.table.drop(index=["all", CATEGORY_MEAN])
+    assert res.table.loc[CATEGORY_MEAN, "per_image@0.1"] == pytest.approx(per_cat["per_image@0.1"].mean())
+    protocol = res.info["protocol"]
+    assert protocol["threshold"] == "kps-extent" and protocol["frame"] == "resized" and "spread" in protocol["subset"]
+    hedlin = evaluate_predictions(ds, noisy, max_pairs=100, batch_size=50, progress=False, decode_images=False, threshold="kps-extent-hedlin")
+    assert hedlin.table.loc["all", "per_image@0.1"] > res.table.loc["all", "per_image@0.1"] + 5  # a larger threshold
+    res.save(tmp_path, "r")
+    for name in ("r_pck.csv", "r_points.csv"):
+        first = (tmp_path / name).read_text().splitlines()[0]
+        assert first.startswith("# protocol: ") and json.loads(first[len("# protocol: "):])["threshold"] == "kps-extent"
+    assert pd.read_csv(tmp_path / "r_pck.csv", comment="#", index_col=0).loc["all", "n_pairs"] == 100
+    assert json.loads((tmp_path / "r.json").read_text())["info"]["protocol"]["pairs"] == 100
