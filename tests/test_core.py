@@ -422,7 +422,8 @@ def test_pck_table_per_image_and_per_point() -> None:
     assert table.loc["dog", "per_image@0.1"] == pytest.approx(100.0)
     assert table.loc["all", "per_image@0.1"] == pytest.approx(200 / 3)
     assert table.loc["all", "per_point@0.1"] == pytest.approx(50.0)  # 3 / 6
-    assert list(table.index) == ["cat", "dog", "all"] and table.loc["all", "n_pairs"] == 3
+    assert list(table.index) == ["cat", "dog", "all", "mean of categories"] and table.loc["all", "n_pairs"] == 3
+    assert table.loc["mean of categories", "per_image@0.1"] == pytest.approx(75.0)  # (50 + 100) / 2
     with pytest.raises(ValueError, match="no keypoint records"):
         pck_table(pd.DataFrame(columns=rec.columns))
 
