@@ -101,6 +101,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_attention(args)
     size = args.image_size or (128 if args.model == "tiny" else 768)
     dataset = _dataset(args, args.split, size)
+    _check_threshold(dataset, args.threshold, args.frame)
     if args.baseline:
         extractor = ModuleExtractor(ViTFeatures(load_vit(args.baseline, device=args.device), image_size=args.vit_size))
         name = args.baseline.replace("/", "_")
@@ -117,7 +118,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 template_words=args.template_words,
             )
         elif _is_released(args.prompt):
-            module, entry = _import_released(args.prompt, args.prompt_name, featurizer, args.dino, args.device, tiny)
+            names = _released_names(args.prompt, args.prompt_name)
+            encoders = _released_encoders(names, args.dino, args.device, tiny) if len(names) == 1 else None
+            module, entry = _import_released(args.prompt, args.prompt_name, featurizer, encoders)
             kind = entry.kind
         else:
             kind = read_metadata(args.prompt).kind
@@ -137,6 +140,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_threshold(dataset, mode: str | None, frame: str) -> None:
+    """Fails before any model loads when the threshold mode does not apply to the dataset (no boxes, ...)."""
+    from sdm.metrics import pair_facts, threshold_of
+
+    if mode is None or len(dataset) == 0:
+        return
+    previous, dataset.decode_images = dataset.decode_images, False
+    try:
+        p = dataset[0]
+        threshold_of(pair_facts(p.src_kps, p.trg_kps, p.extra, p.src_size, p.trg_size, tuple(dataset.image_size), frame), mode)
+    except ValueError as err:
+        raise SystemExit(f"error: --threshold {mode}: {err}") from None
+    finally:
+        dataset.decode_images = previous
+
+
 def _file_hash(path: str) -> str | None:
     """blake2b of the prompt's weights file (its safetensors, the release's zip, or None for a folder)."""
     import hashlib
@@ -152,13 +171,31 @@ def _is_released(path: str) -> bool:
     return p.suffix == ".zip" or (p.is_dir() and ((p / "caption.pt").is_file() or (p / "ckpt.pt").is_file() or any(p.glob("*/c*.pt"))))
 
 
-def _import_released(path: str, name: str | None, featurizer, dino: str, device: str | None, tiny: bool):  # -> (module, entry)
-    from sdm.prompts import import_sd4match, list_released, parse_released_name
+def _released_names(path: str, name: str | None) -> list[str]:
+    from sdm.prompts import list_released
 
     try:
-        names = [name] if name else list_released(path)
-        kind = parse_released_name(names[0]).kind if len(names) == 1 else "single"
-        return import_sd4match(path, featurizer, name=name, encoders=_encoders(kind, dino, device, tiny))
+        return [name] if name else list_released(path)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def _released_encoders(names: list[str], dino: str, device: str | None, tiny: bool):  # -> PromptEncoders
+    """The encoders the released prompts `names` need, loaded once (DINOv2 when one of them is a CPM)."""
+    from sdm.prompts import parse_released_name
+
+    try:
+        kinds = {parse_released_name(n).kind for n in names}
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    return _encoders("cpm" if "cpm" in kinds else "single", dino, device, tiny)
+
+
+def _import_released(path: str, name: str | None, featurizer, encoders):  # -> (module, entry)
+    from sdm.prompts import import_sd4match
+
+    try:
+        return import_sd4match(path, featurizer, name=name, encoders=encoders)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -166,17 +203,16 @@ def _import_released(path: str, name: str | None, featurizer, dino: str, device:
 def cmd_import_prompt(args: argparse.Namespace) -> int:
     from sdm.features import SDFeaturizer
     from sdm.models import load_model
-    from sdm.prompts import list_released, save_prompt
+    from sdm.prompts import save_prompt
 
-    try:
-        names = [args.name] if args.name else list_released(args.path)
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
+    names = _released_names(args.path, args.name)
+    tiny = args.model == "tiny"
+    encoders = _released_encoders(names, args.dino, args.device, tiny)
     sd = load_model(args.model, args.device)
-    featurizer = SDFeaturizer(sd, image_size=64 if args.model == "tiny" else 768)
+    featurizer = SDFeaturizer(sd, image_size=64 if tiny else 768)
     out = Path(args.out)
     for name in names:
-        module, entry = _import_released(args.path, name, featurizer, args.dino, args.device, args.model == "tiny")
+        module, entry = _import_released(args.path, name, featurizer, encoders)
         source = {"release": "SD4Match (github ActiveVisionLab/SD4Match)", "folder": name, "train_dataset": entry.dataset, "from": str(args.path)}
         written = save_prompt(module, out / name, featurizer, source=source)
         print(f"{name}: {entry.kind} prompt trained on {entry.dataset} -> {written}")

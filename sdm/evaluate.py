@@ -7,6 +7,7 @@ VAE latents still computed once per image.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -18,7 +19,6 @@ from typing import Any, Protocol
 
 import pandas as pd
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -37,7 +37,7 @@ from sdm.metrics import (
     point_records,
     threshold_of,
 )
-from sdm.prompts import Conditioning, PromptModule
+from sdm.prompts import Conditioning, PromptModule, originals_for
 
 Predictor = Callable[[PairBatch], torch.Tensor]  # batch -> B x K x 2 predicted target pixels
 
@@ -118,21 +118,12 @@ class SDExtractor:
                 self._posteriors.put(ids[i], post)
         return torch.stack([self._posteriors.get_(key) for key in ids])
 
-    def _originals(self, ids: Sequence[str], originals: OriginalLoader | None) -> list[Image.Image] | None:
-        if not self.prompt.needs_originals:
-            return None
-        if originals is None:
-            raise ValueError(
-                f"the {self.prompt.kind!r} prompt looks at the images as stored: pass originals=dataset.original_image"
-            )
-        return [originals(i) for i in ids]
-
     @torch.no_grad()
     def image_features(
         self, images: torch.Tensor, categories: list[str], ids: list[str], originals: OriginalLoader | None = None
     ) -> torch.Tensor:
         dev = self.featurizer.device
-        prompt = self.prompt.image_prompt(self.featurizer, images.to(dev), categories, self._originals(ids, originals))
+        prompt = self.prompt.image_prompt(self.featurizer, images.to(dev), categories, originals_for(self.prompt, ids, originals))
         return self.featurizer.features_from_latents(self.latents(images, ids), prompt, keys=ids)
 
     @torch.no_grad()
@@ -146,7 +137,7 @@ class SDExtractor:
         originals: OriginalLoader | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.featurizer.device
-        orig = (self._originals(src_ids, originals), self._originals(trg_ids, originals)) if self.prompt.needs_originals else None
+        orig = (originals_for(self.prompt, src_ids, originals), originals_for(self.prompt, trg_ids, originals))
         p_src, p_trg = self.prompt.pair_prompts(self.featurizer, src.to(dev), trg.to(dev), categories, orig)  # type: ignore[arg-type]
         b = src.shape[0]
         h_src = self.featurizer.encode_prompt(p_src, b)
@@ -344,6 +335,7 @@ def _sdm_version() -> str:
     return sdm.__version__
 
 
+@functools.cache
 def _git_commit() -> str | None:
     """The commit of the sdm checkout this code runs from (None when installed without git)."""
     import subprocess

@@ -181,7 +181,6 @@ class SDFeaturizer(nn.Module):
     def device(self) -> torch.device:
         return self.sd.device
 
-    @torch.no_grad()
     def encode_posterior(self, images: ImageInput) -> torch.Tensor:
         """Images -> the VAE posterior B x 2C x H/8 x W/8: mean and standard deviation stacked along channels
         (not yet scaled). It depends on nothing else: cache it per image, then `sample_latents`."""
@@ -204,13 +203,7 @@ class SDFeaturizer(nn.Module):
         mean, std = posterior.chunk(2, dim=1)
         if self.latent == "mean":
             return mean * self.sd.vae.config.scaling_factor
-        if generator is not None:
-            eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
-        else:
-            keys = content_keys(mean) if keys is None else list(keys)
-            if len(keys) != mean.shape[0]:
-                raise ValueError(f"{len(keys)} image keys for {mean.shape[0]} images")
-            eps = keyed_normal(keys, tuple(mean.shape[1:]), self.seed, "latent")
+        eps = self._draws(mean, tuple(mean.shape[1:]), keys, generator, "latent")
         return (mean + std * eps.to(mean.device, mean.dtype)) * self.sd.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -231,18 +224,23 @@ class SDFeaturizer(nn.Module):
         each latent), independent between images and between ensemble members.
         """
         b, e = latents.shape[0], self.ensemble
-        shape = (e, *latents.shape[1:])
-        if generator is not None:
-            noise = torch.randn((b, *shape), generator=generator, device=generator.device, dtype=torch.float32)
-        else:
-            keys = content_keys(latents) if keys is None else list(keys)
-            if len(keys) != b:
-                raise ValueError(f"{len(keys)} image keys for {b} latents")
-            noise = keyed_normal(keys, shape, self.seed, "noise")
+        noise = self._draws(latents, (e, *latents.shape[1:]), keys, generator, "noise")
         noise = noise.reshape(b * e, *latents.shape[1:]).to(latents.device, latents.dtype)
         rep = latents.repeat_interleave(e, dim=0)
         t = torch.full((b * e,), self.timestep, device=latents.device, dtype=torch.long)
         return self.sd.scheduler.add_noise(rep, noise, t)
+
+    def _draws(
+        self, like: torch.Tensor, shape: tuple[int, ...], keys: Sequence[str] | None, generator: torch.Generator | None, purpose: str
+    ) -> torch.Tensor:
+        """B x *shape standard normal float32 draws for the B items of `like`: from `generator` when given, else
+        seeded per key (`keyed_normal`; default keys: a hash of each item of `like`)."""
+        if generator is not None:
+            return torch.randn((like.shape[0], *shape), generator=generator, device=generator.device, dtype=torch.float32)
+        keys = content_keys(like) if keys is None else list(keys)
+        if len(keys) != like.shape[0]:
+            raise ValueError(f"{len(keys)} image keys for {like.shape[0]} images")
+        return keyed_normal(keys, shape, self.seed, purpose)
 
     # ---- prompts ------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: PromptInput, batch_size: int | None = None) -> torch.Tensor:
@@ -385,12 +383,10 @@ class SDFeaturizer(nn.Module):
         `generator`: fresh draws instead (training).
         """
         x = self.pixels(images)
-        if generator is not None:
-            latents = self.sample_latents(self._posterior(x), generator=generator)
-            return self.features_from_latents(latents, prompt, generator)
-        keys = content_keys(x) if keys is None else keys
-        latents = self.sample_latents(self._posterior(x), keys)
-        return self.features_from_latents(latents, prompt, keys=keys)
+        if generator is None and keys is None:
+            keys = content_keys(x)  # one key for both draws: the latent's hash could differ between batch sizes
+        latents = self.sample_latents(self._posterior(x), keys, generator)
+        return self.features_from_latents(latents, prompt, generator, keys)
 
 
 # ---- speed ------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from sdm.data import OriginalLoader
 from sdm.features import PromptInput, SDFeaturizer
-from sdm.prompts import Conditioning, PromptModule
+from sdm.prompts import Conditioning, PromptModule, originals_for
 
 
 def inversion_timesteps(timestep: int, steps: int) -> list[int]:
@@ -93,8 +93,7 @@ class InversionExtractor:
         self, images: torch.Tensor, categories: list[str], ids: list[str], originals: OriginalLoader | None = None
     ) -> torch.Tensor:
         images = images.to(self.featurizer.device)
-        orig = [originals(i) for i in ids] if self.prompt.needs_originals and originals is not None else None
-        prompt = self.prompt.image_prompt(self.featurizer, images, categories, orig)
+        prompt = self.prompt.image_prompt(self.featurizer, images, categories, originals_for(self.prompt, ids, originals))
         return inverted_features(self.featurizer, self.featurizer.encode_images(images, ids), prompt, self.steps)
 
     @torch.no_grad()
@@ -109,10 +108,8 @@ class InversionExtractor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.featurizer.device
         src, trg = src.to(dev), trg.to(dev)
-        orig = None
-        if self.prompt.needs_originals and originals is not None:
-            orig = ([originals(i) for i in src_ids], [originals(i) for i in trg_ids])
-        p_src, p_trg = self.prompt.pair_prompts(self.featurizer, src, trg, categories, orig)
+        orig = (originals_for(self.prompt, src_ids, originals), originals_for(self.prompt, trg_ids, originals))
+        p_src, p_trg = self.prompt.pair_prompts(self.featurizer, src, trg, categories, orig)  # type: ignore[arg-type]
         return (
             inverted_features(self.featurizer, self.featurizer.encode_images(src, src_ids), p_src, self.steps),
             inverted_features(self.featurizer, self.featurizer.encode_images(trg, trg_ids), p_trg, self.steps),

@@ -322,9 +322,7 @@ def caveat(random_weights: bool) -> str:
     return " (random weights: numbers meaningless)" if random_weights else ""
 
 
-def subset(dataset: Any, n: int | None) -> Any:
-    """`spread_subset` (kept here for the notebooks)."""
-    return spread_subset(dataset, n)
+subset = spread_subset  # the name the notebooks use
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -84,6 +84,19 @@ def _normalise(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tu
 Originals = Sequence[Image.Image | torch.Tensor]
 
 
+def originals_for(prompt: PromptModule, ids: Sequence[str], load: Callable[[str], Image.Image] | None) -> list[Image.Image] | None:
+    """The images as stored for `ids` when `prompt` looks at them (`needs_originals`), else None.
+
+    `load`: image id -> PIL image (`PairDataset.original_image`); a clear error when the prompt needs it and none
+    is given.
+    """
+    if not prompt.needs_originals:
+        return None
+    if load is None:
+        raise ValueError(f"the {prompt.kind!r} prompt looks at the images as stored: pass originals=dataset.original_image")
+    return [load(i) for i in ids]
+
+
 class PromptModule(nn.Module):
     """Base class. Subclasses set `kind` and `conditioning` and implement `image_prompt` or `pair_prompts`.
 

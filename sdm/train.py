@@ -32,6 +32,7 @@ from sdm.prompts import (
     PromptModule,
     atomic_write,
     build_prompt,
+    originals_for,
     save_prompt,
 )
 
@@ -285,11 +286,10 @@ def train(
             batch = batch.to(device)
             b = len(batch)
             g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 997 + accelerator.process_index)
-            originals = None
-            if module.needs_originals:  # CPM's DINOv2 input: the images as stored
-                originals = ([train_set.original_image(i) for i in batch.src_ids], [train_set.original_image(i) for i in batch.trg_ids])
+            # CPM's DINOv2 input: the images as stored (None for prompts that do not look at them)
+            originals = (originals_for(module, batch.src_ids, train_set.original_image), originals_for(module, batch.trg_ids, train_set.original_image))
             with accelerator.autocast():
-                p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories, originals)
+                p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories, originals)  # type: ignore[arg-type]
                 hidden = torch.cat([featurizer.encode_prompt(p_src, b), featurizer.encode_prompt(p_trg, b)])
                 # a fresh posterior draw and fresh noise at every step, as the authors' training calls the VAE's
                 # latent_dist.sample() and randn_like each time (sd_feature_extractor.py:76,111)

@@ -105,3 +105,16 @@ def test_subsets_spread_over_categories_and_results_carry_the_protocol(tmp_path:
         assert first.startswith("# protocol: ") and json.loads(first[len("# protocol: "):])["threshold"] == "kps-extent"
     assert pd.read_csv(tmp_path / "r_pck.csv", comment="#", index_col=0).loc["all", "n_pairs"] == 100
     assert json.loads((tmp_path / "r.json").read_text())["info"]["protocol"]["pairs"] == 100
+
+
+@needs_willow
+def test_cli_refuses_a_threshold_mode_the_dataset_cannot_give() -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sdm.cli", "evaluate", "--dataset", "pfwillow", "--root", str(WILLOW), "--threshold", "trg-bbox", "--model", "tiny"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: --threshold trg-bbox: this dataset has no target bounding boxes: choose another threshold mode (see sdm.metrics.THRESHOLDS)"
+    ]
