@@ -102,6 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     size = args.image_size or (128 if args.model == "tiny" else 768)
     dataset = _dataset(args, args.split, size)
     _check_threshold(dataset, args.threshold, args.frame)
+    processes, args.device = _processes(args.device)
     if args.baseline:
         extractor = ModuleExtractor(ViTFeatures(load_vit(args.baseline, device=args.device), image_size=args.vit_size))
         name = args.baseline.replace("/", "_")
@@ -129,8 +130,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         name = f"{kind}_t{args.timestep}_e{args.ensemble}"
     result = evaluate(
         extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers, max_pairs=args.max_pairs,
-        threshold=args.threshold, frame=args.frame,
+        threshold=args.threshold, frame=args.frame, processes=processes,
     )
+    if processes is not None and not processes.is_main_process:
+        return 0  # the main process writes the gathered result
     if _is_released(args.prompt) or Path(args.prompt).suffix in (".safetensors", ".json"):
         result.info["protocol"].update(prompt_file=str(args.prompt), prompt_hash=_file_hash(args.prompt))
     result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "name": name})
@@ -138,6 +141,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(result.table.round(1).to_string())
     print(f"results written to {out}")
     return 0
+
+
+def _processes(device: str | None):  # -> (accelerate.PartialState | None, device)
+    """Under `accelerate launch` (or torchrun) with several processes: Accelerate's process state and this
+    process's device (its own GPU; the CPU with --device cpu or without CUDA). Otherwise (None, device)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, device
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    return state, str(state.device)
 
 
 def _check_threshold(dataset, mode: str | None, frame: str) -> None:
@@ -221,16 +238,21 @@ def cmd_import_prompt(args: argparse.Namespace) -> int:
 
 def _evaluate_attention(args: argparse.Namespace) -> int:
     from sdm.attention import AttentionMatcher, AttentionMatcherConfig
-    from sdm.evaluate import attention_predictor, evaluate_predictions
+    from sdm.evaluate import attention_predictor, attention_record, evaluate_predictions
     from sdm.models import load_model
 
     size = args.image_size or (64 if args.model == "tiny" else 512)
     dataset = _dataset(args, args.split, size)
+    _check_threshold(dataset, args.threshold, args.frame)
     config = AttentionMatcherConfig(
         image_size=size, steps=args.attention_steps, num_embeddings=args.attention_embeddings, inference_crops=args.attention_crops, progress=False
     )
-    predict = attention_predictor(AttentionMatcher(load_model(args.model, args.device), config))
-    result = evaluate_predictions(dataset, predict, batch_size=1, max_pairs=args.max_pairs, desc="attention matcher")
+    matcher = AttentionMatcher(load_model(args.model, args.device), config)
+    result = evaluate_predictions(
+        dataset, attention_predictor(matcher), batch_size=1, max_pairs=args.max_pairs, threshold=args.threshold, frame=args.frame,
+        desc="attention matcher",
+    )
+    result.info["protocol"].update(attention_record(matcher))
     result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "matcher": "attention"})
     out = result.save(args.out, f"{args.dataset}_{args.split}_attention")
     print(result.table.round(1).to_string())

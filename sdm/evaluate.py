@@ -7,6 +7,7 @@ VAE latents still computed once per image.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -15,12 +16,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from sdm.attention import AttentionMatcher
@@ -37,7 +38,10 @@ from sdm.metrics import (
     point_records,
     threshold_of,
 )
-from sdm.prompts import Conditioning, PromptModule, originals_for
+from sdm.prompts import Conditioning, PromptModule, encoder_name, originals_for
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 Predictor = Callable[[PairBatch], torch.Tensor]  # batch -> B x K x 2 predicted target pixels
 
@@ -112,11 +116,13 @@ class SDExtractor:
         """B x 2C x h x w posteriors (`SDFeaturizer.encode_posterior`) of the images `ids`, cached by id.
         `images_at(indices)` gives only the images to encode, so cached ones are never copied or moved."""
         missing = sorted({key: i for i, key in reversed(list(enumerate(ids))) if key not in self._posteriors}.values())
-        if missing:
-            fresh = self.featurizer.encode_posterior(images_at(missing))
-            for i, post in zip(missing, fresh):
-                self._posteriors.put(ids[i], post)
-        return torch.stack([self._posteriors.get_(key) for key in ids])
+        found = {ids[i]: self.featurizer.encode_posterior(images_at([i]))[0] for i in missing}
+        # one image per VAE call: batched kernels round differently at other batch sizes, and an image's posterior
+        # must be the same bits whichever batch (or evaluation process) meets it first
+        found.update((key, self._posteriors.get_(key)) for key in ids if key not in found)
+        for key in ids:
+            self._posteriors.put(key, found[key])
+        return torch.stack([found[key] for key in ids])
 
     @torch.no_grad()
     def image_features(
@@ -254,6 +260,7 @@ def evaluate_predictions(
     progress: bool = True,
     desc: str = "evaluate",
     decode_images: bool = True,
+    processes: PartialState | None = None,
 ) -> EvalResult:
     """PCK of any predictor of target points (pixels of the resized target) over a dataset.
 
@@ -264,6 +271,10 @@ def evaluate_predictions(
         frame: "resized" (distances and thresholds in the network's input pixels, SD4Match) or "original"
             (in the stored image's pixels, DIFT's SPair-71k script).
         decode_images: False gives batches with empty images (for predictors that need only keypoints and ids).
+        processes: Accelerate's process state (`accelerate.PartialState()` under `accelerate launch`). With
+            several processes each one predicts a contiguous run of whole batches (so every batch is the one a
+            single process would form) and every process returns the gathered result, in the single-process
+            order; all processes must call this together.
     """
     pairs = spread_subset(dataset, max_pairs)
     n = len(pairs)
@@ -275,13 +286,14 @@ def evaluate_predictions(
     previous = dataset.decode_images
     dataset.decode_images = decode_images
     try:
-        result = _evaluate_loop(pairs, predict, batch_size, num_workers, alphas, progress, desc, mode, frame)
+        result = _evaluate_loop(pairs, predict, batch_size, num_workers, alphas, progress, desc, mode, frame, processes)
     finally:
         dataset.decode_images = previous
-    chosen = "all pairs" if n == len(dataset) else f"{n} of {len(dataset)} pairs spread evenly over the split (sdm.data.spread_subset)"
+    total = getattr(pairs, "of", n)
+    chosen = "all pairs" if n == total else f"{n} of {total} pairs spread evenly over the split (sdm.data.spread_subset)"
     result.info["protocol"] = {
         "pairs": n,
-        "split_pairs": len(dataset),
+        "split_pairs": total,
         "subset": chosen,
         "threshold": mode or "the dataset's own",
         "frame": frame,
@@ -304,11 +316,16 @@ def _evaluate_loop(
     desc: str,
     mode: str | None,
     frame: Frame,
+    processes: PartialState | None,
 ) -> EvalResult:
-    loader = DataLoader(pairs, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_pairs)
     size = tuple(pairs.image_size)
+    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
+    batches = -(-len(pairs) // batch_size)
+    first, last = (batches * r // world * batch_size for r in (rank, rank + 1))
+    shard = Subset(pairs, range(first, min(last, len(pairs))))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_pairs)
     frames, start = [], time.perf_counter()
-    for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
+    for batch in tqdm(loader, desc=desc, disable=not progress or rank > 0, unit="batch"):
         pred = predict(batch).float().cpu()
         if pred.shape != batch.trg_kps.shape:
             raise ValueError(f"the predictor returned {tuple(pred.shape)}, expected {tuple(batch.trg_kps.shape)} (B x K x 2)")
@@ -324,6 +341,12 @@ def _evaluate_loop(
                 pred[b], gt[b] = pred[b] * scale, gt[b] * scale
         frames.append(point_records(pred, gt, batch.n_kps, thresholds, batch.categories, batch.pair_ids))
     seconds = time.perf_counter() - start
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        shards = gather_object([(frames, seconds)])  # in rank order, i.e. in pair order
+        frames = [f for part, _ in shards for f in part]
+        seconds = max(t for _, t in shards)
     records = pd.concat(frames, ignore_index=True)
     info = {"pairs": len(pairs), "seconds": round(seconds, 3), "pairs_per_second": round(len(pairs) / seconds, 3)}
     return EvalResult(pck_table(records, alphas), records, info)
@@ -358,21 +381,56 @@ def model_fingerprint(*modules: nn.Module) -> str:
     return h.hexdigest()
 
 
+def model_record(sd: Any) -> dict[str, Any]:
+    """Model id, a fingerprint of its UNet, text encoder and VAE weights, and whether they are random."""
+    return {
+        "model": sd.name, "weights": model_fingerprint(sd.unet, sd.text_encoder, sd.vae), "random_weights": bool(sd.random_weights)
+    }
+
+
+def attention_record(matcher: AttentionMatcher) -> dict[str, Any]:
+    """What Hedlin et al.'s matcher adds to the protocol record: model, weights, every setting but the progress bar."""
+    params = {k: v for k, v in dataclasses.asdict(matcher.config).items() if k != "progress"}
+    return {"matcher": "attention", "matcher_params": json.loads(json.dumps(params, default=list)), **model_record(matcher.sd)}
+
+
 def extractor_record(extractor: Any) -> dict[str, Any]:
     """What an extractor adds to the protocol record: model id, weights fingerprint, timestep, ensemble, ..."""
     featurizer = getattr(extractor, "featurizer", None) or getattr(getattr(extractor, "sd_extractor", None), "featurizer", None)
     record: dict[str, Any] = {"extractor": type(extractor).__name__, "conditioning": extractor.conditioning}
     if featurizer is not None:
-        sd = featurizer.sd
         record.update(
-            model=sd.name, weights=model_fingerprint(sd.unet, sd.text_encoder, sd.vae), random_weights=bool(sd.random_weights),
+            **model_record(featurizer.sd),
             timestep=featurizer.timestep, ensemble=featurizer.ensemble, image_size=list(featurizer.image_size),
             up_block=featurizer.up_block, seed=featurizer.seed, latent=featurizer.latent,
+        )
+    vit = getattr(extractor, "vit", None) or getattr(extractor, "module", None)  # FusedExtractor's / ModuleExtractor's
+    if vit is not None:
+        inner = getattr(vit, "model", vit)  # ViTFeatures wraps the transformers model
+        name = encoder_name(inner)
+        record.update(
+            backbone=name, backbone_weights=model_fingerprint(inner),
+            random_weights=bool(record.get("random_weights")) or name == "random weights (tiny)",
         )
     prompt = getattr(extractor, "prompt", None)
     if prompt is not None:
         record.update(prompt=prompt.kind, prompt_config=prompt.config())
     return record
+
+
+def feature_keys(pairs: Any, conditioning: Conditioning) -> dict[Hashable, tuple[str, str]]:
+    """Feature-cache keys of the pairs' images in order of first use (image id; (id, category) for category
+    prompts), each with its (image id, category). Reads only annotations (images are not decoded)."""
+    previous, pairs.decode_images = pairs.decode_images, False
+    try:
+        seen: dict[Hashable, tuple[str, str]] = {}
+        for i in range(len(pairs)):
+            p = pairs[i]
+            for image_id in (p.src_id, p.trg_id):
+                seen.setdefault((image_id, p.category) if conditioning == "category" else image_id, (image_id, p.category))
+    finally:
+        pairs.decode_images = previous
+    return seen
 
 
 def feature_predictor(
@@ -383,37 +441,64 @@ def feature_predictor(
     temperature: float = 0.04,
     sigma: float = 7.0,
     feature_cache: int = 256,
+    pairs: Any = None,
+    group: int = 16,
 ) -> Predictor:
     """A predictor that matches source keypoints into target features.
 
     Per-image features live in an LRU cache keyed by image id (and category for category prompts); images
     are loaded from `dataset` only on a cache miss, so every image is decoded and encoded about once (the
     datasets list pairs category by category).
+
+    Args:
+        pairs: the pairs that will be evaluated (default: `dataset`). Their images, in order of first use, are
+            cut into fixed groups of `group`; a miss computes its whole group in one batch. The batches the
+            network sees then depend only on the pairs, not on the order or the process that asks first, so a
+            sharded evaluation equals a single-process one to the last digit.
     """
     cache = _LRU(feature_cache)
     size = tuple(dataset.image_size)
+    per_image = extractor.conditioning != "pair"
+    planned = feature_keys(dataset if pairs is None else pairs, extractor.conditioning) if per_image else {}
+    order = list(planned)
+    groups = {k: order[i - i % group : i - i % group + group] for i, k in enumerate(order)}
+
+    def key_of(image_id: str, category: str) -> Hashable:
+        return (image_id, category) if extractor.conditioning == "category" else image_id
+
+    def compute(keys: list[Hashable]) -> dict[Hashable, torch.Tensor]:
+        ids, categories = (list(column) for column in zip(*(planned[k] for k in keys)))
+        images = torch.stack([dataset.load_image(i) for i in ids])
+        feats = extractor.image_features(images, categories, ids, dataset.original_image)
+        return dict(zip(keys, feats))
 
     def image_feats(ids: list[str], categories: list[str]) -> torch.Tensor:
-        keys = [(i, c) if extractor.conditioning == "category" else i for i, c in zip(ids, categories)]
-        first = {k: n for n, k in reversed(list(enumerate(keys)))}
-        missing = [k for k in dict.fromkeys(keys) if k not in cache]
-        if missing:
-            sel = [first[k] for k in missing]
-            images = torch.stack([dataset.load_image(ids[n]) for n in sel])
-            feats = extractor.image_features(images, [categories[n] for n in sel], [ids[n] for n in sel], dataset.original_image)
-            for k, f in zip(missing, feats):
-                cache.put(k, f)
-        return torch.stack([cache.get_(k) for k in keys]).float()
+        keys = [key_of(i, c) for i, c in zip(ids, categories)]
+        for k, i, c in zip(keys, ids, categories):
+            planned.setdefault(k, (i, c))  # pairs outside the plan are computed on their own
+        found: dict[Hashable, torch.Tensor] = {}
+        for k in keys:
+            if k in found:
+                continue
+            hit = cache.get_(k)
+            if hit is not None:
+                found[k] = hit
+                continue
+            fresh = compute(list(groups.get(k, [k])))
+            for key, f in fresh.items():
+                cache.put(key, f)
+            found.update((key, f) for key, f in fresh.items() if key in keys)
+        return torch.stack([found[k] for k in keys]).float()
 
     def predict(batch: PairBatch) -> torch.Tensor:
         b = len(batch)
-        if extractor.conditioning == "pair":
+        if per_image:
+            both = image_feats([*batch.src_ids, *batch.trg_ids], batch.categories * 2)
+            src, trg = both[:b], both[b:]
+        else:
             src, trg = extractor.pair_features(
                 batch.src_image, batch.trg_image, batch.categories, batch.src_ids, batch.trg_ids, dataset.original_image
             )
-        else:
-            both = image_feats([*batch.src_ids, *batch.trg_ids], batch.categories * 2)
-            src, trg = both[:b], both[b:]
         query = to_feature_coords(batch.src_kps.to(src.device), size, tuple(src.shape[-2:]))
         cells = match(src.float(), trg.float(), query, matcher, temperature=temperature, sigma=sigma)
         return to_image_coords(cells, tuple(trg.shape[-2:]), size)
@@ -437,6 +522,7 @@ def evaluate(
     desc: str = "evaluate",
     temperature: float = 0.04,
     sigma: float = 7.0,
+    processes: PartialState | None = None,
 ) -> EvalResult:
     """PCK of features + matcher over a dataset (per image and per point, per category and overall).
 
@@ -446,20 +532,25 @@ def evaluate(
         feature_cache: how many images' features to keep (per-image conditioning only).
         max_pairs, threshold, frame: the protocol (`evaluate_predictions`); the result's info["protocol"]
             records it with the extractor's settings.
+        processes: `accelerate.PartialState()` to spread the pairs over processes (`evaluate_predictions`);
+            the extractor of each process lives on its own device (`processes.device`).
     """
-    predict = feature_predictor(extractor, dataset, matcher=matcher, feature_cache=feature_cache, temperature=temperature, sigma=sigma)
+    pairs = spread_subset(dataset, max_pairs)
+    predict = feature_predictor(
+        extractor, dataset, matcher=matcher, feature_cache=feature_cache, temperature=temperature, sigma=sigma, pairs=pairs
+    )
     result = evaluate_predictions(
-        dataset,
+        pairs,
         predict,
         batch_size=batch_size,
         num_workers=num_workers,
         alphas=alphas,
-        max_pairs=max_pairs,
         threshold=threshold,
         frame=frame,
         progress=progress,
         desc=desc,
         decode_images=extractor.conditioning == "pair",  # per-image features load their images through the cache
+        processes=processes,
     )
     result.info.update({"matcher": matcher, "conditioning": extractor.conditioning})
     matcher_params = {"temperature": temperature, "sigma": sigma} if matcher != "nearest" else {}

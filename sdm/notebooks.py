@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,8 @@ QUICK: dict[str, dict[str, Any]] = {
         "batch_size": 2,
     },
     "02": {
-        "prompt": "single",
+        "runs": [["single", "synthetic"], ["class", "synthetic"], ["cpm", "synthetic"]],
+        "data_roots": {"synthetic": None},
         "steps": 8,
         "batch_size": 2,
         "train_pairs": 16,
@@ -62,15 +64,12 @@ QUICK: dict[str, dict[str, Any]] = {
         "mixed_precision": "no",
         "dino": "tiny",
     },
-    "03": {
+    "03": {  # reads the prompts of the quick run of 02
         "datasets": {"synthetic": None},
+        "prompt_kinds": {"synthetic": ["single", "class", "cpm"]},
+        "trained_on": {"synthetic": "synthetic"},
         "n_pairs": 6,
         "ensemble": 2,
-        "prompt_path": None,
-        "train_steps": 3,
-        "train_pairs": 8,
-        "batch_size": 2,
-        "mixed_precision": "no",
         "dino": "tiny",
         "dino_size": 56,
     },
@@ -83,37 +82,24 @@ QUICK: dict[str, dict[str, Any]] = {
         "mixed_precision": "no",
         "dino": "tiny",
     },
-    "05": {
-        "prompt_path": None,
-        "train_steps": 3,
-        "train_pairs": 8,
-        "batch_size": 2,
-        "mixed_precision": "no",
+    "05": {  # reads the prompts of the quick run of 02
+        "trained_on": "synthetic",
         "n_pairs": 4,
         "ensemble": 1,
         "timesteps": [10, 261, 700],
         "inversion_timesteps": [50, 261],
         "inversion_steps": 2,
     },
-    "06": {
-        "class_prompt_path": None,
-        "cpm_prompt_path": None,
-        "train_steps": 2,
-        "train_pairs": 8,
-        "batch_size": 2,
-        "mixed_precision": "no",
+    "06": {  # reads the prompts of the quick run of 02
+        "trained_on": "synthetic",
         "dino": "tiny",
         "inference_steps": 2,
         "n_categories": 2,
         "n_pairs": 2,
     },
-    "07": {
+    "07": {  # reads the prompts of the quick run of 02
+        "trained_on": "synthetic",
         "image_size": 128,
-        "prompt_path": None,
-        "train_steps": 3,
-        "train_pairs": 8,
-        "batch_size": 2,
-        "mixed_precision": "no",
         "ensemble": 1,
         "n_pairs": 2,
         "n_points": 3,
@@ -394,6 +380,61 @@ def learned_prompt(
     )
     result = train(cfg, sd, train_set, None, out_dir=out_dir, encoders=encoders, progress=progress)
     return result.prompt, f"{kind}: trained here for {train_steps} steps"
+
+
+# PCK@0.1 per image of SD4Match's Tables 2 and 3 (SD2-1, 768 px): evaluation dataset -> method -> overall.
+PAPER_PCK: dict[str, dict[str, float]] = {
+    "spair": {"DIFT": 52.9, "single": 72.6, "class": 75.5, "cpm": 75.5},
+    "pfpascal": {"single": 92.4, "cpm": 95.2},
+    "pfwillow": {"single": 77.8, "cpm": 80.4},
+}
+# Which training dataset's prompts the paper evaluates on each dataset (PF-Willow has no training split).
+PAPER_TRAINED_ON: dict[str, str] = {"spair": "spair", "pfpascal": "pfpascal", "pfwillow": "pfpascal"}
+
+
+def prompt_trained_on(meta: Any) -> str | None:
+    """The training dataset recorded in a prompt's metadata (trained by sdm, or imported from the release)."""
+    if meta.trained_on:
+        return meta.trained_on.get("dataset")
+    return (meta.source or {}).get("train_dataset")
+
+
+def find_prompt(folder: str | Path, kind: str, trained_on: str) -> Path:
+    """The learned prompt of `kind` trained on `trained_on` in `folder`, found by its metadata: what notebook 02
+    writes (02_KIND_DATASET_prompt.*) or what `sdm import-prompt` writes (the released prompts). Where several
+    fit (the release has CPM variants), the one with the paper's default settings is taken."""
+    from sdm.prompts import CPMConfig, read_metadata
+
+    folder = Path(folder)
+    found = []
+    for meta_path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            meta = read_metadata(meta_path)
+        except (TypeError, ValueError, KeyError):
+            continue  # another JSON file (results)
+        if meta.kind == kind and prompt_trained_on(meta) == trained_on and meta_path.with_suffix(".safetensors").is_file():
+            found.append((meta_path.with_suffix(".safetensors"), meta))
+    if len(found) > 1 and kind == "cpm":
+        paper = asdict(CPMConfig())
+        keys = ("n_global", "n_cond", "descriptor", "condition", "global_prompt")
+        found = [(path, meta) for path, meta in found if all(meta.config.get("cpm", {}).get(k) == paper[k] for k in keys)] or found
+    if len(found) == 1:
+        return found[0][0]
+    if not found:
+        raise FileNotFoundError(
+            f"no {kind} prompt trained on {trained_on} in {folder}/: run notebook 02 with runs including ({kind!r}, {trained_on!r}) "
+            f"(or `sdm train --prompt {kind} --dataset {trained_on}`), or import the authors' prompts with "
+            "`sdm import-prompt pretrained_prompts.zip --out prompts/released` and pass that folder"
+        )
+    raise ValueError(f"several {kind} prompts trained on {trained_on} in {folder}/: {[p.name for p, _ in found]}; pass one path")
+
+
+def load_learned(prompts_dir: str | Path, kind: str, trained_on: str, featurizer: Any, encoders: Any = None) -> tuple[Any, str]:
+    """The learned prompt `find_prompt` finds, loaded for `featurizer`, with a label saying what it is."""
+    from sdm.prompts import load_prompt
+
+    path = find_prompt(prompts_dir, kind, trained_on)
+    return load_prompt(path, featurizer, encoders=encoders), f"{kind} (trained on {trained_on})"
 
 
 def show(fig: Any, path: str | Path) -> Path:

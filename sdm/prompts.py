@@ -540,6 +540,16 @@ def tiny_clip_vision(seed: int = 0) -> nn.Module:
         return CLIPVisionModelWithProjection(cfg).eval()
 
 
+def encoder_name(model: nn.Module | None) -> str | None:
+    """The hub id or folder an image encoder was loaded from; "random weights (tiny)" for the toy ones."""
+    if model is None:
+        return None
+    config = getattr(model, "config", None)
+    if config is None:
+        return type(model).__name__
+    return getattr(config, "_name_or_path", "") or "random weights (tiny)"
+
+
 def load_dino(name: str, device: torch.device | str | None = None) -> nn.Module:
     """By name: "tiny" -> `tiny_dinov2()` (random weights), else DINOv2 by hub id or folder."""
     return tiny_dinov2().to(device or "cpu") if name == "tiny" else load_dinov2(name, device=device)
@@ -643,6 +653,7 @@ class PromptMetadata:
     train_config: dict[str, Any] | None = None
     random_weights: bool = False
     source: dict[str, Any] | None = None  # where an imported prompt came from (the authors' release)
+    trained_on: dict[str, Any] | None = None  # training data and image encoder (`sdm.data.dataset_record` + "dino")
 
 
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
@@ -667,6 +678,7 @@ def save_prompt(
     step: int | None = None,
     train_config: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
+    trained_on: dict[str, Any] | None = None,
 ) -> Path:
     """Writes `<path>.safetensors` (learned tensors) and `<path>.json` (metadata), each atomically.
 
@@ -685,6 +697,7 @@ def save_prompt(
         train_config=train_config,
         random_weights=featurizer.sd.random_weights,
         source=source,
+        trained_on=trained_on,
     )
     weights = base.with_name(base.name + ".safetensors")
     atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"kind": module.kind}))

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from sdm.data import PairDataset, collate_pairs
+from sdm.data import PairDataset, collate_pairs, dataset_record
 from sdm.evaluate import SDExtractor, evaluate
 from sdm.features import SDFeaturizer
 from sdm.loss import gaussian_cross_entropy
@@ -32,6 +32,7 @@ from sdm.prompts import (
     PromptModule,
     atomic_write,
     build_prompt,
+    encoder_name,
     originals_for,
     save_prompt,
 )
@@ -247,6 +248,10 @@ def train(
     if log_with and accelerator.is_main_process:
         accelerator.init_trackers("sdm-train")
 
+    trained_on = {**dataset_record(train_set), "dino": encoder_name(encoders.dino if encoders else None)}
+    if val_set is not None:
+        trained_on["validation"] = dataset_record(val_set)
+
     def save(step: int) -> None:
         nonlocal saved_step
         saved_step = step
@@ -263,7 +268,7 @@ def train(
             "best_step": best_step,
         }
         atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-        save_prompt(module, out / "prompt", featurizer, step=step, train_config=asdict(cfg))
+        save_prompt(module, out / "prompt", featurizer, step=step, train_config=asdict(cfg), trained_on=trained_on)
         _write_log(rows, out / "log.csv")
 
     def validate(step: int) -> float | None:
@@ -274,7 +279,7 @@ def train(
         pck = float(result.table.loc["all", "per_image@0.1"])
         if best_pck is None or pck > best_pck:
             best_pck, best_step = pck, step
-            save_prompt(module, out / "best", featurizer, step=step, train_config=asdict(cfg))
+            save_prompt(module, out / "best", featurizer, step=step, train_config=asdict(cfg), trained_on=trained_on)
         return pck
 
     previous_decode = train_set.decode_images

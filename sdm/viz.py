@@ -170,11 +170,15 @@ def table_heatmap(table: pd.DataFrame, *, title: str | None = None, vmin: float 
 
 
 def grouped_bar(table: pd.DataFrame, *, ylabel: str = "PCK@0.1 (%)", title: str | None = None, ylim: tuple[float, float] | None = (0, 100)) -> Figure:
-    """Bars of a table: one group per row (index), one bar per column, values written on the bars."""
+    """Bars of a table: one group per row (index), one bar per column, values written on the bars; missing
+    values (NaN) get no bar and no label, and columns with no value at all are left out."""
+    table = table.dropna(axis=1, how="all")
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(table) * max(1, len(table.columns)) ** 0.5), 3.8))
     table.plot.bar(ax=ax, rot=0 if len(table) < 5 else 30, width=0.8)
-    for container in ax.containers:
-        ax.bar_label(container, fmt="%.1f", fontsize=7)
+    if len(table) >= 5:
+        plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
+    for container, column in zip(ax.containers, table.columns):
+        ax.bar_label(container, labels=[f"{v:.1f}" if np.isfinite(v) else "" for v in table[column].to_numpy(dtype=float)], fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_xlabel("")
     if ylim:

@@ -118,3 +118,35 @@ def test_cli_refuses_a_threshold_mode_the_dataset_cannot_give() -> None:
     assert done.stderr.strip().splitlines() == [
         "error: --threshold trg-bbox: this dataset has no target bounding boxes: choose another threshold mode (see sdm.metrics.THRESHOLDS)"
     ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("prompt", ["class", "cpm"])  # per-image features (cached in groups) and per-pair features
+def test_two_process_evaluation_equals_one_process(tmp_path: Path, prompt: str) -> None:
+    """`accelerate launch` with 2 CPU processes (gloo) gives the single-process result to the last digit."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["evaluate", "--model", "tiny", "--prompt", prompt, "--dataset", "synthetic", "--max-pairs", "10", "--batch-size", "3"]
+    args += ["--ensemble", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # kernels round differently with other thread counts
+    one = subprocess.run([sys.executable, "-m", "sdm.cli", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    two = subprocess.run([*launch, "-m", "sdm.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("results written") == 1  # only the main process writes
+    (a,), (b,) = (list((tmp_path / d).glob("*_points.csv")) for d in ("one", "two"))
+    assert a.read_text() == b.read_text()  # every point's error, and the protocol header
+    assert a.with_name(a.name.replace("_points", "_pck")).read_text() == b.with_name(b.name.replace("_points", "_pck")).read_text()
+    records = pd.read_csv(b, comment="#")
+    assert len(records.pair_id.unique()) == 10

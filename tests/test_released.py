@@ -174,3 +174,26 @@ def test_import_prompt_cli_writes_sdm_prompts(tmp_path: Path, featurizer: SDFeat
     loaded = load_prompt(out / "Single_spair_sd2-1_TokenEmbeds75", featurizer)
     hidden = featurizer.encode_prompt(loaded.image_prompt(featurizer, None, ["x"]))
     torch.testing.assert_close(hidden, authors_hidden_states(featurizer, t), rtol=1e-4, atol=1e-5)
+
+
+def test_find_prompt_by_metadata(tmp_path: Path, featurizer: SDFeaturizer) -> None:
+    """Notebooks find a prompt by kind and training data in its metadata, whoever wrote it; of the release's CPM
+    variants the paper's (Pair, patch features, G25, C50) is taken."""
+    from sdm.notebooks import find_prompt
+    from sdm.prompts import build_prompt, save_prompt
+
+    dino = PromptEncoders(dino=tiny_dinov2(0))
+    paper = build_prompt("cpm", featurizer, encoders=dino)
+    variant = build_prompt("cpm", featurizer, encoders=dino, cpm=CPMConfig(n_global=0, n_cond=75, global_prompt=False))
+    save_prompt(paper, tmp_path / "CPM_spair_sd2-1_Pair-DINO-Feat-G25-C50", featurizer, source={"train_dataset": "spair"})
+    save_prompt(variant, tmp_path / "CPM_spair_sd2-1_Pair-DINO-Feat-G0-C75", featurizer, source={"train_dataset": "spair"})
+    single = build_prompt("single", featurizer)
+    save_prompt(single, tmp_path / "02_single_pfpascal_prompt", featurizer, trained_on={"dataset": "pfpascal", "split": "trn"})
+    (tmp_path / "03_evaluate.json").write_text('{"pck": {}}')  # other JSON files are passed over
+    assert find_prompt(tmp_path, "cpm", "spair").name == "CPM_spair_sd2-1_Pair-DINO-Feat-G25-C50.safetensors"
+    assert find_prompt(tmp_path, "single", "pfpascal").name == "02_single_pfpascal_prompt.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"no single prompt trained on spair.*sdm import-prompt"):
+        find_prompt(tmp_path, "single", "spair")
+    save_prompt(single, tmp_path / "other", featurizer, trained_on={"dataset": "pfpascal"})
+    with pytest.raises(ValueError, match="several single prompts"):
+        find_prompt(tmp_path, "single", "pfpascal")

@@ -70,6 +70,19 @@ def load_dataset(
     return DATASETS[name](root, split=split, image_size=image_size, category=category, **kwargs)
 
 
+def dataset_record(dataset: Any) -> dict[str, Any]:
+    """What a dataset (or a `PairSubset` of one) is, for metadata and protocol records: registry name, split,
+    pairs used and pairs in the split."""
+    base = getattr(dataset, "dataset", dataset) if isinstance(dataset, PairSubset) else dataset
+    name = next((n for n, cls in DATASETS.items() if type(base) is cls), type(base).__name__)
+    split = getattr(base, "split", None)
+    if isinstance(base, SyntheticPairs):
+        split = next((s for s, (seed, n) in SYNTHETIC_SPLITS.items() if (seed, n) == (base.seed, len(base))), f"seed {base.seed}")
+    elif isinstance(base, PFWillow):
+        split = "test"
+    return {"dataset": name, "split": split, "pairs": len(dataset), "split_pairs": len(base)}
+
+
 __all__ = [
     "DATASETS",
     "PFPASCAL_CATEGORIES",
@@ -94,6 +107,7 @@ __all__ = [
     "apply_homography",
     "category_label",
     "collate_pairs",
+    "dataset_record",
     "load_dataset",
     "parse_pfpascal_csv",
     "parse_pfwillow_csv",
