@@ -26,15 +26,15 @@ def cmd_match(args: argparse.Namespace) -> int:
 
     from sdm.features import SDFeaturizer
     from sdm.matching import match_points
-    from sdm.models import load_model
-    from sdm.viz import parse_points, plot_correspondences, save_figure
+    from sdm.viz import figure_path, parse_points, plot_correspondences, save_figure
 
-    src, trg = _open_image(args.image_a), _open_image(args.image_b)
     try:
         points = torch.tensor(parse_points(args.points))
+        out_path = figure_path(args.out)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    sd = load_model(args.model, args.device)
+    src, trg = _open_image(args.image_a), _open_image(args.image_b)
+    sd = _load_sd(args.model, args.device)
     size = args.image_size or (64 if args.model == "tiny" else 768)
     featurizer = SDFeaturizer(sd, image_size=size, timestep=args.timestep, ensemble=args.ensemble)
     try:
@@ -44,18 +44,54 @@ def cmd_match(args: argparse.Namespace) -> int:
     for p, q in zip(points.tolist(), matched.tolist()):
         print(f"({p[0]:.1f}, {p[1]:.1f}) -> ({q[0]:.1f}, {q[1]:.1f})")
     title = f"{sd.name}, t={args.timestep}, {args.matcher}" + (" (random weights)" if sd.random_weights else "")
-    out = save_figure(plot_correspondences(src, trg, points, matched, heatmap=heat, title=title), args.out)
+    out = save_figure(plot_correspondences(src, trg, points, matched, heatmap=heat, title=title), out_path)
     print(f"figure written to {out}")
     return 0
 
 
 def _dataset(args: argparse.Namespace, split: str, image_size: int):  # -> PairDataset
-    from sdm.data import load_dataset
+    from sdm.data import infer_dataset, load_dataset
 
     try:
-        return load_dataset(args.dataset, args.root, split=split, image_size=image_size, category=args.category)
+        if args.dataset is None:  # synthetic pairs only when no folder is given
+            args.dataset = infer_dataset(args.root) if args.root else "synthetic"
+        dataset = load_dataset(args.dataset, args.root, split=split, image_size=image_size, category=args.category)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
+    if len(dataset) == 0:
+        what = f"of category {args.category!r} " if args.category else ""
+        raise SystemExit(f"error: no pairs {what}in the {split!r} split of {args.dataset} ({args.root}); categories: {', '.join(dataset.categories)}")
+    return dataset
+
+
+def _check_device(device: str | None) -> None:
+    """Fails at once (before data or models load) for a device this machine does not have."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SystemExit(f"error: --device {device}: not a torch device (use cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device}: no CUDA GPU is visible here; use --device cpu (or leave --device out)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {device}: MPS is not available here; use --device cpu")
+
+
+def _load_sd(model: str, device: str | None):  # -> StableDiffusion
+    """The model of --model, or one line saying why it cannot be loaded and what to pass instead."""
+    from sdm.models import load_model
+
+    try:
+        return load_model(model, device)
+    except RuntimeError as err:
+        reason = str(err).splitlines()[0]
+        raise SystemExit(
+            f"error: --model {model}: {reason}. Offline? Download the model where there is network and pass "
+            "--model FOLDER (diffusers layout), or --model tiny for a random-weight check"
+        ) from None
 
 
 def _encoders(kind: str, dino: str, device: str | None, tiny: bool):  # -> PromptEncoders
@@ -71,10 +107,14 @@ def _encoders(kind: str, dino: str, device: str | None, tiny: bool):  # -> Promp
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from sdm.models import load_model
     from sdm.prompts import CPM_ABLATIONS, CPMConfig
-    from sdm.train import TrainConfig, recipe, train
+    from sdm.train import RUN_FILES, TrainConfig, recipe, train
 
+    _check_device(args.device)
+    found = [name for name in RUN_FILES if (Path(args.out) / name).exists()]
+    if found and not (args.resume or args.overwrite):
+        raise SystemExit(f"error: --out {args.out} already holds a training run ({', '.join(found)}): pass --resume to continue it, "
+                         "--overwrite to delete it, or another --out")
     size = args.image_size or (128 if args.model == "tiny" else 768)
     train_set = _dataset(args, args.split, size)
     overrides = recipe(args.recipe, len(train_set), args.dataset)
@@ -82,24 +122,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     cpm = {**CPM_ABLATIONS[args.cpm_ablation], "form": args.cpm_form, "dino_input": args.dino_input}
     overrides.update(image_size=size, cpm=CPMConfig(**cpm))
     cfg = TrainConfig(**overrides)
-    sd = load_model(args.model, args.device)
+    sd = _load_sd(args.model, args.device)
     val_set = _dataset(args, args.val_split, size) if args.val_split else None
-    result = train(cfg, sd, train_set, val_set, out_dir=args.out, encoders=_encoders(cfg.prompt, args.dino, args.device, args.model == "tiny"), resume=args.resume)
-    print(f"trained {cfg.prompt} for {cfg.steps} steps; prompt written to {result.out_dir / 'prompt.safetensors'}")
+    encoders = _encoders(cfg.prompt, args.dino, args.device, args.model == "tiny")
+    try:
+        result = train(cfg, sd, train_set, val_set, out_dir=args.out, encoders=encoders, resume=args.resume, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
+    note = " (random weights: numbers meaningless)" if sd.random_weights else ""
+    print(f"trained {cfg.prompt} for {cfg.steps} steps{note}; prompt written to {result.out_dir / 'prompt.safetensors'}")
     if result.best_pck is not None:
-        print(f"best validation PCK@0.1 {result.best_pck:.1f} at step {result.best_step} ({result.out_dir / 'best.safetensors'})")
+        print(f"best validation PCK@0.1 {result.best_pck:.1f}{note} at step {result.best_step} ({result.out_dir / 'best.safetensors'})")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from sdm.evaluate import ModuleExtractor, SDExtractor, ViTFeatures, evaluate, load_vit
     from sdm.features import SDFeaturizer
-    from sdm.models import load_model
-    from sdm.prompts import PROMPTS, build_prompt, load_prompt, read_metadata
+    from sdm.prompts import LEARNED, PROMPTS, build_prompt, load_prompt, read_metadata
 
+    _check_device(args.device)
     if args.matcher == "attention":
         return _evaluate_attention(args)
     size = args.image_size or (128 if args.model == "tiny" else 768)
+    prompt_file = _prompt_source(args.prompt)
     dataset = _dataset(args, args.split, size)
     _check_threshold(dataset, args.threshold, args.frame)
     processes, args.device = _processes(args.device)
@@ -107,17 +153,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         extractor = ModuleExtractor(ViTFeatures(load_vit(args.baseline, device=args.device), image_size=args.vit_size))
         name = args.baseline.replace("/", "_")
     else:
-        sd = load_model(args.model, args.device)
+        sd = _load_sd(args.model, args.device)
         featurizer = SDFeaturizer(
             sd, image_size=size, timestep=args.timestep, ensemble=args.ensemble, up_block=args.up_block, latent=args.latent, seed=args.seed
         )
         tiny = args.model == "tiny"
+        untrained = False
         if args.prompt in PROMPTS:
             kind = args.prompt
             module = build_prompt(
                 kind, featurizer, categories=dataset.categories, encoders=_encoders(kind, args.dino, args.device, tiny),
                 template_words=args.template_words,
             )
+            untrained = kind in LEARNED
+            if untrained:
+                print(f"warning: --prompt {kind} evaluates an UNTRAINED {kind} prompt (its initial vectors); pass a trained "
+                      "prompt file (sdm train, sdm import-prompt) to evaluate a learned one", file=sys.stderr)
         elif _is_released(args.prompt):
             names = _released_names(args.prompt, args.prompt_name)
             encoders = _released_encoders(names, args.dino, args.device, tiny) if len(names) == 1 else None
@@ -127,19 +178,55 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             kind = read_metadata(args.prompt).kind
             module = load_prompt(args.prompt, featurizer, encoders=_encoders(kind, args.dino, args.device, tiny))
         extractor = SDExtractor(featurizer, module)
-        name = f"{kind}_t{args.timestep}_e{args.ensemble}"
+        name = f"{kind}{'-untrained' if untrained else ''}_t{args.timestep}_e{args.ensemble}"
     result = evaluate(
         extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers, max_pairs=args.max_pairs,
         threshold=args.threshold, frame=args.frame, processes=processes,
     )
     if processes is not None and not processes.is_main_process:
         return 0  # the main process writes the gathered result
-    if _is_released(args.prompt) or Path(args.prompt).suffix in (".safetensors", ".json"):
+    if prompt_file:
         result.info["protocol"].update(prompt_file=str(args.prompt), prompt_hash=_file_hash(args.prompt))
+    if not args.baseline and untrained:
+        result.info["protocol"]["prompt_state"] = "untrained (initial vectors)"
     result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "name": name})
-    out = result.save(args.out, f"{args.dataset}_{args.split}_{name}")
+    return _report(result, args, name)
+
+
+def _prompt_source(prompt: str) -> bool:
+    """Whether --prompt names a file or folder (then it must exist); a kind name otherwise. Checked before
+    anything loads."""
+    from sdm.prompts import PROMPTS
+
+    if prompt in PROMPTS:
+        return False
+    if _is_released(prompt):
+        return True
+    base = Path(prompt)
+    base = base.with_suffix("") if base.suffix in (".safetensors", ".json") else base
+    if not base.with_name(base.name + ".safetensors").is_file() or not base.with_name(base.name + ".json").is_file():
+        raise SystemExit(
+            f"error: --prompt {prompt}: no saved prompt there (expected {base}.safetensors and {base}.json, as sdm train "
+            f"and sdm import-prompt write them), and not a prompt kind ({', '.join(sorted(PROMPTS))})"
+        )
+    return True
+
+
+def _report(result, args: argparse.Namespace, name: str) -> int:
+    """Prints the PCK table (with the random-weights warning where it applies) and writes the result files under
+    a name unique to the protocol (dataset_split_method[_Npairs]_ID). Only a result of the very same protocol (same
+    code, data and settings, hence the same numbers) is replaced, and the output says so."""
+    from sdm.evaluate import RANDOM_WEIGHTS_NOTE, protocol_id
+
+    protocol = result.info["protocol"]
+    pairs = "" if protocol["pairs"] == protocol["split_pairs"] else f"_{protocol['pairs']}pairs"
+    stem = f"{args.dataset}_{args.split}_{name}{pairs}_{protocol_id(protocol)}"
+    again = (Path(args.out) / f"{stem}.json").exists()
+    out = result.save(args.out, stem, overwrite=True)
+    if protocol.get("random_weights"):
+        print(f"PCK (%), {RANDOM_WEIGHTS_NOTE}")
     print(result.table.round(1).to_string())
-    print(f"results written to {out}")
+    print(f"results written to {out}" + (" (replacing the earlier result of this exact protocol)" if again else ""))
     return 0
 
 
@@ -219,13 +306,12 @@ def _import_released(path: str, name: str | None, featurizer, encoders):  # -> (
 
 def cmd_import_prompt(args: argparse.Namespace) -> int:
     from sdm.features import SDFeaturizer
-    from sdm.models import load_model
     from sdm.prompts import save_prompt
 
     names = _released_names(args.path, args.name)
     tiny = args.model == "tiny"
     encoders = _released_encoders(names, args.dino, args.device, tiny)
-    sd = load_model(args.model, args.device)
+    sd = _load_sd(args.model, args.device)
     featurizer = SDFeaturizer(sd, image_size=64 if tiny else 768)
     out = Path(args.out)
     for name in names:
@@ -239,7 +325,6 @@ def cmd_import_prompt(args: argparse.Namespace) -> int:
 def _evaluate_attention(args: argparse.Namespace) -> int:
     from sdm.attention import AttentionMatcher, AttentionMatcherConfig
     from sdm.evaluate import attention_predictor, attention_record, evaluate_predictions
-    from sdm.models import load_model
 
     size = args.image_size or (64 if args.model == "tiny" else 512)
     dataset = _dataset(args, args.split, size)
@@ -247,21 +332,21 @@ def _evaluate_attention(args: argparse.Namespace) -> int:
     config = AttentionMatcherConfig(
         image_size=size, steps=args.attention_steps, num_embeddings=args.attention_embeddings, inference_crops=args.attention_crops, progress=False
     )
-    matcher = AttentionMatcher(load_model(args.model, args.device), config)
+    matcher = AttentionMatcher(_load_sd(args.model, args.device), config)
     result = evaluate_predictions(
         dataset, attention_predictor(matcher), batch_size=1, max_pairs=args.max_pairs, threshold=args.threshold, frame=args.frame,
         desc="attention matcher",
     )
     result.info["protocol"].update(attention_record(matcher))
     result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "matcher": "attention"})
-    out = result.save(args.out, f"{args.dataset}_{args.split}_attention")
-    print(result.table.round(1).to_string())
-    print(f"results written to {out}")
-    return 0
+    return _report(result, args, "attention")
 
 
 def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
-    p.add_argument("--dataset", default="synthetic", choices=["spair", "pfpascal", "pfwillow", "synthetic"])
+    p.add_argument(
+        "--dataset", default=None, choices=["spair", "pfpascal", "pfwillow", "synthetic"],
+        help="default: told from --root's layout; synthetic pairs when there is no --root",
+    )
     p.add_argument("--root", default=None, help="dataset folder, e.g. data/SPair-71k (see data/README.md)")
     p.add_argument("--split", default=split)
     p.add_argument("--category", default=None, help="only this category")
@@ -316,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--out", default="runs/train", help="folder for checkpoint.pt, prompt.*, best.*, log.csv")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true", help="delete the run already in --out before training")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="PCK of a prompt (or a DINO baseline) on a dataset split")
@@ -346,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--up-block", type=int, default=1)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--num-workers", type=int, default=0)
-    e.add_argument("--out", default="results", help="folder for the PCK tables (CSV, JSON)")
+    e.add_argument("--out", default="results", help="folder for the PCK tables (CSV, JSON), named by the protocol")
     e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("import-prompt", help="convert the authors' released prompts (pretrained_prompts.zip) to sdm prompts")
@@ -360,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _extra_commands():
         register(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser
 
 
@@ -379,8 +467,16 @@ def _extra_commands() -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs a subcommand. A user error (a missing file, a bad value, a model that cannot be loaded) prints one
+    `error: ...` message and exits with status 2; `--debug` shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        if getattr(args, "debug", False):
+            raise
+        first = str(err).strip() or type(err).__name__
+        raise SystemExit(f"error: {first}\n(run again with --debug for the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -229,17 +229,33 @@ class EvalResult:
     records: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, out_dir: str | Path, name: str) -> Path:
-        """Writes <name>_pck.csv, <name>_points.csv (each headed by `# protocol: {...}`) and <name>.json (table +
-        info) into out_dir. Read the CSVs with `pandas.read_csv(path, comment="#")`."""
+    def save(self, out_dir: str | Path, name: str, *, overwrite: bool = False) -> Path:
+        """Writes <name>_pck.csv, <name>_points.csv (each headed by `# protocol: {...}`, and by a random-weights
+        warning where that applies) and <name>.json (table + info) into out_dir. Read the CSVs with
+        `pandas.read_csv(path, comment="#")`. Existing files are not replaced unless `overwrite` (FileExistsError)."""
         out = Path(out_dir)
+        paths = [out / f"{name}_pck.csv", out / f"{name}_points.csv", out / f"{name}.json"]
+        existing = [str(p) for p in paths if p.exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"{existing[0]} exists (a result of the same protocol); remove it, or pass --overwrite / overwrite=True")
         out.mkdir(parents=True, exist_ok=True)
-        header = f"# protocol: {json.dumps(self.info.get('protocol', {}), sort_keys=True)}\n"
-        for frame, path, index in ((self.table, out / f"{name}_pck.csv", True), (self.records, out / f"{name}_points.csv", False)):
+        protocol = self.info.get("protocol", {})
+        header = f"# protocol: {json.dumps(protocol, sort_keys=True)}\n"
+        if protocol.get("random_weights"):
+            header = f"# {RANDOM_WEIGHTS_NOTE}\n" + header
+        for frame, path, index in ((self.table, paths[0], True), (self.records, paths[1], False)):
             path.write_text(header + frame.to_csv(index=index))
         payload = {"info": self.info, "pck": json.loads(self.table.to_json(orient="index"))}
         (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
         return out / f"{name}.json"
+
+
+RANDOM_WEIGHTS_NOTE = "random weights: these numbers only show that the pipeline runs"
+
+
+def protocol_id(protocol: dict[str, Any]) -> str:
+    """8 hex digits naming a protocol record (results of different protocols get different file names)."""
+    return hashlib.blake2b(json.dumps(protocol, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
 
 
 def standard_threshold(dataset: PairDataset) -> str | None:

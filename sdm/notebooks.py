@@ -61,6 +61,7 @@ QUICK: dict[str, dict[str, Any]] = {
         "val_every": 4,
         "val_pairs": 4,
         "log_every": 1,
+        "overwrite": True,  # `sdm notebooks --profile quick` may run again into the same folder
         "mixed_precision": "no",
         "dino": "tiny",
     },
@@ -113,6 +114,52 @@ QUICK: dict[str, dict[str, Any]] = {
     },
 }
 PROFILES = ("quick", "paper")
+
+# ---- the paper profile's plan ------------------------------------------------------------------------------------
+# Throughputs of the README's benchmark table (one H200, random SD2-1-architecture weights, 768 px, measured
+# 2026-11-22 before the fidelity changes), from which the paper profile's compute is estimated.
+RATES = {
+    "features_e8_images_per_s": 35.9,
+    "features_e1_images_per_s": 99.6,
+    "cpm_eval_pairs_per_s": 17.4,
+    "train_steps_per_s_batch9": 4.95,
+    "attention_s_per_point": 12.6,
+}
+# Sizes of the test splits used by the estimates (images: upper bounds, at most 2 per pair).
+SPLITS = {"spair_test_pairs": 12_234, "spair_test_images": 1_800, "pfpascal_test_pairs": 299, "pfwillow_test_pairs": 900}
+
+
+def paper_plan() -> list[tuple[str, str, float]]:
+    """What the paper profile runs, per notebook: (notebook, what, estimated GPU-hours from `RATES`)."""
+    r, n = RATES, SPLITS
+    img8 = n["spair_test_images"] / r["features_e8_images_per_s"]  # seconds for one per-image method on SPair test
+    small = (2 * n["pfpascal_test_pairs"] + 2 * n["pfwillow_test_pairs"]) / r["features_e8_images_per_s"]
+    cpm = lambda pairs: pairs / r["cpm_eval_pairs_per_s"]  # noqa: E731
+    train = 30_000 / r["train_steps_per_s_batch9"]  # one 30,000-step run of 9 pairs (Single's rate; CPM is slower)
+    rows = [
+        ("00", "match points of one pair", 0.0),
+        ("01", "empty/template/captioner prompts x DIFT and SD+DINO on SPair-71k test; captioner 1,000 steps", (6 * img8 + 1000 / r["train_steps_per_s_batch9"]) / 3600),
+        ("02", "train Single, Class, CPM on SPair-71k and Single, CPM on PF-Pascal, 30,000 steps each", 5 * train / 3600),
+        ("03", "Tables 2-3: DIFT, DINOv2, Single, Class, CPM on SPair-71k; DIFT, DINOv2, Single, CPM on PF-Pascal, PF-Willow",
+         (3 * img8 + cpm(n["spair_test_pairs"]) + 2 * small + cpm(n["pfpascal_test_pairs"] + n["pfwillow_test_pairs"])) / 3600),
+        ("04", "Fig. 3a: 6 CPM variants trained 30,000 steps and evaluated on SPair-71k test", 6 * (train + cpm(n["spair_test_pairs"])) / 3600),
+        ("05", "Fig. 3b: 12 timesteps x 2 prompts, 4 up blocks x 2, DDIM inversion (4 t x 2 x 10 steps)",
+         (24 * img8 + 8 * img8 + 80 * n["spair_test_images"] / r["features_e1_images_per_s"]) / 3600),
+        ("06", "Figs. 4-5: 22 images (18 Class prompts, 4 CPM pairs), 50 DDIM steps x 2 (guidance); at least",
+         22 * 100 / r["features_e1_images_per_s"] / 3600),  # a feature pass runs only part of the UNet: a lower bound
+        ("07", "correlation maps of 3 pairs", 0.0),
+        ("08", "Hedlin et al.'s matcher on the 900 PF-Willow pairs (10 points each)", 10 * n["pfwillow_test_pairs"] * r["attention_s_per_point"] / 3600),
+    ]
+    return rows
+
+
+def plan_table(keys: Sequence[str] | None = None) -> str:
+    """The paper profile's plan as text: per notebook what runs and its estimated GPU-hours, and the total."""
+    rows = [row for row in paper_plan() if keys is None or row[0] in keys]
+    lines = ["paper profile: what runs and estimated GPU-hours on one H200 (the README's benchmark rows; an H100 takes longer)"]
+    lines += [f"  {key}  {hours:7.2f} h  {what}" for key, what, hours in rows]
+    lines.append(f"  total {sum(h for _, _, h in rows):6.1f} h (estimates; the README's 'Speed' table has the measured rates)")
+    return "\n".join(lines)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -211,6 +258,9 @@ def run_notebooks(
             raise ValueError(f"no notebook in {root} matches {list(only)}")
     if not paths:
         raise FileNotFoundError(f"no numbered notebooks (NN_*.ipynb) in {root}")
+    unknown = set(parameters or {}) - {name for path in paths for name in notebook_parameters(path)}
+    if unknown:
+        raise ValueError(f"no notebook to run has the parameter(s) {', '.join(sorted(unknown))}")
     out = Path(out_dir)
     repo = root.resolve().parent
     if profile == "quick":
@@ -276,8 +326,14 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
         import papermill  # noqa: F401
     except ImportError:
         raise SystemExit('error: the notebook runner needs papermill: pip install -e ".[notebooks]"') from None
+    parameters = {name: _parse_value(value) for name, value in args.parameter or []}
+    if args.profile == "paper" or args.plan:
+        keys = None if not args.only else [str(o).removesuffix(".ipynb")[:2].zfill(2) for o in args.only]
+        print(plan_table(keys))
+        if args.plan:
+            return 0
     try:
-        summaries = run_notebooks(args.profile, args.only, args.out, notebooks_dir=args.notebooks)
+        summaries = run_notebooks(args.profile, args.only, args.out, notebooks_dir=args.notebooks, parameters=parameters)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     print(summary_table(summaries))
@@ -299,7 +355,22 @@ def add_notebooks_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", default=None, metavar="NN", help="notebook numbers, e.g. --only 00 03")
     p.add_argument("--out", default="runs", help="folder for executed notebooks (and quick-profile figures/results)")
     p.add_argument("--notebooks", default=None, help="folder of the notebooks (default: ./notebooks)")
+    p.add_argument(
+        "-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+        help="set a parameter in every notebook that has it, as papermill -p (e.g. -p model FOLDER -p device cuda:1)",
+    )
+    p.add_argument("--plan", action="store_true", help="print what the paper profile runs and its compute estimate, then stop")
     p.set_defaults(func=cmd_notebooks)
+
+
+def _parse_value(text: str) -> Any:
+    """A -p value as papermill reads it: a Python literal (number, None, True, list, dict) or else the string."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 # ---- helpers the notebooks share ---------------------------------------------------------------------------------
@@ -378,7 +449,8 @@ def learned_prompt(
         num_workers=0,
         **train_options,
     )
-    result = train(cfg, sd, train_set, None, out_dir=out_dir, encoders=encoders, progress=progress)
+    # the notebook's own scratch run: rerunning the notebook retrains it
+    result = train(cfg, sd, train_set, None, out_dir=out_dir, encoders=encoders, overwrite=True, progress=progress)
     return result.prompt, f"{kind}: trained here for {train_steps} steps"
 
 

@@ -654,6 +654,7 @@ class PromptMetadata:
     random_weights: bool = False
     source: dict[str, Any] | None = None  # where an imported prompt came from (the authors' release)
     trained_on: dict[str, Any] | None = None  # training data and image encoder (`sdm.data.dataset_record` + "dino")
+    run: dict[str, Any] | None = None  # the training run it comes from: id (kept across resumes) and folder
 
 
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
@@ -664,10 +665,19 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from colleagues
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_prompt(
@@ -679,6 +689,7 @@ def save_prompt(
     train_config: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
     trained_on: dict[str, Any] | None = None,
+    run: dict[str, Any] | None = None,
 ) -> Path:
     """Writes `<path>.safetensors` (learned tensors) and `<path>.json` (metadata), each atomically.
 
@@ -698,6 +709,7 @@ def save_prompt(
         random_weights=featurizer.sd.random_weights,
         source=source,
         trained_on=trained_on,
+        run=run,
     )
     weights = base.with_name(base.name + ".safetensors")
     atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"kind": module.kind}))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -168,9 +170,17 @@ class StepBatchSampler(Sampler[list[int]]):
         return max(0, self.stop - self.start)
 
 
-def _write_log(rows: list[dict[str, Any]], path: Path) -> None:
+RANDOM_WEIGHTS_LOG = "# random weights: this training only shows that the loop runs"
+
+
+def _write_log(rows: list[dict[str, Any]], path: Path, random_weights: bool = False) -> None:
+    """log.csv: step, loss, val_pck; headed by a comment line when the model has random weights (read it with
+    `pandas.read_csv(path, comment="#")`)."""
+
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as fh:
+            if random_weights:
+                fh.write(RANDOM_WEIGHTS_LOG + "\n")
             writer = csv.DictWriter(fh, fieldnames=["step", "loss", "val_pck"])
             writer.writeheader()
             writer.writerows(rows)
@@ -194,6 +204,7 @@ def train(
     out_dir: str | Path = "runs/train",
     encoders: PromptEncoders | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
     """Trains a prompt of `cfg.prompt` on `train_set` and returns it with its log.
@@ -202,9 +213,14 @@ def train(
     (the latest learned prompt, `sdm.prompts.load_prompt` reads it), best.* (best validation PCK@0.1),
     log.csv. With `resume`, continues from out_dir/checkpoint.pt exactly where it stopped.
 
+    A folder that already holds a run is refused (RunExistsError) unless `resume` continues it or `overwrite`
+    deletes its run files first, so two runs never mix. Every saved prompt records the run's id
+    (metadata "run"), kept across resumes.
+
     Raises TrainingDiverged when the loss is NaN or infinite (the last checkpoint is left as it was).
     """
     out = Path(out_dir)
+    _claim_run_folder(out, resume, overwrite)
     log_with = "tensorboard" if _has_tensorboard() else None
     accelerator = _accelerator(cfg.mixed_precision, log_with, out)
     device = accelerator.device
@@ -219,10 +235,12 @@ def train(
     optimizer = accelerator.prepare(optimizer)
 
     start, rows, best_pck, best_step, saved_step = 0, [], None, None, None
+    run_id = uuid.uuid4().hex[:12]
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         _check_resume(state["config"], cfg)
+        run_id = state.get("run_id", run_id)
         params = dict(module.named_parameters())
         with torch.no_grad():
             for k, v in state["prompt"].items():
@@ -251,6 +269,7 @@ def train(
     trained_on = {**dataset_record(train_set), "dino": encoder_name(encoders.dino if encoders else None)}
     if val_set is not None:
         trained_on["validation"] = dataset_record(val_set)
+    identity = {"id": run_id, "folder": str(out.resolve())}
 
     def save(step: int) -> None:
         nonlocal saved_step
@@ -266,10 +285,11 @@ def train(
             "log": rows,
             "best_pck": best_pck,
             "best_step": best_step,
+            "run_id": run_id,
         }
         atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-        save_prompt(module, out / "prompt", featurizer, step=step, train_config=asdict(cfg), trained_on=trained_on)
-        _write_log(rows, out / "log.csv")
+        save_prompt(module, out / "prompt", featurizer, step=step, train_config=asdict(cfg), trained_on=trained_on, run=identity)
+        _write_log(rows, out / "log.csv", sd.random_weights)
 
     def validate(step: int) -> float | None:
         nonlocal best_pck, best_step
@@ -279,7 +299,7 @@ def train(
         pck = float(result.table.loc["all", "per_image@0.1"])
         if best_pck is None or pck > best_pck:
             best_pck, best_step = pck, step
-            save_prompt(module, out / "best", featurizer, step=step, train_config=asdict(cfg), trained_on=trained_on)
+            save_prompt(module, out / "best", featurizer, step=step, train_config=asdict(cfg), trained_on=trained_on, run=identity)
         return pck
 
     previous_decode = train_set.decode_images
@@ -326,7 +346,8 @@ def train(
             val_pck = validate(step) if val_every and step % val_every == 0 else None
             if step % cfg.log_every == 0 or val_pck is not None or step == cfg.steps:
                 rows.append({"step": step, "loss": loss_value, "val_pck": val_pck if val_pck is not None else math.nan})
-                bar.set_postfix(loss=f"{loss_value:.3f}", **({"val": f"{val_pck:.1f}"} if val_pck is not None else {}))
+                val = {"val": f"{val_pck:.1f}" + (" (random weights)" if sd.random_weights else "")} if val_pck is not None else {}
+                bar.set_postfix(loss=f"{loss_value:.3f}", **val)
                 if log_with:
                     accelerator.log({"loss": loss_value, **({"val_pck": val_pck} if val_pck is not None else {})}, step=step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -341,6 +362,28 @@ def train(
     if accelerator.is_main_process and step == start:  # nothing to do (already at cfg.steps): keep files consistent
         save(step)
     return TrainResult(module, pd.DataFrame(rows, columns=["step", "loss", "val_pck"]), best_pck, best_step, out)
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds a training run."""
+
+
+RUN_FILES = (CHECKPOINT, "prompt.safetensors", "prompt.json", "best.safetensors", "best.json", "log.csv")
+
+
+def _claim_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuses a folder holding another run's files unless resuming, or deletes them when overwriting."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise RunExistsError(
+            f"{out} already holds a training run ({', '.join(found)}): resume it (--resume / resume=True), "
+            "clear it (--overwrite / overwrite=True), or choose another output folder (--out)"
+        )
+    for name in found:
+        (out / name).unlink()
+    shutil.rmtree(out / "sdm-train", ignore_errors=True)  # its tensorboard events
 
 
 def _accelerator(mixed_precision: str, log_with: str | None, out: Path) -> Accelerator:

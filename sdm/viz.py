@@ -69,9 +69,23 @@ def plot_correspondences(
     return fig
 
 
-def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
-    """Saves and closes a figure, creating the parent folder."""
+def figure_path(path: str | Path) -> Path:
+    """The file a figure is saved to: `path`, or `path`.png when it has no extension; a ValueError for an
+    extension matplotlib cannot write (check this before any long computation)."""
     path = Path(path)
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"cannot save a figure as {path.suffix!r} ({path}); use one of {', '.join('.' + f for f in sorted(formats))}")
+    return path
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
+    """Saves and closes a figure, creating the parent folder; returns the file written (`figure_path`)."""
+    path = figure_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
@@ -100,9 +114,12 @@ def parse_points(text: str) -> list[tuple[float, float]]:
         try:
             if len(xy) != 2:
                 raise ValueError
-            points.append((float(xy[0]), float(xy[1])))
+            x, y = float(xy[0]), float(xy[1])
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise ValueError
+            points.append((x, y))
         except ValueError:
-            raise ValueError(f"cannot read point {part!r}: write points as 'x,y;x,y' in pixels") from None
+            raise ValueError(f"cannot read point {part!r}: write points as 'x,y;x,y' with finite numbers, in pixels") from None
     if not points:
         raise ValueError("no points given: write them as 'x,y;x,y' in pixels of the source image")
     return points

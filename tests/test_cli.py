@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from sdm.cli import main
+from sdm.evaluate import protocol_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +72,13 @@ def test_train_then_evaluate_offline(tmp_path: Path, capsys: pytest.CaptureFixtu
     results = tmp_path / "results"
     assert main(["evaluate", *common, "--prompt", str(out / "prompt.safetensors"), "--ensemble", "1", "--out", str(results)]) == 0
     text = capsys.readouterr().out
-    assert "per_image@0.1" in text and (results / "synthetic_test_single_t50_e1.json").is_file()
+    (written,) = results.glob("synthetic_test_single_t50_e1_*.json")  # named by the protocol's id
+    assert "per_image@0.1" in text and "random weights" in text and written.stem.split("_")[-1] == protocol_id(
+        json.loads(written.read_text())["info"]["protocol"]
+    )
+    # a subset check beside it gets its own name: nothing is replaced
+    assert main(["evaluate", *common, "--prompt", str(out / "prompt.safetensors"), "--ensemble", "1", "--max-pairs", "4", "--out", str(results)]) == 0
+    assert len(list(results.glob("*.json"))) == 2 and len(list(results.glob("*_4pairs_*.json"))) == 1
 
 
 def test_evaluate_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
@@ -82,4 +90,6 @@ def test_evaluate_with_attention_matcher(tmp_path: Path) -> None:
     results = tmp_path / "results"
     args = ["evaluate", "--model", "tiny", "--dataset", "synthetic", "--matcher", "attention", "--max-pairs", "2", "--out", str(results)]
     assert main([*args, "--attention-steps", "3", "--attention-embeddings", "2", "--attention-crops", "2"]) == 0
-    assert (results / "synthetic_test_attention.json").is_file()
+    (written,) = results.glob("synthetic_test_attention_2pairs_*.json")
+    protocol = json.loads(written.read_text())["info"]["protocol"]
+    assert protocol["matcher"] == "attention" and protocol["random_weights"] and protocol["matcher_params"]["steps"] == 3

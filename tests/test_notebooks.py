@@ -86,7 +86,7 @@ def check_02(figures: Path, results: Path) -> None:
         assert meta["trained_on"]["dino"] == ("random weights (tiny)" if kind == "cpm" else None)
         assert (results / f"02_{kind}_{name}_prompt.safetensors").is_file()
         log = (results / f"02_train_{kind}_{name}_log.csv").read_text().splitlines()
-        assert log[0] == "step,loss,val_pck" and len(log) == 1 + QUICK["02"]["steps"]
+        assert log[0].startswith("# random weights") and log[1] == "step,loss,val_pck" and len(log) == 2 + QUICK["02"]["steps"]
 
 
 def check_03(figures: Path, results: Path) -> None:

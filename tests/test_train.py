@@ -76,7 +76,7 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     resumed = train(quick_config(), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path / "cut", resume=True, progress=False)
     torch.testing.assert_close(resumed.prompt.tokens, full.prompt.tokens, rtol=0, atol=0)
     pd.testing.assert_frame_equal(resumed.log, full.log)
-    assert list(pd.read_csv(tmp_path / "cut" / "log.csv")["step"]) == list(range(1, 7))
+    assert list(pd.read_csv(tmp_path / "cut" / "log.csv", comment="#")["step"]) == list(range(1, 7))
     featurizer = sdm.SDFeaturizer(sdm.tiny_stable_diffusion(0), image_size=SIZE)
     torch.testing.assert_close(load_prompt(tmp_path / "cut" / "prompt", featurizer).tokens, full.prompt.tokens)
 

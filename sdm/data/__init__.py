@@ -70,6 +70,24 @@ def load_dataset(
     return DATASETS[name](root, split=split, image_size=image_size, category=category, **kwargs)
 
 
+def infer_dataset(root: str | Path) -> DatasetName:
+    """The dataset a folder holds, from its layout (SPair-71k: PairAnnotation/ + Layout/; PF-Pascal:
+    PF-dataset-PASCAL/; PF-Willow: PF-dataset/ + test_pairs.csv); a ValueError saying what was found otherwise."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"dataset folder not found: {root}")
+    if (root / "PairAnnotation").is_dir() or (root / "Layout").is_dir():
+        return "spair"
+    if (root / "PF-dataset-PASCAL").is_dir():
+        return "pfpascal"
+    if (root / "PF-dataset").is_dir():
+        return "pfwillow"
+    raise ValueError(
+        f"cannot tell which dataset {root} holds (no PairAnnotation/, PF-dataset-PASCAL/ or PF-dataset/ in it): "
+        "name it with --dataset spair, pfpascal or pfwillow"
+    )
+
+
 def dataset_record(dataset: Any) -> dict[str, Any]:
     """What a dataset (or a `PairSubset` of one) is, for metadata and protocol records: registry name, split,
     pairs used and pairs in the split."""
@@ -108,6 +126,7 @@ __all__ = [
     "category_label",
     "collate_pairs",
     "dataset_record",
+    "infer_dataset",
     "load_dataset",
     "parse_pfpascal_csv",
     "parse_pfwillow_csv",

@@ -51,6 +51,24 @@ def missing_root_error(what: str, path: Path, layout: str, download_name: str) -
     )
 
 
+def check_csv_rows(path: Path) -> None:
+    """Every row of a csv file has as many fields as its header; an AnnotationError names the first row that does
+    not (a truncated or damaged file), rather than letting its missing fields pass as absent keypoints."""
+    import csv
+
+    try:
+        with open(path, newline="") as fh:
+            rows = csv.reader(fh)
+            header = next(rows, None)
+            for line, row in enumerate(rows, start=2):
+                if row and header is not None and len(row) != len(header):
+                    raise AnnotationError(
+                        f"{path}, line {line}: {len(row)} fields where the header has {len(header)} (a truncated or damaged row)"
+                    )
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"{path}: not a text csv file ({err})") from err
+
+
 def read_image(path: Path) -> Image.Image:
     """Open an image fully as RGB; a missing or corrupt file raises ImageReadError naming ``path``."""
     try:

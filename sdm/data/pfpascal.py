@@ -22,6 +22,7 @@ from .base import (
     PairDataset,
     as_hw,
     check_category,
+    check_csv_rows,
     missing_root_error,
     pil_to_tensor,
     read_image,
@@ -80,6 +81,8 @@ def parse_pfpascal_csv(csv_path: str | Path) -> list[PascalRecord]:
     Image paths are reduced to their file names (the images all live in PF-dataset-PASCAL/JPEGImages).
     """
     csv_path = Path(csv_path)
+    if Path(csv_path).is_file():
+        check_csv_rows(Path(csv_path))
     try:
         df = pd.read_csv(csv_path)
     except FileNotFoundError:

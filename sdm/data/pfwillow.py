@@ -20,6 +20,7 @@ from .base import (
     PairDataset,
     as_hw,
     check_category,
+    check_csv_rows,
     missing_root_error,
     pil_to_tensor,
     read_image,
@@ -60,6 +61,8 @@ class WillowRecord:
 
 def parse_pfwillow_csv(csv_path: Path) -> list[WillowRecord]:
     """Read PF-Willow's test_pairs.csv into records (original-image pixel coordinates)."""
+    if Path(csv_path).is_file():
+        check_csv_rows(Path(csv_path))
     try:
         df = pd.read_csv(csv_path)
     except FileNotFoundError:
