@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         first = str(err).strip() or type(err).__name__
-        raise SystemExit(f"error: {first}\n(run again with --debug for the traceback)") from None
+        raise SystemExit(f"error: {first} (--debug shows the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -243,7 +243,8 @@ class EvalResult:
         header = f"# protocol: {json.dumps(protocol, sort_keys=True)}\n"
         if protocol.get("random_weights"):
             header = f"# {RANDOM_WEIGHTS_NOTE}\n" + header
-        for frame, path, index in ((self.table, paths[0], True), (self.records, paths[1], False)):
+        # PCK in % to 0.01, distances and thresholds in pixels to 0.001 (the JSON keeps full precision)
+        for frame, path, index in ((self.table.round(2), paths[0], True), (self.records.round(3), paths[1], False)):
             path.write_text(header + frame.to_csv(index=index))
         payload = {"info": self.info, "pck": json.loads(self.table.to_json(orient="index"))}
         (out / f"{name}.json").write_text(json.dumps(payload, indent=2))

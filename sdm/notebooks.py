@@ -482,7 +482,7 @@ def find_prompt(folder: str | Path, kind: str, trained_on: str) -> Path:
     for meta_path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             meta = read_metadata(meta_path)
-        except (TypeError, ValueError, KeyError):
+        except (ValueError, KeyError):
             continue  # another JSON file (results)
         if meta.kind == kind and prompt_trained_on(meta) == trained_on and meta_path.with_suffix(".safetensors").is_file():
             found.append((meta_path.with_suffix(".safetensors"), meta))

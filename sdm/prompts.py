@@ -723,7 +723,10 @@ def read_metadata(path: str | Path) -> PromptMetadata:
     meta_path = base.with_name(base.name + ".json")
     if not meta_path.is_file():
         raise FileNotFoundError(f"no prompt metadata at {meta_path} (a prompt is saved as <name>.safetensors + <name>.json)")
-    return PromptMetadata(**json.loads(meta_path.read_text()))
+    try:
+        return PromptMetadata(**json.loads(meta_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{meta_path} is not the metadata of a saved prompt ({err})") from err
 
 
 # Tensor names of CPM prompts saved before the authors' form existed (sdm 0.1): they load with form "paper".

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import ConnectionPatch
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 
@@ -35,10 +37,11 @@ def plot_correspondences(
     title: str | None = None,
     heatmap: torch.Tensor | np.ndarray | None = None,
 ) -> Figure:
-    """Source and target side by side, matched points joined by lines (one colour per point).
+    """Source and target side by side, matched points joined by lines (one colour and one number per point,
+    1..N in the order given, the same numbers in every panel); a legend says what each marker is.
 
     src_xy, trg_xy: N x 2 pixels in each image's own size; gt_xy (optional): N x 2 true target points,
-    drawn as crosses. heatmap (optional): h x w map drawn over the target in a third panel.
+    drawn as crosses. heatmap (optional): h x w map of point 1 drawn over the target in a third panel.
     """
     src, trg = as_array(src_image), as_array(trg_image)
     src_xy, trg_xy = np.asarray(src_xy, dtype=float).reshape(-1, 2), np.asarray(trg_xy, dtype=float).reshape(-1, 2)
@@ -50,6 +53,8 @@ def plot_correspondences(
     for i, (p, q) in enumerate(zip(src_xy, trg_xy)):
         axes[0].scatter(*p, color=colours[i], s=40, edgecolors="white", linewidths=1)
         axes[1].scatter(*q, color=colours[i], s=40, edgecolors="white", linewidths=1)
+        for ax, xy in ((axes[0], p), (axes[1], q)):
+            ax.annotate(str(i + 1), xy, xytext=(4, 4), textcoords="offset points", color="white", fontsize=8, weight="bold")
         fig.add_artist(ConnectionPatch(p, q, "data", "data", axesA=axes[0], axesB=axes[1], color=colours[i], lw=1, alpha=0.8))
     if gt_xy is not None:
         gt = np.asarray(gt_xy, dtype=float).reshape(-1, 2)
@@ -59,6 +64,12 @@ def plot_correspondences(
         axes[2].imshow(trg)
         axes[2].imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, trg.shape[1] - 0.5, trg.shape[0] - 0.5, -0.5))
         axes[2].set_title("cosine similarity of point 1")
+    handles = [
+        Line2D([], [], ls="", marker="o", color="grey", markeredgecolor="white", label="source point (left) / its match (right)"),
+    ]
+    if gt_xy is not None:
+        handles.append(Line2D([], [], ls="", marker="x", color="grey", label="true target point"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     for ax in axes:
         ax.axis("off")
     axes[0].set_title("source")
@@ -137,11 +148,13 @@ def heatmap_panels(
     title: str | None = None,
     vmin: float | None = None,
     vmax: float | None = None,
+    point_label: str | None = None,
+    cross_label: str | None = None,
 ) -> Figure:
     """Maps (h x w, any resolution) drawn over their images, one panel each, laid out row-major.
 
     points[i] (optional, N x 2 pixels) are drawn as white dots (e.g. a query or a prediction), crosses[i] as
-    green crosses (e.g. the ground truth).
+    green crosses (e.g. the ground truth); `point_label` / `cross_label` name them in a legend under the figure.
     """
     n = len(images)
     ncols = ncols or n
@@ -163,9 +176,14 @@ def heatmap_panels(
                 ax.scatter(xy[:, 0], xy[:, 1], **style)
         if titles:
             ax.set_title(titles[i], fontsize=8)
+    handles = [Line2D([], [], ls="", marker="o", color="white", markeredgecolor="black", label=point_label)] if point_label else []
+    if cross_label:
+        handles.append(Line2D([], [], ls="", marker="x", color="lime", label=cross_label))
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 1))
     return fig
 
 
@@ -219,10 +237,12 @@ def line_plot(
     title: str | None = None,
     ylim: tuple[float, float] | None = (0, 100),
 ) -> Figure:
-    """One line with markers per series over shared x values."""
+    """One line with markers per series over shared x values. Each series has its own marker, dash and marker
+    size (hollow markers, largest first), so a series equal to another stays visible around it."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for name, ys in series.items():
-        ax.plot(x, ys, marker="o", label=name)
+    markers, dashes = "osD^v<>", ["-", "--", ":", "-."]
+    for i, (name, ys) in enumerate(series.items()):
+        ax.plot(x, ys, marker=markers[i % len(markers)], ls=dashes[i % len(dashes)], ms=max(3.0, 9.0 - 1.5 * i), fillstyle="none", label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if ylim:
@@ -259,6 +279,7 @@ def training_curves(log: pd.DataFrame, *, title: str | None = None) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(log["step"], log["loss"], color="tab:blue", lw=1.2, label="training loss")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss", color="tab:blue")
     val = log.dropna(subset=["val_pck"])
     if len(val):

@@ -68,17 +68,29 @@ def test_training_lowers_train_and_heldout_loss(tmp_path: Path, seed: int) -> No
     assert after_loss < before_loss - 0.25
 
 
-def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["single", "cpm"])
+def test_resume_equals_uninterrupted_run(tmp_path: Path, kind: str) -> None:
+    from sdm.prompts import PromptEncoders, tiny_dinov2
+
     data = SyntheticPairs(n=8, image_size=SIZE, seed=1)
-    full = train(quick_config(), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path / "full", progress=False)
+    enc = PromptEncoders(dino=tiny_dinov2()) if kind == "cpm" else None
+    full = train(quick_config(prompt=kind), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path / "full", encoders=enc, progress=False)
     # the interrupted run stops at step 3 (as if killed after its checkpoint), then resumes to step 6
-    train(quick_config(steps=3), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path / "cut", progress=False)
-    resumed = train(quick_config(), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path / "cut", resume=True, progress=False)
-    torch.testing.assert_close(resumed.prompt.tokens, full.prompt.tokens, rtol=0, atol=0)
+    train(quick_config(prompt=kind, steps=3), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path / "cut", encoders=enc, progress=False)
+    resumed = train(
+        quick_config(prompt=kind), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path / "cut", encoders=enc, resume=True, progress=False
+    )
+    want = full.prompt.trainable_state()
+    got = resumed.prompt.trainable_state()
+    assert sorted(got) == sorted(want)
+    for name in want:  # every learned tensor, CPM's linear layers included, bit for bit
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
     pd.testing.assert_frame_equal(resumed.log, full.log)
     assert list(pd.read_csv(tmp_path / "cut" / "log.csv", comment="#")["step"]) == list(range(1, 7))
     featurizer = sdm.SDFeaturizer(sdm.tiny_stable_diffusion(0), image_size=SIZE)
-    torch.testing.assert_close(load_prompt(tmp_path / "cut" / "prompt", featurizer).tokens, full.prompt.tokens)
+    saved = load_prompt(tmp_path / "cut" / "prompt", featurizer, encoders=enc).trainable_state()
+    for name in want:
+        torch.testing.assert_close(saved[name], want[name])
 
 
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
