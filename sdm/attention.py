@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -56,6 +57,10 @@ from sdm.models import StableDiffusion
 
 Normalize = Literal["none", "minmax"]
 Peak = Literal["argmax", "soft_argmax"]
+Noise = Literal["uniform", "gaussian"]
+Loss = Literal["per-layer", "layer-mean"]
+HeadRule = Literal["upper-half", "all"]
+HEDLIN_MODEL = "CompVis/stable-diffusion-v1-4"  # the model of every table of Hedlin et al. (eval/eval.py:62-63)
 
 _SECTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
@@ -168,24 +173,36 @@ class AttentionStore:
         self,
         token: int | Sequence[int] = 1,
         size: tuple[int, int] | None = None,
-        heads: Sequence[int] | None = None,
+        heads: Sequence[int] | HeadRule | None = None,
     ) -> torch.Tensor:
-        """Attention maps of the chosen tokens, averaged over heads (all or `heads`) and captured layers.
+        """Attention maps of the chosen tokens, averaged over heads and captured layers.
 
-        Each layer's map is upsampled (bilinear, align corners) to `size` = (H, W) (default: the largest
-        captured resolution) before averaging. Returns B x T x H x W float32 (T tokens; T = 1 for an int),
-        values in [0, 1].
+        heads: indices, "upper-half" (heads h/2..h-1 of each layer, what Hedlin et al.'s code averages), or
+        None / "all". Each layer's map is upsampled (bilinear, align corners) to `size` = (H, W) (default: the
+        largest captured resolution) before averaging. Returns B x T x H x W float32 (T tokens; T = 1 for an
+        int), values in [0, 1].
         """
+        return self.layer_maps(token, size, heads).mean(dim=1)
+
+    def layer_maps(
+        self,
+        token: int | Sequence[int] = 1,
+        size: tuple[int, int] | None = None,
+        heads: Sequence[int] | HeadRule | None = None,
+    ) -> torch.Tensor:
+        """As `maps`, without the mean over layers: B x layers x T x H x W (layers in execution order)."""
         missing = [name for name in self.layers if name not in self.probs]
         if missing:
             raise RuntimeError(f"no attention captured for {missing}; did the UNet forward reach these layers?")
         tokens = [token] if isinstance(token, int) else list(token)
         if size is None:
             size = max(self.resolutions.values(), key=lambda hw: hw[0] * hw[1])
-        total = None
+        per_layer = []
         for name in self.layers:
             probs = self.probs[name]
-            if heads is not None:
+            if heads == "upper-half":
+                probs = probs[:, probs.shape[1] // 2 :]
+            elif heads is not None and heads != "all":
                 if max(heads) >= probs.shape[1]:
                     raise ValueError(f"head index {max(heads)} out of range for {name} ({probs.shape[1]} heads)")
                 probs = probs[:, list(heads)]
@@ -194,8 +211,8 @@ class AttentionStore:
             m = m.transpose(1, 2).reshape(m.shape[0], len(tokens), h, w)
             if (h, w) != tuple(size):
                 m = F.interpolate(m, size=size, mode="bilinear", align_corners=True)
-            total = m if total is None else total + m
-        return total / len(self.layers)
+            per_layer.append(m)
+        return torch.stack(per_layer, dim=1)
 
 
 class CrossAttentionCapture:
@@ -386,7 +403,9 @@ class AttentionMatcherConfig:
 
     image_size: int | tuple[int, int] = 512  # input side (px), images resized without keeping the aspect ratio
     layers: tuple[str, ...] | None = None  # processor names; None: `hedlin_layers` (16x16 up layers + first 32x32)
-    heads: tuple[int, ...] | None = None  # heads to average; None: all
+    heads: tuple[int, ...] | HeadRule | None = "upper-half"  # heads averaged: the code's upper half; "all"; indices
+    noise: Noise = "uniform"  # the code's torch.rand_like noise (optimize_token.py:289,590); "gaussian": N(0, 1)
+    loss: Loss = "per-layer"  # MSE of each layer's map, averaged (the code); "layer-mean": MSE of the mean map
     token_index: int = 1  # the token whose map is optimised and read out
     num_tokens: int = 77  # length of the learned encoder-hidden-state sequence (SD always saw 77)
     init_std: float = 1.0  # embeddings start as N(0, init_std^2) per element
@@ -403,7 +422,7 @@ class AttentionMatcherConfig:
     normalize: Normalize = "none"  # "none": compare probabilities as they are; "minmax": rescale to [0, 1]
     peak: Peak = "argmax"  # how the match is read from the averaged target map
     soft_argmax_temperature: float = 0.02  # for peak="soft_argmax", on maps divided by their maximum
-    max_batch: int | None = None  # UNet micro-batch (memory); None: everything in one batch
+    max_batch: int | None = 10  # UNet micro-batch (bounds memory); None: all points x embeddings (x crops) at once
     seed: int = 0  # initialisation, crops and noise
     progress: bool = True  # tqdm bars
 
@@ -417,8 +436,14 @@ class AttentionMatcherConfig:
             self.layers = tuple(self.layers)
             if not self.layers:
                 raise ValueError("layers must name at least one cross-attention layer (or be None)")
-        if self.heads is not None:
+        if self.heads is not None and not isinstance(self.heads, str):
             self.heads = tuple(int(h) for h in self.heads)
+        if isinstance(self.heads, str) and self.heads not in ("upper-half", "all"):
+            raise ValueError(f"heads must be 'upper-half', 'all' or head indices; got {self.heads!r}")
+        if self.noise not in ("uniform", "gaussian"):
+            raise ValueError(f"noise must be 'uniform' or 'gaussian'; got {self.noise!r}")
+        if self.loss not in ("per-layer", "layer-mean"):
+            raise ValueError(f"loss must be 'per-layer' or 'layer-mean'; got {self.loss!r}")
         for name in ("steps", "num_embeddings", "inference_crops", "num_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -478,6 +503,13 @@ class AttentionMatcher:
         self.sd = sd
         self.config = config or AttentionMatcherConfig()
         cfg = self.config
+        prediction = getattr(sd.scheduler.config, "prediction_type", "epsilon")
+        if not sd.random_weights and (sd.embed_dim != 768 or prediction != "epsilon"):
+            warnings.warn(
+                f"{sd.name} is not a Stable Diffusion 1.x model (text width {sd.embed_dim}, {prediction}-prediction); "
+                f"Hedlin et al.'s settings (timesteps, sigma, lr, layers) were tuned for {HEDLIN_MODEL}",
+                stacklevel=2,
+            )
         n_t = sd.scheduler.config.num_train_timesteps
         for name in ("opt_timestep", "inference_timestep"):
             if not 0 <= getattr(cfg, name) < n_t:
@@ -526,21 +558,27 @@ class AttentionMatcher:
         return vae.encode(pixels.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
     def _noisy(self, latents: torch.Tensor, timestep: int, generator: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        # The authors noise with U[0, 1) (torch.rand_like, optimize_token.py:289-291 and 589-591), about 3.5x
+        # less energy than N(0, 1) at the same timestep; their timesteps were tuned under it.
+        draw = torch.rand if self.config.noise == "uniform" else torch.randn
+        noise = draw(latents.shape, generator=generator).to(latents.device, latents.dtype)
         t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
         return self.sd.scheduler.add_noise(latents, noise, t)
 
-    def _unet_maps(self, noisy: torch.Tensor, hidden: torch.Tensor, timestep: int, store: AttentionStore) -> torch.Tensor:
-        """Noisy latents M x 4 x h x w and hidden states M x L x D -> M x H x W maps of the chosen token."""
+    def _unet_maps(
+        self, noisy: torch.Tensor, hidden: torch.Tensor, timestep: int, store: AttentionStore, per_layer: bool = False
+    ) -> torch.Tensor:
+        """Noisy latents M x 4 x h x w and hidden states M x L x D -> M x H x W maps of the chosen token (the mean
+        over layers), or M x layers x H x W with `per_layer`."""
         unet = self.sd.unet
         t = torch.full((noisy.shape[0],), timestep, device=noisy.device, dtype=torch.long)
         run_until(unet, self.stop_module, noisy.to(unet.dtype), t, encoder_hidden_states=hidden.to(unet.dtype))
-        maps = store.maps(self.config.token_index, self.map_size, self.config.heads)[:, 0]
+        maps = store.layer_maps(self.config.token_index, self.map_size, self.config.heads)[:, :, 0]  # M x layers x H x W
         if self.config.normalize == "minmax":
-            lo = maps.flatten(1).amin(1).view(-1, 1, 1)
-            hi = maps.flatten(1).amax(1).view(-1, 1, 1)
+            lo = maps.flatten(2).amin(2)[..., None, None]
+            hi = maps.flatten(2).amax(2)[..., None, None]
             maps = (maps - lo) / (hi - lo).clamp_min(1e-8)
-        return maps
+        return maps if per_layer else maps.mean(dim=1)
 
     def _chunks(self, n: int) -> list[slice]:
         size = self.config.max_batch or n
@@ -588,8 +626,18 @@ class AttentionMatcher:
                 for chunk in self._chunks(b):
                     latents = self._encode(crop_images(pixels, offsets[chunk], frac))
                     noisy = self._noisy(latents, cfg.opt_timestep, gen)
-                    maps = self._unet_maps(noisy, embeddings[chunk], cfg.opt_timestep, store)
-                    per_item = ((maps - target[chunk]) ** 2).mean(dim=(1, 2))
+                    maps = self._unet_maps(noisy, embeddings[chunk], cfg.opt_timestep, store, per_layer=True)
+                    if cfg.loss == "layer-mean":
+                        maps = maps.mean(dim=1, keepdim=True)
+                    # the code: MSE of each layer's map against the Gaussian, over layers and pixels
+                    # (optimize_token.py:606-621), so that every layer, not only their mean, peaks at the point
+                    per_item = ((maps - target[chunk, None]) ** 2).mean(dim=(1, 2, 3))
+                    if not torch.isfinite(per_item).all():
+                        bad = int((~torch.isfinite(per_item)).nonzero()[0]) + chunk.start
+                        raise FloatingPointError(
+                            f"non-finite attention loss at step {step + 1} (point {bad // e}, embedding {bad % e}); "
+                            "run the UNet in float32 or bfloat16 (float16 overflowed)"
+                        )
                     (per_item.sum() * grad_scale).backward()
                     losses[step, chunk] = per_item.detach().cpu()
                 optimizer.step()
@@ -652,7 +700,10 @@ class AttentionMatcher:
                 pasted, _ = paste_maps(maps, offsets[crop_idx], frac)
                 acc.index_add_(0, emb_idx.to(self.device), pasted)
         cover = coverage.sum(0).clamp_min(1.0)
-        return (acc.view(n, e, *self.map_size).mean(1) / cover).cpu()
+        out = (acc.view(n, e, *self.map_size).mean(1) / cover).cpu()
+        if not torch.isfinite(out).all():  # an argmax of NaNs would silently answer (0, 0)
+            raise FloatingPointError("non-finite attention maps on the target; run the UNet in float32 or bfloat16")
+        return out
 
     def peaks(self, maps: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """Peaks of N x H' x W' maps (from `attention_maps`) -> N x 2 pixel (x, y) in an image of size
@@ -682,6 +733,7 @@ class AttentionMatcher:
 
 
 __all__ = [
+    "HEDLIN_MODEL",
     "AttentionMatcher",
     "AttentionMatcherConfig",
     "AttentionStore",

