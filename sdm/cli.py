@@ -346,8 +346,10 @@ def _evaluate_attention(args: argparse.Namespace) -> int:
 
 
 def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
+    from sdm.data import DATASETS
+
     p.add_argument(
-        "--dataset", default=None, choices=["spair", "pfpascal", "pfwillow", "synthetic"],
+        "--dataset", default=None, choices=sorted(DATASETS),
         help="default: told from --root's layout; synthetic pairs when there is no --root",
     )
     p.add_argument("--root", default=None, help="dataset folder, e.g. data/SPair-71k (see data/README.md)")

@@ -158,12 +158,23 @@ class PairFacts:
     src_bbox: torch.Tensor | None  # (x1, y1, x2, y2)
     trg_bbox: torch.Tensor | None
     trg_hw: tuple[float, float]  # target image (H, W)
+    trg_scale: tuple[float, float] = (1.0, 1.0)  # (x, y) factors from the stored target image to this frame
 
 
 def _bbox_side(box: torch.Tensor | None, which: str) -> float:
     if box is None:
         raise ValueError(f"this dataset has no {which} bounding boxes: choose another threshold mode (see sdm.metrics.THRESHOLDS)")
     return float(spair_threshold(torch.as_tensor(box, dtype=torch.float32)))
+
+
+def _bbox_xscale(f: PairFacts) -> float:
+    # eval/cub2011.py:137-141 of ubc-vision/LDM_correspondences: max(w, h) of the stored box times the x factor
+    if f.trg_bbox is None:
+        raise ValueError("this dataset has no target bounding boxes: choose another threshold mode (see sdm.metrics.THRESHOLDS)")
+    sx, sy = f.trg_scale
+    w = float(f.trg_bbox[2] - f.trg_bbox[0]) / sx
+    h = float(f.trg_bbox[3] - f.trg_bbox[1]) / sy
+    return max(w, h) * sx
 
 
 def _hedlin_padded_extent(f: PairFacts) -> float:
@@ -179,6 +190,10 @@ THRESHOLDS: dict[str, ThresholdRule] = {
         ThresholdRule(
             "src-bbox", "max(h, w) of the source bounding box", "DHPF, CATs; Hedlin et al.'s SPair-71k code (eval/dataset.py:188-200)",
             lambda f: _bbox_side(f.src_bbox, "source"),
+        ),
+        ThresholdRule(
+            "trg-bbox-xscale", "max(w, h) of the stored target box, both sides scaled by the x resize factor",
+            "Hedlin et al.'s CUB-200 code (eval/cub2011.py:137-141); equals trg-bbox in the original frame", _bbox_xscale,
         ),
         ThresholdRule("image", "max(H, W) of the target image", "PF-Pascal standard; an option for SPair-71k", lambda f: float(max(f.trg_hw))),
         ThresholdRule("kps-extent", "max(x extent, y extent) of the target keypoints", "PF-Willow standard", lambda f: float(pfwillow_threshold(f.trg_kps))),
@@ -212,7 +227,8 @@ def pair_facts(
     fs, ft = frame_scale(src_size, image_size, frame), frame_scale(trg_size, image_size, frame)
     box = lambda b, f: None if b is None else torch.as_tensor(b, dtype=torch.float32) * f.repeat(2)  # noqa: E731
     hw = (float(image_size[0]), float(image_size[1])) if frame == "resized" else (float(trg_size[1]), float(trg_size[0]))
-    return PairFacts(src_kps.float() * fs, trg_kps.float() * ft, box(extra.get("src_bbox"), fs), box(extra.get("trg_bbox"), ft), hw)
+    scale = (hw[1] / trg_size[0], hw[0] / trg_size[1])
+    return PairFacts(src_kps.float() * fs, trg_kps.float() * ft, box(extra.get("src_bbox"), fs), box(extra.get("trg_bbox"), ft), hw, scale)
 
 
 def threshold_of(facts: PairFacts, mode: str) -> float:

@@ -78,7 +78,7 @@ def test_spair_modes_by_hand() -> None:
 
 
 def test_every_mode_is_documented() -> None:
-    assert set(THRESHOLDS) == {"trg-bbox", "src-bbox", "image", "kps-extent", "kps-extent-hedlin"}
+    assert set(THRESHOLDS) == {"trg-bbox", "src-bbox", "trg-bbox-xscale", "image", "kps-extent", "kps-extent-hedlin"}
     doc = (Path(__file__).parents[1] / "docs" / "protocols.md").read_text()
     assert all(f"`{name}`" in doc for name in THRESHOLDS)
 

@@ -23,16 +23,18 @@ from .base import (
     collate_pairs,
     spread_subset,
 )
+from .cub import CUB200, CUB_LAYOUT, read_cub
 from .pfpascal import PFPASCAL_CATEGORIES, PFPascal, parse_pfpascal_csv, read_pfpascal_mat
 from .pfwillow import PFWillow, category_label, parse_pfwillow_csv
 from .spair import SPAIR_CATEGORIES, SPair71k, parse_spair_annotation
 from .synthetic import PHOTOS, SyntheticPairs, apply_homography
 
-DatasetName = Literal["spair", "pfpascal", "pfwillow", "synthetic"]
+DatasetName = Literal["spair", "pfpascal", "pfwillow", "cub", "synthetic"]
 DATASETS: dict[str, type[PairDataset]] = {
     "spair": SPair71k,
     "pfpascal": PFPascal,
     "pfwillow": PFWillow,
+    "cub": CUB200,
     "synthetic": SyntheticPairs,
 }
 # Synthetic "splits" are disjoint seeds, so trn / val / test never share a pair: split -> (seed, n).
@@ -78,13 +80,15 @@ def infer_dataset(root: str | Path) -> DatasetName:
         raise DatasetNotFoundError(f"dataset folder not found: {root}")
     if (root / "PairAnnotation").is_dir() or (root / "Layout").is_dir():
         return "spair"
+    if (root / "parts" / "part_locs.txt").is_file():
+        return "cub"
     if (root / "PF-dataset-PASCAL").is_dir():
         return "pfpascal"
     if (root / "PF-dataset").is_dir():
         return "pfwillow"
     raise ValueError(
-        f"cannot tell which dataset {root} holds (no PairAnnotation/, PF-dataset-PASCAL/ or PF-dataset/ in it): "
-        "name it with --dataset spair, pfpascal or pfwillow"
+        f"cannot tell which dataset {root} holds (no PairAnnotation/, PF-dataset-PASCAL/, PF-dataset/ or parts/part_locs.txt in it): "
+        "name it with --dataset spair, pfpascal, pfwillow or cub"
     )
 
 
@@ -102,6 +106,8 @@ def dataset_record(dataset: Any) -> dict[str, Any]:
 
 
 __all__ = [
+    "CUB200",
+    "CUB_LAYOUT",
     "DATASETS",
     "PFPASCAL_CATEGORIES",
     "PHOTOS",
@@ -131,6 +137,7 @@ __all__ = [
     "parse_pfpascal_csv",
     "parse_pfwillow_csv",
     "parse_spair_annotation",
+    "read_cub",
     "read_pfpascal_mat",
     "spread_subset",
 ]

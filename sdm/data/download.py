@@ -24,11 +24,12 @@ from typing import Literal, get_args
 
 from tqdm import tqdm
 
+from .cub import CUB_LAYOUT
 from .pfpascal import PFPASCAL_LAYOUT
 from .pfwillow import PFWILLOW_LAYOUT
 from .spair import SPAIR_LAYOUT
 
-DownloadName = Literal["spair", "pfpascal", "pfwillow"]
+DownloadName = Literal["spair", "pfpascal", "pfwillow", "cub"]
 CHUNK = 1 << 20
 TIMEOUT_S = 60.0
 
@@ -120,6 +121,15 @@ SOURCES: dict[str, Source] = {
         required=("PF-dataset",),
         layout=PFWILLOW_LAYOUT,
         terms="PF-Willow (Ham et al. 2016): for research use.",
+    ),
+    "cub": Source(
+        folder="CUB_200_2011",
+        # the archive's top-level folder is CUB_200_2011/, so it is extracted into the download root itself
+        archives=(Remote("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", "CUB_200_2011.tgz"),),
+        files=(),
+        required=("images", "images.txt", "parts/part_locs.txt", "bounding_boxes.txt"),
+        layout=CUB_LAYOUT,
+        terms="CUB-200-2011 (Wah et al. 2011, Caltech): for non-commercial research and educational use; images from Flickr.",
     ),
 }
 
@@ -275,8 +285,8 @@ def download(name: DownloadName, root: str | Path = "data", keep_archives: bool 
         folder.mkdir(parents=True, exist_ok=True)
         for remote in source.archives:
             archive = fetch(remote, root / remote.filename)
-            # An archive whose top-level folder is the dataset folder itself (SPair-71k/) goes into root.
-            extract(archive, root if _top_level(archive) == {source.folder} else folder)
+            # An archive holding the dataset folder itself at its top (SPair-71k/, CUB_200_2011/ beside attributes.txt) goes into root.
+            extract(archive, root if source.folder in _top_level(archive) else folder)
             if not keep_archives:
                 archive.unlink()
         missing = [p for p in source.required if not (folder / p).exists()]
@@ -321,7 +331,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def add_download_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `download {spair,pfpascal,pfwillow} [--root data/]` on an argparse subparsers object
+    """Register `download {spair,pfpascal,pfwillow,cub} [--root data/]` on an argparse subparsers object
     (its handler is set as ``func``)."""
     p = subparsers.add_parser(
         "download", help="download a benchmark (SPair-71k, PF-Pascal, PF-Willow) into --root"
