@@ -399,7 +399,7 @@ def paste_maps(maps: torch.Tensor, offsets: torch.Tensor, frac: float) -> tuple[
 # ---- the matcher ----------------------------------------------------------------------------------------------
 @dataclass
 class AttentionMatcherConfig:
-    """Settings of Hedlin et al.'s matcher; defaults follow the paper's reported (tuned) setting."""
+    """Settings of Hedlin et al.'s matcher; defaults are the values of their code (eval/eval.py:44-63, docs/choices.md)."""
 
     image_size: int | tuple[int, int] = 512  # input side (px), images resized without keeping the aspect ratio
     layers: tuple[str, ...] | None = None  # processor names; None: `hedlin_layers` (16x16 up layers + first 32x32)
@@ -411,13 +411,13 @@ class AttentionMatcherConfig:
     init_std: float = 1.0  # embeddings start as N(0, init_std^2) per element
     opt_timestep: int = 140  # DDPM timestep of the noise added during optimisation (paper: ~0.14 T)
     inference_timestep: int = 40  # DDPM timestep at inference (paper: ~0.04 T)
-    lr: float = 2.4e-3  # Adam learning rate
-    steps: int = 130  # optimisation steps
-    crop_frac: float = 0.93  # crop side / image side during optimisation
+    lr: float = 0.0023755632081200314  # Adam learning rate (eval/eval.py:54)
+    steps: int = 129  # optimisation steps (eval/eval.py:44)
+    crop_frac: float = 0.9316549294381423  # crop side / image side (eval/eval.py:56: 93.165...%, 477 px at 512)
     num_embeddings: int = 5  # embeddings per point from different random starts, averaged at inference
     inference_crops: int = 20  # crops of the target, averaged in full-image coordinates
     inference_crop_frac: float | None = None  # None: same as crop_frac; 1.0: no crop jitter
-    sigma: float = 28.0 / 512  # Gaussian std as a fraction of the image side (28 px at 512)
+    sigma: float = 27.97853316316864 / 512  # Gaussian std / image side (eval/eval.py:49: 27.98 px at 512)
     map_size: int | tuple[int, int] | None = None  # resolution of maps and targets; None: image_size
     normalize: Normalize = "none"  # "none": compare probabilities as they are; "minmax": rescale to [0, 1]
     peak: Peak = "argmax"  # how the match is read from the averaged target map

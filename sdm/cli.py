@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threshold", default=None, choices=sorted(THRESHOLDS), help="PCK threshold mode (default: the dataset's standard; docs/protocols.md)")
     e.add_argument("--frame", default="resized", choices=["resized", "original"], help="measure in the resized input or the stored image")
     e.add_argument("--max-pairs", type=int, default=None, help="evaluate N pairs spread evenly over the split (every category covered)")
-    e.add_argument("--attention-steps", type=int, default=130, help="attention matcher: optimisation steps per point")
+    e.add_argument("--attention-steps", type=int, default=129, help="attention matcher: optimisation steps per point")
     e.add_argument("--attention-embeddings", type=int, default=5, help="attention matcher: embeddings per point")
     e.add_argument("--attention-crops", type=int, default=20, help="attention matcher: inference crops")
     e.add_argument("--attention-batch", type=int, default=10, help="attention matcher: UNet micro-batch (bounds GPU memory)")
