@@ -16,10 +16,17 @@ Three layers:
   `attention_maps` (any image), `match` (both, pixels in, pixels out).
 
 Coordinates: (x, y) pixels. Images are resized to ``config.image_size`` (aspect ratio not kept) and points
-scaled per axis, as everywhere in `sdm`. Attention maps are upsampled with bilinear interpolation under the
-align-corners convention (cell 0 <-> pixel 0, last cell <-> last pixel), the convention of `sdm.matching`.
+scaled per axis, as everywhere in `sdm`.
 
-Crops are described in normalised align-corners coordinates p = x / (W - 1) in [0, 1]: a crop with
+By default (``geometry="authors"``, ``readout="authors"``) the matcher computes what Hedlin et al.'s code
+computes (github ubc-vision/LDM_correspondences at 97e3246; file:line in docs/choices.md): integer-offset
+crops of int(side x crop_frac) px placed by a margin rule, maps upsampled without align corners, the four
+corner crops then crops around the running argmax at inference, a softmax per layer before the mean, and the
+argmax pixel + 0.5 as the match.
+
+``geometry="continuous"`` keeps sdm 0.2's own geometry: attention maps upsampled with bilinear interpolation
+under the align-corners convention (cell 0 <-> pixel 0, last cell <-> last pixel), and crops described in
+normalised align-corners coordinates p = x / (W - 1) in [0, 1]: a crop with
 offset o and scale s shows the full-image position p = o + q * s at its own position q in [0, 1]
 (s = crop side / image side, the same on both axes). This makes crop <-> image mapping resolution-free.
 
@@ -60,6 +67,8 @@ Peak = Literal["argmax", "soft_argmax"]
 Noise = Literal["uniform", "gaussian"]
 Loss = Literal["per-layer", "layer-mean"]
 HeadRule = Literal["upper-half", "all"]
+Geometry = Literal["authors", "continuous"]
+Readout = Literal["authors", "mean-map"]
 HEDLIN_MODEL = "CompVis/stable-diffusion-v1-4"  # the model of every table of Hedlin et al. (eval/eval.py:62-63)
 
 _SECTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
@@ -189,8 +198,10 @@ class AttentionStore:
         token: int | Sequence[int] = 1,
         size: tuple[int, int] | None = None,
         heads: Sequence[int] | HeadRule | None = None,
+        align_corners: bool = True,
     ) -> torch.Tensor:
-        """As `maps`, without the mean over layers: B x layers x T x H x W (layers in execution order)."""
+        """As `maps`, without the mean over layers: B x layers x T x H x W (layers in execution order).
+        `align_corners=False` upsamples as Hedlin et al.'s code does (optimize_token.py:352-359)."""
         missing = [name for name in self.layers if name not in self.probs]
         if missing:
             raise RuntimeError(f"no attention captured for {missing}; did the UNet forward reach these layers?")
@@ -210,7 +221,7 @@ class AttentionStore:
             m = probs[..., tokens].float().mean(dim=1)  # B x hw x T
             m = m.transpose(1, 2).reshape(m.shape[0], len(tokens), h, w)
             if (h, w) != tuple(size):
-                m = F.interpolate(m, size=size, mode="bilinear", align_corners=True)
+                m = F.interpolate(m, size=size, mode="bilinear", align_corners=align_corners)
             per_layer.append(m)
         return torch.stack(per_layer, dim=1)
 
@@ -396,6 +407,46 @@ def paste_maps(maps: torch.Tensor, offsets: torch.Tensor, frac: float) -> tuple[
     return pasted.squeeze(1) * inside, inside
 
 
+def crop_side(image_hw: tuple[int, int], frac: float) -> tuple[int, int]:
+    """Hedlin et al.'s crop size: int(side * frac) per axis (477 px of 512 at their 93.165 %)."""
+    return int(image_hw[0] * frac), int(image_hw[1] * frac)
+
+
+def margin_crop_offsets(
+    points_xy: torch.Tensor, image_hw: tuple[int, int], frac: float, margin: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Integer top-left corners (x0, y0) of crops of side `crop_side`, one per point (N x 2 pixels), each drawn
+    uniformly among the offsets that keep the point at least `margin` of the crop away from its borders, clamped
+    to the image: Hedlin et al.'s `crop_image` (utils/optimize_token.py:474-502; x first, then y). Returns N x 2
+    long. Drawn on the CPU from `generator`."""
+    h, w = image_hw
+    ch, cw = crop_side(image_hw, frac)
+    out = torch.zeros(points_xy.shape[0], 2, dtype=torch.long)
+    for i, (x, y) in enumerate(points_xy.tolist()):
+        for axis, (v, side, c) in enumerate(((x, w, cw), (y, h, ch))):
+            safe = int(c * margin)
+            lo = min(max(0, v - c + safe), side - c)
+            hi = min(max(0, v - safe), side - c)
+            out[i, axis] = int(torch.randint(int(lo), int(hi) + 1, (1,), generator=generator))
+    return out
+
+
+def cut_crops(pixels: torch.Tensor, offsets: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
+    """1 x 3 x H x W and n x 2 integer (x0, y0) -> n x 3 x H x W: each crop of `side` (h, w) resized back to H x W,
+    bilinear with align_corners=False (optimize_token.py:496-501)."""
+    ch, cw = side
+    crops = torch.cat([pixels[:, :, y0 : y0 + ch, x0 : x0 + cw] for x0, y0 in offsets.tolist()])
+    return F.interpolate(crops.float(), size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False).to(pixels.dtype)
+
+
+def layer_softmax_readout(maps: torch.Tensor) -> torch.Tensor:
+    """Hedlin et al.'s read-out (utils/optimize.py:61-82): N x layers x H x W maps (already averaged over heads,
+    crops and embeddings) -> N x H x W, the mean over layers of each layer's softmax over its H x W pixels;
+    its argmax + 0.5 px is the match."""
+    n, layers, h, w = maps.shape
+    return maps.reshape(n, layers, h * w).softmax(dim=-1).reshape(n, layers, h, w).mean(dim=1)
+
+
 # ---- the matcher ----------------------------------------------------------------------------------------------
 @dataclass
 class AttentionMatcherConfig:
@@ -406,6 +457,9 @@ class AttentionMatcherConfig:
     heads: tuple[int, ...] | HeadRule | None = "upper-half"  # heads averaged: the code's upper half; "all"; indices
     noise: Noise = "uniform"  # the code's torch.rand_like noise (optimize_token.py:289,590); "gaussian": N(0, 1)
     loss: Loss = "per-layer"  # MSE of each layer's map, averaged (the code); "layer-mean": MSE of the mean map
+    geometry: Geometry = "authors"  # integer-offset crops, align_corners=False maps (the code); "continuous": sdm 0.2's
+    readout: Readout = "authors"  # per-layer softmax over the pixels, mean over layers, argmax + 0.5 (the code)
+    crop_margin: float = 0.15  # geometry "authors": the point stays at least this fraction of the crop inside it
     token_index: int = 1  # the token whose map is optimised and read out
     num_tokens: int = 77  # length of the learned encoder-hidden-state sequence (SD always saw 77)
     init_std: float = 1.0  # embeddings start as N(0, init_std^2) per element
@@ -442,6 +496,8 @@ class AttentionMatcherConfig:
             raise ValueError(f"heads must be 'upper-half', 'all' or head indices; got {self.heads!r}")
         if self.noise not in ("uniform", "gaussian"):
             raise ValueError(f"noise must be 'uniform' or 'gaussian'; got {self.noise!r}")
+        if self.geometry not in ("authors", "continuous") or self.readout not in ("authors", "mean-map"):
+            raise ValueError(f"geometry must be 'authors' or 'continuous' and readout 'authors' or 'mean-map'; got {self.geometry!r}, {self.readout!r}")
         if self.loss not in ("per-layer", "layer-mean"):
             raise ValueError(f"loss must be 'per-layer' or 'layer-mean'; got {self.loss!r}")
         for name in ("steps", "num_embeddings", "inference_crops", "num_tokens"):
@@ -557,6 +613,16 @@ class AttentionMatcher:
         vae = self.sd.vae
         return vae.encode(pixels.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
+    def _crop_latents(
+        self, pixels: torch.Tensor, offsets: torch.Tensor, side: tuple[int, int], cache: dict[tuple[int, int], torch.Tensor]
+    ) -> torch.Tensor:
+        """VAE latents of integer-offset crops, each encoded once per image and offset (a crop is one call, so its
+        latent does not depend on what else is encoded)."""
+        keys = [tuple(o) for o in offsets.tolist()]
+        for key in dict.fromkeys(k for k in keys if k not in cache):
+            cache[key] = self._encode(cut_crops(pixels, torch.tensor([key]), side))[0]
+        return torch.stack([cache[k] for k in keys])
+
     def _noisy(self, latents: torch.Tensor, timestep: int, generator: torch.Generator) -> torch.Tensor:
         # The authors noise with U[0, 1) (torch.rand_like, optimize_token.py:289-291 and 589-591), about 3.5x
         # less energy than N(0, 1) at the same timestep; their timesteps were tuned under it.
@@ -566,14 +632,21 @@ class AttentionMatcher:
         return self.sd.scheduler.add_noise(latents, noise, t)
 
     def _unet_maps(
-        self, noisy: torch.Tensor, hidden: torch.Tensor, timestep: int, store: AttentionStore, per_layer: bool = False
+        self,
+        noisy: torch.Tensor,
+        hidden: torch.Tensor,
+        timestep: int,
+        store: AttentionStore,
+        per_layer: bool = False,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Noisy latents M x 4 x h x w and hidden states M x L x D -> M x H x W maps of the chosen token (the mean
-        over layers), or M x layers x H x W with `per_layer`."""
+        over layers), or M x layers x H x W with `per_layer`; H x W = `size` (default `map_size`)."""
         unet = self.sd.unet
         t = torch.full((noisy.shape[0],), timestep, device=noisy.device, dtype=torch.long)
         run_until(unet, self.stop_module, noisy.to(unet.dtype), t, encoder_hidden_states=hidden.to(unet.dtype))
-        maps = store.layer_maps(self.config.token_index, self.map_size, self.config.heads)[:, :, 0]  # M x layers x H x W
+        align = self.config.geometry == "continuous"
+        maps = store.layer_maps(self.config.token_index, size or self.map_size, self.config.heads, align)[:, :, 0]  # M x layers x H x W
         if self.config.normalize == "minmax":
             lo = maps.flatten(2).amin(2)[..., None, None]
             hi = maps.flatten(2).amax(2)[..., None, None]
@@ -612,19 +685,32 @@ class AttentionMatcher:
         centers = pts.repeat_interleave(e, dim=0)  # B x 2, point-major
         map_h, map_w = self.map_size
         sigma = self._sigma_px()
+        size_h, size_w = cfg.image_size  # type: ignore[misc]
+        side = crop_side((size_h, size_w), cfg.crop_frac)
+        centers_px = centers * torch.tensor([size_w - 1, size_h - 1])  # resized pixels x' = x W' / W
+        latent_cache: dict[tuple[int, int], torch.Tensor] = {}
         # Half-precision backward can underflow on these small losses; Adam is invariant to the scale.
         grad_scale = 256.0 if self.sd.unet.dtype == torch.float16 else 1.0
         losses = torch.zeros(cfg.steps, b)
         with capture_cross_attention(self.sd.unet, self.layers) as store:
             for step in tqdm(range(cfg.steps), desc="optimise embeddings", disable=not cfg.progress, leave=False):
-                offsets = random_crops(b, cfg.crop_frac, gen)
                 frac = cfg.crop_frac
-                # The Gaussian moves with the crop: centre in the crop frame q = (p - o) / s, in map pixels.
-                q = (centers - offsets) / frac
-                target = gaussian_maps(q * torch.tensor([map_w - 1, map_h - 1]), (map_h, map_w), sigma).to(self.device)
+                if cfg.geometry == "authors":
+                    offsets = margin_crop_offsets(centers_px, (size_h, size_w), frac, cfg.crop_margin, gen)
+                    # their new_pixel = (x - x0) / crop side, times the map side, on the grid arange(side)
+                    q = (centers_px - offsets) / torch.tensor([side[1], side[0]])
+                    target = gaussian_maps(q * torch.tensor([map_w, map_h]), (map_h, map_w), sigma).to(self.device)
+                else:
+                    offsets = random_crops(b, frac, gen)
+                    # The Gaussian moves with the crop: centre in the crop frame q = (p - o) / s, in map pixels.
+                    q = (centers - offsets) / frac
+                    target = gaussian_maps(q * torch.tensor([map_w - 1, map_h - 1]), (map_h, map_w), sigma).to(self.device)
                 optimizer.zero_grad(set_to_none=True)
                 for chunk in self._chunks(b):
-                    latents = self._encode(crop_images(pixels, offsets[chunk], frac))
+                    if cfg.geometry == "authors":
+                        latents = self._crop_latents(pixels, offsets[chunk], side, latent_cache)
+                    else:
+                        latents = self._encode(crop_images(pixels, offsets[chunk], frac))
                     noisy = self._noisy(latents, cfg.opt_timestep, gen)
                     maps = self._unet_maps(noisy, embeddings[chunk], cfg.opt_timestep, store, per_layer=True)
                     if cfg.loss == "layer-mean":
@@ -656,7 +742,8 @@ class AttentionMatcher:
         crop_frac: float | None = None,
         seed: int | None = None,
     ) -> torch.Tensor:
-        """Attention maps of embeddings on an image, averaged over embeddings and crops.
+        """The map whose peak is the match, per point: attention of the embeddings on an image over crops,
+        averaged over crops and embeddings, then read out (`readout`).
 
         Args:
             image: a 3 x H x W tensor in [0, 1] or a PIL image.
@@ -664,10 +751,9 @@ class AttentionMatcher:
             timestep, crops, crop_frac, seed: default to the config's inference settings
                 (`inference_timestep`, `inference_crops`, `inference_crop_frac` or `crop_frac`, `seed` + 1).
         Returns:
-            N x H' x W' float32 maps on the CPU (H' x W' = `map_size`, default `image_size`), covering the
-            image resized to `image_size` (align corners); each pixel averages the crops that contain it.
-            Pixels outside every crop (a thin rim when crop_frac < 1 and few crops) are 0, so they never win
-            the argmax.
+            N x H' x W' float32 maps on the CPU (H' x W' = `map_size`, default `image_size`) over the image resized
+            to `image_size`. readout "authors": the mean over layers of each layer's softmax over the pixels
+            (utils/optimize.py:61-82); "mean-map": the mean over layers of the attention maps.
         """
         cfg = self.config
         timestep = cfg.inference_timestep if timestep is None else int(timestep)
@@ -675,8 +761,6 @@ class AttentionMatcher:
         frac = crop_frac if crop_frac is not None else (cfg.inference_crop_frac or cfg.crop_frac)
         if crops < 1 or not 0.1 <= frac <= 1.0:
             raise ValueError(f"need crops >= 1 and crop_frac in [0.1, 1]; got {crops}, {frac}")
-        if crops == 1:
-            frac = 1.0  # a single "crop" is the whole image
         if embeddings.dim() == 3:
             embeddings = embeddings.unsqueeze(1)
         if embeddings.dim() != 4 or embeddings.shape[-1] != self.sd.embed_dim:
@@ -684,26 +768,83 @@ class AttentionMatcher:
         n, e = embeddings.shape[:2]
         gen = torch.Generator().manual_seed(cfg.seed + 1 if seed is None else seed)
         pixels = self._pixels(image)
+        flat = embeddings.reshape(n * e, *embeddings.shape[2:]).to(self.device)
+        with capture_cross_attention(self.sd.unet, self.layers) as store:
+            if cfg.geometry == "authors":
+                per_layer = self._maps_over_margin_crops(pixels, flat, timestep, crops, frac, gen, store)
+            else:
+                per_layer = self._maps_over_random_crops(pixels, flat, timestep, 1.0 if crops == 1 else frac, crops, gen, store)
+        per_layer = per_layer.view(n, e, *per_layer.shape[1:]).mean(dim=1)  # N x layers x H' x W'
+        if not torch.isfinite(per_layer).all():  # an argmax of NaNs would silently answer (0, 0)
+            raise FloatingPointError("non-finite attention maps on the target; run the UNet in float32 or bfloat16")
+        out = layer_softmax_readout(per_layer) if cfg.readout == "authors" else per_layer.mean(dim=1)
+        return out.cpu()
+
+    def _maps_over_margin_crops(
+        self,
+        pixels: torch.Tensor,
+        flat: torch.Tensor,
+        timestep: int,
+        crops: int,
+        frac: float,
+        gen: torch.Generator,
+        store: AttentionStore,
+    ) -> torch.Tensor:
+        """Hedlin et al.'s inference (utils/optimize_token.py:256-310), for every embedding at once: crops centred
+        (with the margin rule) on the four corners, then on the argmax of the maps gathered so far; fresh noise for
+        each; each crop's per-layer maps upsampled to the crop side and added where the crop lies. Returns
+        M x layers x H' x W' (M = embeddings), the per-pixel mean over the crops covering it."""
+        size = tuple(self.config.image_size)  # type: ignore[arg-type]
+        if tuple(self.map_size) != size:
+            raise ValueError("geometry 'authors' pastes crops in image pixels: leave map_size at image_size")
+        h, w = size
+        side = crop_side(size, frac)
+        m, layers = flat.shape[0], len(self.layers)
+        sums = torch.zeros(m, layers, h, w, device=self.device)
+        counts = torch.zeros(m, 1, h, w, device=self.device)
+        corners = torch.tensor([[0.0, 0.0], [0.0, float(h)], [float(w), 0.0], [float(w), float(h)]])  # (x, y) as the code
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+        for it in tqdm(range(crops), desc="attention maps", disable=not self.config.progress, leave=False):
+            if it < 4:
+                locs = corners[it].expand(m, 2)
+            else:
+                running = torch.nan_to_num(sums / counts).mean(dim=1)  # uncovered pixels (0 / 0) count as 0
+                locs = argmax_2d(running).float().cpu() + 0.5
+            offsets = margin_crop_offsets(locs, size, frac, self.config.crop_margin, gen)
+            noisy = self._noisy(self._crop_latents(pixels, offsets, side, cache), timestep, gen)
+            for chunk in self._chunks(m):
+                maps = self._unet_maps(noisy[chunk], flat[chunk], timestep, store, per_layer=True, size=side)
+                for i, (x0, y0) in zip(range(chunk.start, chunk.stop), offsets[chunk].tolist()):
+                    sums[i, :, y0 : y0 + side[0], x0 : x0 + side[1]] += maps[i - chunk.start]
+                    counts[i, :, y0 : y0 + side[0], x0 : x0 + side[1]] += 1
+        return sums / counts.clamp_min(1.0)
+
+    def _maps_over_random_crops(
+        self,
+        pixels: torch.Tensor,
+        flat: torch.Tensor,
+        timestep: int,
+        frac: float,
+        crops: int,
+        gen: torch.Generator,
+        store: AttentionStore,
+    ) -> torch.Tensor:
+        """sdm 0.2's inference (geometry "continuous"): `crops` random continuous crops shared by all embeddings,
+        one noise draw per crop, maps pasted back with align corners. Returns M x layers x H' x W'."""
         offsets = random_crops(crops, frac, gen)
         latents = torch.cat([self._encode(crop_images(pixels, offsets[c], frac)) for c in self._chunks(crops)])
         noisy = self._noisy(latents, timestep, gen)  # one noise draw per crop, shared by all embeddings
-        flat = embeddings.reshape(n * e, *embeddings.shape[2:]).to(self.device)
+        m, layers = flat.shape[0], len(self.layers)
         # Items are (embedding, crop) pairs, crop-minor: item i uses embedding i // crops and crop i % crops.
-        total = n * e * crops
-        acc = torch.zeros(n * e, *self.map_size, device=self.device)
+        acc = torch.zeros(m, layers, *self.map_size, device=self.device)
         _, coverage = paste_maps(torch.zeros(crops, *self.map_size, device=self.device), offsets, frac)
-        with capture_cross_attention(self.sd.unet, self.layers) as store:
-            for chunk in tqdm(self._chunks(total), desc="attention maps", disable=not cfg.progress, leave=False):
-                idx = torch.arange(chunk.start, chunk.stop)
-                emb_idx, crop_idx = idx // crops, idx % crops
-                maps = self._unet_maps(noisy[crop_idx.to(noisy.device)], flat[emb_idx.to(self.device)], timestep, store)
-                pasted, _ = paste_maps(maps, offsets[crop_idx], frac)
-                acc.index_add_(0, emb_idx.to(self.device), pasted)
-        cover = coverage.sum(0).clamp_min(1.0)
-        out = (acc.view(n, e, *self.map_size).mean(1) / cover).cpu()
-        if not torch.isfinite(out).all():  # an argmax of NaNs would silently answer (0, 0)
-            raise FloatingPointError("non-finite attention maps on the target; run the UNet in float32 or bfloat16")
-        return out
+        for chunk in self._chunks(m * crops):
+            idx = torch.arange(chunk.start, chunk.stop)
+            emb_idx, crop_idx = idx // crops, idx % crops
+            maps = self._unet_maps(noisy[crop_idx.to(noisy.device)], flat[emb_idx.to(self.device)], timestep, store, per_layer=True)
+            pasted, _ = paste_maps(maps.flatten(0, 1), offsets[crop_idx].repeat_interleave(layers, dim=0), frac)
+            acc.index_add_(0, emb_idx.to(self.device), pasted.view(-1, layers, *self.map_size))
+        return acc / coverage.sum(0).clamp_min(1.0)
 
     def peaks(self, maps: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """Peaks of N x H' x W' maps (from `attention_maps`) -> N x 2 pixel (x, y) in an image of size
@@ -716,9 +857,13 @@ class AttentionMatcher:
             cells = soft_argmax_2d(scaled, cfg.soft_argmax_temperature)
         map_h, map_w = maps.shape[-2:]
         h, w = image_hw
+        size_h, size_w = cfg.image_size  # type: ignore[misc]
+        if cfg.geometry == "authors":
+            # the code's pixel of the argmax + 0.5 on the resized image (utils/optimize.py:79-82), then per axis
+            # back to the original image: x = x' * W / W'
+            return (cells.float() + 0.5) * cells.new_tensor([w / size_w, h / size_h])
         # map cell -> normalised [0, 1] -> original pixels (align corners on the resized image, then per-axis
         # resize back: x = x' * W / W').
-        size_h, size_w = cfg.image_size  # type: ignore[misc]
         norm = cells / cells.new_tensor([map_w - 1, map_h - 1])
         return norm * cells.new_tensor([(size_w - 1) * w / size_w, (size_h - 1) * h / size_h])
 
@@ -742,10 +887,14 @@ __all__ = [
     "OptimizationResult",
     "capture_cross_attention",
     "crop_images",
+    "crop_side",
     "cross_attention_layers",
+    "cut_crops",
     "execution_key",
     "gaussian_maps",
     "hedlin_layers",
+    "layer_softmax_readout",
+    "margin_crop_offsets",
     "paste_maps",
     "random_crops",
 ]

@@ -166,9 +166,14 @@ def test_crop_and_paste_geometry() -> None:
 
 
 def test_peaks_map_to_original_pixels(sd: sdm.StableDiffusion) -> None:
-    m = AttentionMatcher(sd, AttentionMatcherConfig(image_size=SIZE, progress=False))
     maps = gaussian_maps(torch.tensor([[63.0, 0.0], [21.0, 42.0]]), (SIZE, SIZE), 1.0)
-    # 64 x 64 model frame -> a 100 x 200 (H x W) original: x' = x * W / 64, y' = y * H / 64.
+    # the authors': argmax pixel + 0.5 on the 64 x 64 input (utils/optimize.py:79-82), then to a 100 x 200 (H x W)
+    # original per axis: x = x' * W / 64, y = y' * H / 64
+    m = AttentionMatcher(sd, AttentionMatcherConfig(image_size=SIZE, progress=False))
+    want = torch.tensor([[63.5 * 200 / 64, 0.5 * 100 / 64], [21.5 * 200 / 64, 42.5 * 100 / 64]])
+    torch.testing.assert_close(m.peaks(maps, (100, 200)), want)
+    # geometry "continuous" (sdm 0.2): align corners, cell c of 64 is the resized pixel c
+    m = AttentionMatcher(sd, AttentionMatcherConfig(image_size=SIZE, progress=False, geometry="continuous"))
     torch.testing.assert_close(m.peaks(maps, (100, 200)), torch.tensor([[63 * 200 / 64, 0.0], [21 * 200 / 64, 42 * 100 / 64]]))
 
 
@@ -284,3 +289,57 @@ def test_models_it_was_not_tuned_for_are_warned_about() -> None:
     sd.random_weights = False  # as if these were real weights of a model that is not SD 1.x (text width 32)
     with pytest.warns(UserWarning, match="CompVis/stable-diffusion-v1-4"):
         AttentionMatcher(sd, AttentionMatcherConfig(image_size=SIZE))
+
+
+def test_margin_crops_follow_the_authors_rule() -> None:
+    """crop_image (optimize_token.py:474-502) at their 93.165 %: 477 px crops of 512, safe margin int(477 * 0.15)
+    = 71 px, offsets drawn in [clamp(v - 477 + 71), clamp(v - 71)] with clamp to [0, 512 - 477]."""
+    from sdm.attention import crop_side, margin_crop_offsets
+
+    frac = 0.9316549294381423
+    assert crop_side((512, 512), frac) == (477, 477)
+    gen = torch.Generator().manual_seed(0)
+    corners = torch.tensor([[0.0, 0.0], [0.0, 512.0], [512.0, 0.0], [512.0, 512.0]])
+    assert margin_crop_offsets(corners, (512, 512), frac, 0.15, gen).tolist() == [[0, 0], [0, 35], [35, 0], [35, 35]]
+    draws = margin_crop_offsets(torch.tensor([[256.0, 100.0]] * 400), (512, 512), frac, 0.15, gen)
+    assert set(draws[:, 0].tolist()) == set(range(0, 36))  # x: [max(0, 256 - 406), min(185, 35)] = [0, 35]
+    assert set(draws[:, 1].tolist()) == set(range(0, 30))  # y: [0, min(100 - 71, 35)] = [0, 29]
+
+
+def test_crops_are_cut_at_integer_offsets_and_resized_without_align_corners() -> None:
+    from sdm.attention import cut_crops
+
+    ramp = torch.arange(64.0).view(1, 1, 1, 64).expand(1, 3, 64, 64)  # value = x
+    out = cut_crops(ramp, torch.tensor([[10, 3]]), (32, 32))
+    # bilinear, align_corners=False: output pixel j samples the crop at (j + 0.5) * 32 / 64 - 0.5 (edge-clamped)
+    j = torch.arange(64.0)
+    want = 10 + ((j + 0.5) * 32 / 64 - 0.5).clamp(0, 31)
+    torch.testing.assert_close(out[0, 0, 5], want)
+
+
+def test_readout_is_a_softmax_per_layer_then_the_mean() -> None:
+    """utils/optimize.py:69-82: per layer softmax over the pixels, mean over layers, argmax."""
+    from sdm.attention import layer_softmax_readout
+
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 0, 1, 1] = 0.9  # layer 0: one peak on a zero background
+    maps[0, 1] = 0.5  # layer 1: a high background, its peak elsewhere, zero where layer 0 peaks
+    maps[0, 1, 2, 3], maps[0, 1, 1, 1] = 1.0, 0.0
+    out = layer_softmax_readout(maps)
+    z0 = 15 + torch.exp(torch.tensor(0.9))
+    l0 = torch.full((4, 4), 1 / z0)
+    l0[1, 1] = torch.exp(torch.tensor(0.9)) / z0
+    z1 = 14 * torch.exp(torch.tensor(0.5)) + torch.exp(torch.tensor(1.0)) + 1
+    l1 = torch.full((4, 4), float(torch.exp(torch.tensor(0.5)) / z1))
+    l1[2, 3], l1[1, 1] = torch.exp(torch.tensor(1.0)) / z1, 1 / z1
+    torch.testing.assert_close(out[0], (l0 + l1) / 2)
+    assert int(out[0].argmax()) == 1 * 4 + 1  # the authors' read-out picks layer 0's peak ...
+    assert int(maps[0].mean(dim=0).argmax()) == 2 * 4 + 3  # ... where the mean of the raw maps picks layer 1's
+
+
+def test_authors_inference_starts_with_the_corner_crops(sd: sdm.StableDiffusion, image: torch.Tensor) -> None:
+    """With 4 crops only the corner crops run (optimize_token.py:259-268): together they cover the image."""
+    cfg = AttentionMatcherConfig(image_size=SIZE, inference_crops=4, num_embeddings=1, progress=False, readout="mean-map")
+    matcher = AttentionMatcher(sd, cfg)
+    maps = matcher.attention_maps(image, torch.randn(2, 1, 77, sd.embed_dim))
+    assert maps.shape == (2, SIZE, SIZE) and torch.isfinite(maps).all() and (maps > 0).all()
