@@ -575,6 +575,22 @@ def evaluate(
     return result
 
 
+def stored_predictor(predictions: dict[str, torch.Tensor]) -> Predictor:
+    """A predictor that answers from predictions made before, keyed by pair id (K x 2 resized pixels each): to
+    score the same predictions under several protocols with `evaluate_predictions(..., decode_images=False)`."""
+
+    def predict(batch: PairBatch) -> torch.Tensor:
+        out = torch.zeros_like(batch.trg_kps)
+        for b, pair_id in enumerate(batch.pair_ids):
+            if pair_id not in predictions:
+                raise KeyError(f"no stored prediction for pair {pair_id!r}")
+            k = int(batch.n_kps[b])
+            out[b, :k] = predictions[pair_id][:k].to(out)
+        return out
+
+    return predict
+
+
 def attention_predictor(matcher: AttentionMatcher) -> Predictor:
     """Hedlin et al.'s matcher as a predictor: each pair's source points are optimised and found in the target
     (images are the dataset's resized ones, so predictions are in the space of the PCK thresholds)."""

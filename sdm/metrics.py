@@ -205,6 +205,16 @@ THRESHOLDS: dict[str, ThresholdRule] = {
 }
 
 
+# Hedlin et al.'s benchmarks: dataset -> (the standard threshold mode, the one their code uses): PF-Willow's
+# padded extent (eval/pfwillow.py:150-163), SPair-71k's source box (eval/dataset.py:188-200), CUB's x-scaled box
+# (eval/cub2011.py:137-141).
+HEDLIN_PROTOCOL: dict[str, tuple[str, str]] = {
+    "pfwillow": ("kps-extent", "kps-extent-hedlin"),
+    "spair": ("trg-bbox", "src-bbox"),
+    "cub": ("trg-bbox", "trg-bbox-xscale"),
+}
+
+
 def frame_scale(size_wh: tuple[int, int], image_size: tuple[int, int], frame: Frame) -> torch.Tensor:
     """Per-axis factors (x, y) from resized-input pixels to the frame's pixels."""
     if frame == "resized":

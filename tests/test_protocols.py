@@ -150,3 +150,27 @@ def test_two_process_evaluation_equals_one_process(tmp_path: Path, prompt: str) 
     assert a.with_name(a.name.replace("_points", "_pck")).read_text() == b.with_name(b.name.replace("_points", "_pck")).read_text()
     records = pd.read_csv(b, comment="#")
     assert len(records.pair_id.unique()) == 10
+
+
+@needs_willow
+def test_the_same_predictions_under_the_standard_and_hedlin_thresholds() -> None:
+    """Notebook 08 scores one set of predictions under both protocols (`stored_predictor`); with every prediction
+    30 px off, PCK@0.1 is the share of pairs whose threshold is at least 300 px, counted here by hand."""
+    from sdm.evaluate import stored_predictor
+    from sdm.metrics import HEDLIN_PROTOCOL
+
+    ds = PFWillow(WILLOW, image_size=512)
+    pairs = spread_subset(ds, 60)
+    pairs.decode_images = False
+    preds, want = {}, {}
+    standard, theirs = HEDLIN_PROTOCOL["pfwillow"]
+    for i in range(len(pairs)):
+        p = pairs[i]
+        preds[p.pair_id] = p.trg_kps + torch.tensor([30.0, 0.0])
+        for mode in (standard, theirs):
+            want.setdefault(mode, []).append(100.0 * (30.0 <= 0.1 * threshold_of(facts(pairs, i), mode)))
+    pairs.decode_images = True
+    for mode in (standard, theirs):
+        res = evaluate_predictions(pairs, stored_predictor(preds), threshold=mode, decode_images=False, progress=False)
+        assert res.table.loc["all", "per_image@0.1"] == pytest.approx(np.mean(want[mode]))
+    assert np.mean(want[theirs]) > np.mean(want[standard])  # the padded extent is larger
