@@ -343,3 +343,30 @@ def test_authors_inference_starts_with_the_corner_crops(sd: sdm.StableDiffusion,
     matcher = AttentionMatcher(sd, cfg)
     maps = matcher.attention_maps(image, torch.randn(2, 1, 77, sd.embed_dim))
     assert maps.shape == (2, SIZE, SIZE) and torch.isfinite(maps).all() and (maps > 0).all()
+
+
+def test_predictor_optimises_a_shared_source_once(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pairs that share a source (id and points) reuse its embeddings, with the answer `match` gives."""
+    from sdm.data import Pair, collate_pairs
+    from sdm.evaluate import attention_predictor
+
+    cfg = AttentionMatcherConfig(image_size=SIZE, steps=3, num_embeddings=1, inference_crops=5, progress=False)
+    matcher = AttentionMatcher(sd, cfg)
+    targets = [image.flip(-1), image.flip(-2)]
+    pts = POINTS[:2]
+
+    def pair(i: int, trg: torch.Tensor) -> Pair:
+        return Pair(image, trg, pts, pts, 2, "x", 10.0, "src", f"t{i}", (SIZE, SIZE), (SIZE, SIZE), f"p{i}")
+
+    calls = {"n": 0}
+    real = AttentionMatcher.optimize_embeddings
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AttentionMatcher, "optimize_embeddings", counted)
+    out = attention_predictor(matcher)(collate_pairs([pair(i, t) for i, t in enumerate(targets)]))
+    assert calls["n"] == 1
+    for i, t in enumerate(targets):
+        torch.testing.assert_close(out[i], matcher.match(image, t, pts), rtol=0, atol=0)
