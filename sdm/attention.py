@@ -616,11 +616,13 @@ class AttentionMatcher:
     def _crop_latents(
         self, pixels: torch.Tensor, offsets: torch.Tensor, side: tuple[int, int], cache: dict[tuple[int, int], torch.Tensor]
     ) -> torch.Tensor:
-        """VAE latents of integer-offset crops, each encoded once per image and offset (a crop is one call, so its
-        latent does not depend on what else is encoded)."""
+        """VAE latents of integer-offset crops, each encoded once per image and offset; the new ones of a call
+        are encoded together (in micro-batches of `max_batch`)."""
         keys = [tuple(o) for o in offsets.tolist()]
-        for key in dict.fromkeys(k for k in keys if k not in cache):
-            cache[key] = self._encode(cut_crops(pixels, torch.tensor([key]), side))[0]
+        missing = list(dict.fromkeys(k for k in keys if k not in cache))
+        for chunk in self._chunks(len(missing)):
+            fresh = self._encode(cut_crops(pixels, torch.tensor(missing[chunk]), side))
+            cache.update(zip(missing[chunk], fresh))
         return torch.stack([cache[k] for k in keys])
 
     def _noisy(self, latents: torch.Tensor, timestep: int, generator: torch.Generator) -> torch.Tensor:

@@ -302,6 +302,33 @@ def tiny_stable_diffusion(
     )
 
 
+SD14_SCHEDULER: dict[str, Any] = {**SD21_SCHEDULER, "prediction_type": "epsilon"}
+
+
+def sd14_architecture(
+    seed: int = 0, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> StableDiffusion:
+    """The full-size Stable Diffusion 1.4 VAE, UNet and text encoder (CLIP ViT-L/14 text, 768 wide), random
+    weights: the model of Hedlin et al.'s tables at its real cost. For benchmarks only (tokenizer: the tiny one)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
+            norm_num_groups=32,
+        )
+        sd = StableDiffusion(
+            vae=_vae((128, 256, 512, 512), 2, 32), unet=unet, text_encoder=CLIPTextModel(_text_config(768, 12, 12, 3072, 49408)),
+            tokenizer=tiny_tokenizer(), scheduler=DDPMScheduler(**SD14_SCHEDULER), name="sd14-architecture", random_weights=True,
+        )
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return sd.to(device or "cpu", dtype or torch.float32)
+
+
 def sd21_architecture(
     seed: int = 0, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> StableDiffusion:

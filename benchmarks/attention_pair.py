@@ -1,0 +1,142 @@
+"""Hedlin et al.'s matcher on one 10-point pair at 512 px with the full Stable Diffusion 1.4 architecture (random
+weights, `sdm.models.sd14_architecture`): sdm 0.2's computation against the authors' computation (sdm's
+default since issue 13), per point, projected over PF-Willow's test set, and peak GPU memory.
+
+    python benchmarks/attention_pair.py --out attention.json      # ~5 min on an H100
+
+The optimisation is timed over `--steps` Adam steps and scaled to the configured number (129 or 130; pass
+`--steps 129` for the authors' path, whose VAE latents of crops are cached per offset, so early steps cost
+more than late ones); the target's attention maps are timed in full (20 crops). PF-Willow: 900 pairs, 100 source images (each the source
+of 9 pairs with the same 10 points), so with the per-source cache of `sdm.evaluate.attention_predictor` the
+optimisation runs 100 times instead of 900.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sdm.attention import AttentionMatcher, AttentionMatcherConfig
+from sdm.models import sd14_architecture
+
+SDM_02 = dict(
+    geometry="continuous", readout="mean-map", noise="gaussian", heads="all", loss="layer-mean", steps=130, lr=2.4e-3, crop_frac=0.93,
+    sigma=28 / 512, max_batch=None,
+)
+PATHS = {  # name -> (config overrides, weight dtype): sdm 0.2's computation in fp16, all 50 items in one batch;
+    # the authors' computation (today's defaults, micro-batches of 10) in the authors' fp32 and in bf16
+    "sdm0.2-fp16": (SDM_02, torch.float16),
+    "authors-fp32": ({}, torch.float32),
+    "authors-bf16": ({}, torch.bfloat16),
+    "authors-bf16-b50": ({"max_batch": 50}, torch.bfloat16),  # all 50 items of the pair in one UNet batch
+}
+
+
+def smooth_pair(size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(2, 3, 24, 24, generator=g), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def measure(name: str, overrides: dict, dtype: torch.dtype, base, images: torch.Tensor, points: torch.Tensor, steps: int, size: int) -> dict:
+    sd = base.to(dtype=dtype)
+    full = AttentionMatcherConfig(image_size=size, progress=False, **overrides)
+    short = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": steps}))
+    matcher = AttentionMatcher(sd, full)
+    AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": 2})).optimize_embeddings(
+        images[0], points[:2]
+    )  # warm-up
+    reset_peak()
+    sync()
+    start = time.perf_counter()
+    result = short.optimize_embeddings(images[0], points)
+    sync()
+    opt_s = (time.perf_counter() - start) / steps * full.steps
+    peak_opt = peak_gib()
+    reset_peak()
+    start = time.perf_counter()
+    maps = matcher.attention_maps(images[1], result.embeddings)
+    sync()
+    inf_s = time.perf_counter() - start
+    peak_inf = peak_gib()
+    assert torch.isfinite(maps).all()
+    n = points.shape[0]
+    row = {
+        "optimisation_s_per_pair": opt_s, "inference_s_per_pair": inf_s, "s_per_point": (opt_s + inf_s) / n,
+        "pfwillow_h_without_cache": 900 * (opt_s + inf_s) / 3600, "pfwillow_h_with_source_cache": (100 * opt_s + 900 * inf_s) / 3600,
+        "peak_gib_optimisation": peak_opt, "peak_gib_inference": peak_inf, "steps_timed": steps, "steps": full.steps,
+    }
+    print(f"{name}: {row['s_per_point']:.2f} s/point (optimisation {opt_s:.1f} s + inference {inf_s:.1f} s per 10-point pair), "
+          f"PF-Willow {row['pfwillow_h_without_cache']:.1f} h ({row['pfwillow_h_with_source_cache']:.1f} h with the source cache), "
+          f"peak {peak_opt:.1f} / {peak_inf:.1f} GiB", flush=True)
+    return row
+
+
+def profile(name: str, base, images: torch.Tensor, points: torch.Tensor, size: int) -> None:
+    """Where an optimisation step's time goes: the top operators by device time over 2 steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    overrides, dtype = PATHS[name]
+    sd = base.to(dtype=dtype)
+    matcher = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": 2}))
+    matcher.optimize_embeddings(images[0], points)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        matcher.optimize_embeddings(images[0], points)
+        sync()
+    print(f"profile of 2 optimisation steps, {name}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total" if torch.cuda.is_available() else "cpu_time_total", row_limit=18))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6, help="Adam steps timed (scaled to the configured number)")
+    ap.add_argument("--points", type=int, default=10)
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated names of PATHS")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tiny", action="store_true", help="tiny random model at 64 px on the CPU: a smoke test of this script")
+    ap.add_argument("--profile", default=None, help="a path name: profile 2 of its optimisation steps (torch.profiler, top CUDA ops)")
+    args = ap.parse_args()
+    if args.tiny:
+        from sdm.models import tiny_stable_diffusion
+
+        base, size, device_name = tiny_stable_diffusion(), 64, "cpu (tiny model)"
+    else:
+        base, size, device_name = sd14_architecture(device="cuda"), 512, torch.cuda.get_device_name()
+    images = smooth_pair(size, 0)
+    g = torch.Generator().manual_seed(1)
+    points = size * (0.12 + torch.rand(args.points, 2, generator=g) * 0.76)  # pixels of the source
+    results = {"device": device_name, "torch": torch.__version__, "points": args.points, "paths": {}}
+    for name in args.paths.split(","):
+        overrides, dtype = PATHS[name]
+        if args.tiny and dtype != torch.float32:
+            continue  # half precision on the CPU says nothing
+        results["paths"][name] = measure(name, overrides, dtype, base, images, points, args.steps, size)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if args.profile:
+        profile(args.profile, base, images, points, size)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
