@@ -182,12 +182,12 @@ def load_stable_diffusion(
     return sd.to(device)
 
 
-def load_model(model: str, device: torch.device | str | None = None) -> StableDiffusion:
+def load_model(model: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
     """By name, as the CLI and the notebooks take it: "tiny" -> `tiny_stable_diffusion()` (random weights, offline),
-    anything else (hub id or folder) -> `load_stable_diffusion`."""
+    anything else (hub id or folder) -> `load_stable_diffusion` (dtype None: float16 on CUDA, float32 on CPU)."""
     if model == "tiny":
-        return tiny_stable_diffusion(device=device)
-    return load_stable_diffusion(model, device=device)
+        return tiny_stable_diffusion(device=device, dtype=dtype)
+    return load_stable_diffusion(model, device=device, dtype=dtype)
 
 
 def tiny_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
