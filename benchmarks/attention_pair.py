@@ -33,7 +33,10 @@ PATHS = {  # name -> (config overrides, weight dtype): sdm 0.2's computation in 
     "authors-fp32": ({}, torch.float32),
     "authors-bf16": ({}, torch.bfloat16),
     "authors-bf16-b50": ({"max_batch": 50}, torch.bfloat16),  # all 50 items of the pair in one UNet batch
+    # bf16 with the VAE encoder and the UNet's resnets compiled (sdm.features.optimize(compile_scope="resnets"))
+    "authors-bf16-compiled": ({}, torch.bfloat16),
 }
+COMPILED = {"authors-bf16-compiled"}
 
 
 def smooth_pair(size: int, seed: int) -> torch.Tensor:
@@ -57,12 +60,15 @@ def peak_gib() -> float:
 
 def measure(name: str, overrides: dict, dtype: torch.dtype, base, images: torch.Tensor, points: torch.Tensor, steps: int, size: int) -> dict:
     sd = base.to(dtype=dtype)
+    if name in COMPILED:
+        from sdm.features import optimize
+
+        optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="resnets")
     full = AttentionMatcherConfig(image_size=size, progress=False, **overrides)
     short = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": steps}))
     matcher = AttentionMatcher(sd, full)
-    AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": 2})).optimize_embeddings(
-        images[0], points[:2]
-    )  # warm-up
+    warm = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": 2}))
+    warm.attention_maps(images[1], warm.optimize_embeddings(images[0], points).embeddings)  # warm-up (and compiles)
     reset_peak()
     sync()
     start = time.perf_counter()
@@ -89,20 +95,20 @@ def measure(name: str, overrides: dict, dtype: torch.dtype, base, images: torch.
     return row
 
 
-def profile(name: str, base, images: torch.Tensor, points: torch.Tensor, size: int) -> None:
-    """Where an optimisation step's time goes: the top operators by device time over 2 steps."""
+def profile(name: str, base, images: torch.Tensor, points: torch.Tensor, size: int, steps: int) -> None:
+    """Where the optimisation's time goes: the top operators by device time over `steps` steps."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     overrides, dtype = PATHS[name]
     sd = base.to(dtype=dtype)
-    matcher = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": 2}))
+    matcher = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": steps}))
     matcher.optimize_embeddings(images[0], points)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         matcher.optimize_embeddings(images[0], points)
         sync()
-    print(f"profile of 2 optimisation steps, {name}:")
-    print(prof.key_averages().table(sort_by="cuda_time_total" if torch.cuda.is_available() else "cpu_time_total", row_limit=18))
+    print(f"profile of {steps} optimisation steps, {name}:")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=25))
 
 
 def main() -> None:
@@ -112,7 +118,8 @@ def main() -> None:
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated names of PATHS")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="tiny random model at 64 px on the CPU: a smoke test of this script")
-    ap.add_argument("--profile", default=None, help="a path name: profile 2 of its optimisation steps (torch.profiler, top CUDA ops)")
+    ap.add_argument("--profile", default=None, help="a path name: profile its optimisation (torch.profiler, top CUDA ops)")
+    ap.add_argument("--profile-steps", type=int, default=2, help="optimisation steps profiled (129: the whole run)")
     args = ap.parse_args()
     if args.tiny:
         from sdm.models import tiny_stable_diffusion
@@ -124,7 +131,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     points = size * (0.12 + torch.rand(args.points, 2, generator=g) * 0.76)  # pixels of the source
     results = {"device": device_name, "torch": torch.__version__, "points": args.points, "paths": {}}
-    for name in args.paths.split(","):
+    for name in filter(None, args.paths.split(",")):
         overrides, dtype = PATHS[name]
         if args.tiny and dtype != torch.float32:
             continue  # half precision on the CPU says nothing
@@ -132,7 +139,7 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if args.profile:
-        profile(args.profile, base, images, points, size)
+        profile(args.profile, base, images, points, size, args.profile_steps)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -398,6 +398,7 @@ def optimize(
     fuse_qkv: bool = True,
     compile: bool = False,
     compile_mode: str | None = None,
+    compile_scope: Literal["blocks", "resnets"] = "blocks",
 ) -> StableDiffusion:
     """Opt-in speed settings for feature extraction and prompt training; modifies `sd` in place, returns it.
 
@@ -416,6 +417,9 @@ def optimize(
       second batch size appears (dynamo's recompile limit is raised to 64 for that). Do not combine with `sdm.attention.AttentionMatcher`, whose processors and
       hooks sit inside the compiled transformers.
     - `compile_mode`: passed to `torch.compile` (None, "max-autotune", "reduce-overhead", ...).
+    - `compile_scope`: "blocks" (above), or "resnets": only the VAE encoder and the UNet's resnets, down- and
+      upsamplers, leaving every transformer (and the attention processors `sdm.attention` installs) eager: the
+      scope that works with `AttentionMatcher`.
 
     With the defaults on CPU in float32 (no `dtype`, no `compile`) the features equal the plain ones to
     float rounding (tests/test_speed.py: relative error < 1e-5).
@@ -440,11 +444,17 @@ def optimize(
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
         kwargs = {"mode": compile_mode} if compile_mode else {}
-        targets: list[nn.Module] = [sd.vae.encoder, *sd.unet.down_blocks]
-        if sd.unet.mid_block is not None:
-            targets.append(sd.unet.mid_block)
-        for block in sd.unet.up_blocks:
-            targets += list(block.children())  # ModuleLists: their items
+        targets: list[nn.Module] = [sd.vae.encoder]
+        if compile_scope == "resnets":
+            from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+            targets += [m for m in sd.unet.modules() if isinstance(m, (ResnetBlock2D, Downsample2D, Upsample2D))]
+        else:
+            targets += list(sd.unet.down_blocks)
+            if sd.unet.mid_block is not None:
+                targets.append(sd.unet.mid_block)
+            for block in sd.unet.up_blocks:
+                targets += list(block.children())  # ModuleLists: their items
         for module in targets:
             for sub in module if isinstance(module, nn.ModuleList) else [module]:
                 sub.compile(**kwargs)
