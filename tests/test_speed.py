@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import sdm
@@ -53,3 +54,21 @@ def test_optimize_is_idempotent_and_casts() -> None:
     assert sd.unet.dtype == torch.bfloat16 and sd.vae.dtype == torch.bfloat16 and sd.text_encoder.dtype == torch.bfloat16
     feats = SDFeaturizer(sd, image_size=SIZE)(torch.rand(1, 3, SIZE, SIZE), [""])
     assert feats.dtype == torch.bfloat16 and torch.isfinite(feats).all()
+
+
+def test_compile_scope_resnets_leaves_attention_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """optimize(compile_scope="resnets") compiles the VAE encoder and the UNet's resnets and resamplers only, so the
+    attention processors that sdm.attention installs never run inside compiled code."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(self))
+    sd = sdm.tiny_stable_diffusion()
+    optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="resnets")
+    unet_parts = [m for m in compiled if m is not sd.vae.encoder]
+    assert compiled[0] is sd.vae.encoder
+    assert unet_parts and all(isinstance(m, (ResnetBlock2D, Downsample2D, Upsample2D)) for m in unet_parts)
+    assert len(unet_parts) == sum(isinstance(m, (ResnetBlock2D, Downsample2D, Upsample2D)) for m in sd.unet.modules())
+    assert not any(isinstance(sub, Attention) for m in unet_parts for sub in m.modules())
