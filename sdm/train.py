@@ -238,7 +238,7 @@ def train(
     run_id = uuid.uuid4().hex[:12]
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain values only
         _check_resume(state["config"], cfg)
         run_id = state.get("run_id", run_id)
         params = dict(module.named_parameters())

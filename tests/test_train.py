@@ -113,7 +113,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(train_module, "gaussian_cross_entropy", flaky)
     with pytest.raises(TrainingDiverged, match=r"at step 5; .*step 3\) is kept"):
         train(quick_config(), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path, progress=False)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["prompt"].values())
 
 
