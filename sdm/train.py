@@ -371,9 +371,14 @@ class RunExistsError(FileExistsError):
 RUN_FILES = (CHECKPOINT, "prompt.safetensors", "prompt.json", "best.safetensors", "best.json", "log.csv")
 
 
+def existing_run(out: Path) -> list[str]:
+    """The files of a training run that `out` already holds (empty: the folder is free)."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
 def _claim_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuses a folder holding another run's files unless resuming, or deletes them when overwriting."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
+    found = existing_run(out)
     if not found or resume:
         return
     if not overwrite:

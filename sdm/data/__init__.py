@@ -100,8 +100,6 @@ def dataset_record(dataset: Any) -> dict[str, Any]:
     split = getattr(base, "split", None)
     if isinstance(base, SyntheticPairs):
         split = next((s for s, (seed, n) in SYNTHETIC_SPLITS.items() if (seed, n) == (base.seed, len(base))), f"seed {base.seed}")
-    elif isinstance(base, PFWillow):
-        split = "test"
     return {"dataset": name, "split": split, "pairs": len(dataset), "split_pairs": len(base)}
 
 

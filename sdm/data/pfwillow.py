@@ -115,6 +115,7 @@ class PFWillow(PairDataset):
     """
 
     threshold_mode = "kps-extent"  # the standard PCK threshold (sdm.metrics.THRESHOLDS)
+    split = "test"  # PF-Willow has no other split
 
     def __init__(self, root: str | Path, image_size: ImageSize = 768, category: str | None = None) -> None:
         self.root = Path(root)
