@@ -32,11 +32,20 @@ PATHS = {  # name -> (config overrides, weight dtype): sdm 0.2's computation in 
     "sdm0.2-fp16": (SDM_02, torch.float16),
     "authors-fp32": ({}, torch.float32),
     "authors-bf16": ({}, torch.bfloat16),
+    # the loss on 512 x 512 upsampled maps, as the authors' code computes it (sdm's default before "native")
+    "authors-bf16-map-loss": ({"loss_resolution": "map"}, torch.bfloat16),
     "authors-bf16-b50": ({"max_batch": 50}, torch.bfloat16),  # all 50 items of the pair in one UNet batch
     # bf16 with the VAE encoder and the UNet's resnets compiled (sdm.features.optimize(compile_scope="resnets"))
+    "authors-bf16-compiled-resnets": ({}, torch.bfloat16),
+    # bf16 with the VAE encoder and the UNet's blocks compiled, one graph per batch size
+    # (optimize(compile_scope="blocks", dynamic=False)); the attention processors trace into the graphs
     "authors-bf16-compiled": ({}, torch.bfloat16),
+    "authors-bf16-compiled-b50": ({"max_batch": 50}, torch.bfloat16),
+    "authors-fp32-compiled": ({}, torch.float32),
+    "authors-fp32-compiled-b50": ({"max_batch": 50}, torch.float32),
 }
-COMPILED = {"authors-bf16-compiled"}
+COMPILED = {"authors-bf16-compiled-resnets": "resnets", "authors-bf16-compiled": "blocks", "authors-bf16-compiled-b50": "blocks", "authors-fp32-compiled": "blocks",
+            "authors-fp32-compiled-b50": "blocks"}
 
 
 def smooth_pair(size: int, seed: int) -> torch.Tensor:
@@ -58,12 +67,12 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def measure(name: str, overrides: dict, dtype: torch.dtype, base, images: torch.Tensor, points: torch.Tensor, steps: int, size: int) -> dict:
-    sd = base.to(dtype=dtype)
+def measure(name: str, overrides: dict, dtype: torch.dtype, build, images: torch.Tensor, points: torch.Tensor, steps: int, size: int) -> dict:
+    sd = build().to(dtype=dtype)  # a fresh model per path: compiling changes modules in place
     if name in COMPILED:
         from sdm.features import optimize
 
-        optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="resnets")
+        optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope=COMPILED[name], dynamic=False)
     full = AttentionMatcherConfig(image_size=size, progress=False, **overrides)
     short = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": steps}))
     matcher = AttentionMatcher(sd, full)
@@ -83,11 +92,13 @@ def measure(name: str, overrides: dict, dtype: torch.dtype, base, images: torch.
     inf_s = time.perf_counter() - start
     peak_inf = peak_gib()
     assert torch.isfinite(maps).all()
+    matches = matcher.peaks(maps, (size, size))
     n = points.shape[0]
     row = {
         "optimisation_s_per_pair": opt_s, "inference_s_per_pair": inf_s, "s_per_point": (opt_s + inf_s) / n,
         "pfwillow_h_without_cache": 900 * (opt_s + inf_s) / 3600, "pfwillow_h_with_source_cache": (100 * opt_s + 900 * inf_s) / 3600,
         "peak_gib_optimisation": peak_opt, "peak_gib_inference": peak_inf, "steps_timed": steps, "steps": full.steps,
+        "matches": matches.tolist(),
     }
     print(f"{name}: {row['s_per_point']:.2f} s/point (optimisation {opt_s:.1f} s + inference {inf_s:.1f} s per 10-point pair), "
           f"PF-Willow {row['pfwillow_h_without_cache']:.1f} h ({row['pfwillow_h_with_source_cache']:.1f} h with the source cache), "
@@ -95,13 +106,13 @@ def measure(name: str, overrides: dict, dtype: torch.dtype, base, images: torch.
     return row
 
 
-def profile(name: str, base, images: torch.Tensor, points: torch.Tensor, size: int, steps: int) -> None:
+def profile(name: str, build, images: torch.Tensor, points: torch.Tensor, size: int, steps: int) -> None:
     """Where the optimisation's time goes: the top operators by device time over `steps` steps."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     overrides, dtype = PATHS[name]
-    sd = base.to(dtype=dtype)
+    sd = build().to(dtype=dtype)
     matcher = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": steps}))
     matcher.optimize_embeddings(images[0], points)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -124,9 +135,9 @@ def main() -> None:
     if args.tiny:
         from sdm.models import tiny_stable_diffusion
 
-        base, size, device_name = tiny_stable_diffusion(), 64, "cpu (tiny model)"
+        build, size, device_name = tiny_stable_diffusion, 64, "cpu (tiny model)"
     else:
-        base, size, device_name = sd14_architecture(device="cuda"), 512, torch.cuda.get_device_name()
+        build, size, device_name = (lambda: sd14_architecture(device="cuda")), 512, torch.cuda.get_device_name()
     images = smooth_pair(size, 0)
     g = torch.Generator().manual_seed(1)
     points = size * (0.12 + torch.rand(args.points, 2, generator=g) * 0.76)  # pixels of the source
@@ -135,11 +146,15 @@ def main() -> None:
         overrides, dtype = PATHS[name]
         if args.tiny and dtype != torch.float32:
             continue  # half precision on the CPU says nothing
-        results["paths"][name] = measure(name, overrides, dtype, base, images, points, args.steps, size)
+        row = measure(name, overrides, dtype, build, images, points, args.steps, size)
+        # matches of the same pair against the first path run (rounding and kernel choices make bf16 runs drift)
+        first = next(iter(results["paths"].values()), row)
+        row["mean_px_from_first_path"] = float((torch.tensor(row["matches"]) - torch.tensor(first["matches"])).norm(dim=1).mean())
+        results["paths"][name] = row
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if args.profile:
-        profile(args.profile, base, images, points, size, args.profile_steps)
+        profile(args.profile, build, images, points, size, args.profile_steps)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

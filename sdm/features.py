@@ -399,6 +399,7 @@ def optimize(
     compile: bool = False,
     compile_mode: str | None = None,
     compile_scope: Literal["blocks", "resnets"] = "blocks",
+    dynamic: bool | None = None,
 ) -> StableDiffusion:
     """Opt-in speed settings for feature extraction and prompt training; modifies `sd` in place, returns it.
 
@@ -414,12 +415,14 @@ def optimize(
       up block (resnets, transformers, upsamplers). The up blocks themselves stay eager, so the forward hook
       that stops the UNet after the feature block (`run_until`) never runs inside compiled code. Each module
       compiles on its first call (tens of seconds on a GPU), and once more with a dynamic batch size when a
-      second batch size appears (dynamo's recompile limit is raised to 64 for that). Do not combine with `sdm.attention.AttentionMatcher`, whose processors and
-      hooks sit inside the compiled transformers.
+      second batch size appears (dynamo's recompile limit is raised to 64 for that).
     - `compile_mode`: passed to `torch.compile` (None, "max-autotune", "reduce-overhead", ...).
     - `compile_scope`: "blocks" (above), or "resnets": only the VAE encoder and the UNet's resnets, down- and
-      upsamplers, leaving every transformer (and the attention processors `sdm.attention` installs) eager: the
-      scope that works with `AttentionMatcher`.
+      upsamplers, leaving every transformer (and the attention processors `sdm.attention` installs) eager.
+    - `dynamic`: passed to `torch.compile` for the UNet's modules (the VAE encoder keeps the default: specialise,
+      then one dynamic-batch graph). ``False`` compiles one UNet graph per batch size; with
+      `sdm.attention.AttentionMatcher` use ``compile_scope="blocks", dynamic=False``: its processors trace into the
+      graphs, and inductor (torch 2.13, CPU) failed on the dynamic-batch graph of their backward.
 
     With the defaults on CPU in float32 (no `dtype`, no `compile`) the features equal the plain ones to
     float rounding (tests/test_speed.py: relative error < 1e-5).
@@ -443,8 +446,11 @@ def optimize(
         dynamo_config = importlib.import_module("torch._dynamo").config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
-        kwargs = {"mode": compile_mode} if compile_mode else {}
-        targets: list[nn.Module] = [sd.vae.encoder]
+        kwargs: dict = {"mode": compile_mode} if compile_mode else {}
+        sd.vae.encoder.compile(**kwargs)
+        if dynamic is not None:
+            kwargs["dynamic"] = dynamic
+        targets: list[nn.Module] = []
         if compile_scope == "resnets":
             from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 

@@ -13,18 +13,22 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import sdm
 from sdm.attention import (
     AttentionMatcher,
     AttentionMatcherConfig,
+    AttentionStore,
     capture_cross_attention,
     crop_images,
     cross_attention_layers,
     gaussian_maps,
+    gaussian_profiles,
     hedlin_layers,
     paste_maps,
+    upsampled_mse,
 )
 from sdm.features import run_until
 
@@ -272,16 +276,47 @@ def test_default_path_lowers_its_per_layer_loss(sd: sdm.StableDiffusion, image: 
 def test_non_finite_maps_raise(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = AttentionMatcherConfig(image_size=SIZE, steps=2, num_embeddings=1, inference_crops=2, progress=False)
     matcher = AttentionMatcher(sd, cfg)
-    real = AttentionMatcher._unet_maps
+    real = AttentionStore.native_maps
 
     def nan_maps(self, *args, **kwargs):
-        return real(self, *args, **kwargs) * float("nan")
+        return [m * float("nan") for m in real(self, *args, **kwargs)]
 
-    monkeypatch.setattr(AttentionMatcher, "_unet_maps", nan_maps)
+    monkeypatch.setattr(AttentionStore, "native_maps", nan_maps)
     with pytest.raises(FloatingPointError, match="step 1"):
         matcher.optimize_embeddings(image, POINTS[:1])
     with pytest.raises(FloatingPointError, match="non-finite attention maps"):
         matcher.attention_maps(image, torch.zeros(1, 1, 77, sd.embed_dim))
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_native_resolution_loss_equals_the_upsampled_one(align_corners: bool) -> None:
+    """upsampled_mse: the MSE of a bilinearly upsampled map against a Gaussian, computed at the map's resolution,
+    equals upsampling with F.interpolate and averaging over the big grid (values and gradients)."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 16, 12, generator=g, dtype=torch.float64).requires_grad_()
+    centers = torch.tensor([[10.0, 20.0], [0.0, 63.5], [47.0, 5.0]], dtype=torch.float64)
+    size, sigma = (64, 48), 7.0
+    xs, ys = torch.arange(48, dtype=torch.float64), torch.arange(64, dtype=torch.float64)
+    target = torch.exp(-((xs.view(1, 1, -1) - centers[:, 0, None, None]) ** 2 + (ys.view(1, -1, 1) - centers[:, 1, None, None]) ** 2) / (2 * sigma**2))
+    big = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=align_corners)[:, 0]
+    expected = ((big - target) ** 2).mean(dim=(1, 2))
+    (grad_expected,) = torch.autograd.grad(expected.sum(), maps)
+
+    g_y, g_x = gaussian_profiles(centers, size, sigma)
+    got = upsampled_mse(maps, g_y.double(), g_x.double(), align_corners)
+    (grad_got,) = torch.autograd.grad(got.sum(), maps)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-6, atol=1e-9)
+
+
+def test_native_loss_resolution_gives_the_optimisation_of_the_map_resolution(sd: sdm.StableDiffusion, image: torch.Tensor) -> None:
+    """loss_resolution "native" (default) and "map" (upsample first, as the authors' code) optimise the same function."""
+    runs = {}
+    for where in ("native", "map"):
+        cfg = AttentionMatcherConfig(image_size=SIZE, steps=4, num_embeddings=2, progress=False, loss_resolution=where)
+        runs[where] = AttentionMatcher(sd, cfg).optimize_embeddings(image, POINTS[:2])
+    torch.testing.assert_close(runs["native"].losses, runs["map"].losses, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(runs["native"].embeddings, runs["map"].embeddings, rtol=1e-4, atol=1e-5)
 
 
 def test_models_it_was_not_tuned_for_are_warned_about() -> None:
