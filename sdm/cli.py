@@ -250,14 +250,13 @@ def _check_threshold(dataset, mode: str | None, frame: str) -> None:
 
     if mode is None or len(dataset) == 0:
         return
-    previous, dataset.decode_images = dataset.decode_images, False
+    from sdm.data import decoding
+
     try:
-        p = dataset[0]
+        p = decoding(dataset, False)[0]
         threshold_of(pair_facts(p.src_kps, p.trg_kps, p.extra, p.src_size, p.trg_size, tuple(dataset.image_size), frame), mode)
     except ValueError as err:
         raise SystemExit(f"error: --threshold {mode}: {err}") from None
-    finally:
-        dataset.decode_images = previous
 
 
 def _file_hash(path: str) -> str | None:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from sdm.attention import AttentionMatcher
-from sdm.data import OriginalLoader, PairBatch, PairDataset, collate_pairs, spread_subset
+from sdm.data import OriginalLoader, PairBatch, PairDataset, collate_pairs, decoding, spread_subset
 from sdm.features import SDFeaturizer
 from sdm.matching import Matcher, match, to_feature_coords, to_image_coords
 from sdm.metrics import (
@@ -293,19 +293,14 @@ def evaluate_predictions(
             single process would form) and every process returns the gathered result, in the single-process
             order; all processes must call this together.
     """
-    pairs = spread_subset(dataset, max_pairs)
+    pairs = decoding(spread_subset(dataset, max_pairs), decode_images)
     n = len(pairs)
     if n == 0:
         raise ValueError("the dataset has no pairs")
     mode = threshold or standard_threshold(dataset)
     if mode is None and frame != "resized":
         raise ValueError("this dataset sets its own thresholds in the resized frame; name a threshold mode for frame='original'")
-    previous = dataset.decode_images
-    dataset.decode_images = decode_images
-    try:
-        result = _evaluate_loop(pairs, predict, batch_size, num_workers, alphas, progress, desc, mode, frame, processes)
-    finally:
-        dataset.decode_images = previous
+    result = _evaluate_loop(pairs, predict, batch_size, num_workers, alphas, progress, desc, mode, frame, processes)
     total = getattr(pairs, "of", n)
     chosen = "all pairs" if n == total else f"{n} of {total} pairs spread evenly over the split (sdm.data.spread_subset)"
     result.info["protocol"] = {
@@ -438,15 +433,12 @@ def extractor_record(extractor: Any) -> dict[str, Any]:
 def feature_keys(pairs: Any, conditioning: Conditioning) -> dict[Hashable, tuple[str, str]]:
     """Feature-cache keys of the pairs' images in order of first use (image id; (id, category) for category
     prompts), each with its (image id, category). Reads only annotations (images are not decoded)."""
-    previous, pairs.decode_images = pairs.decode_images, False
-    try:
-        seen: dict[Hashable, tuple[str, str]] = {}
-        for i in range(len(pairs)):
-            p = pairs[i]
-            for image_id in (p.src_id, p.trg_id):
-                seen.setdefault((image_id, p.category) if conditioning == "category" else image_id, (image_id, p.category))
-    finally:
-        pairs.decode_images = previous
+    pairs = decoding(pairs, False)
+    seen: dict[Hashable, tuple[str, str]] = {}
+    for i in range(len(pairs)):
+        p = pairs[i]
+        for image_id in (p.src_id, p.trg_id):
+            seen.setdefault((image_id, p.category) if conditioning == "category" else image_id, (image_id, p.category))
     return seen
 
 

@@ -127,8 +127,9 @@ def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-class SDFeaturizer(nn.Module):
-    """Dense Stable Diffusion features of images under a prompt.
+class SDFeaturizer:
+    """Dense Stable Diffusion features of images under a prompt (a plain class: the models stay `sd`'s, shared by
+    every featurizer made from it; move them with `sd.to`).
 
     ``featurizer(images, prompt)`` returns B x C x h x w: the output of ``unet.up_blocks[up_block]``
     (SD2-1 at 768 px, up_block 1: 1280 x 48 x 48), averaged over `ensemble` noise draws.
@@ -156,7 +157,6 @@ class SDFeaturizer(nn.Module):
         seed: int = 0,
         latent: LatentMode = "sample",
     ) -> None:
-        super().__init__()
         n_up = len(sd.unet.up_blocks)
         if not 0 <= up_block < n_up:
             raise ValueError(f"up_block must be in 0..{n_up - 1}; got {up_block}")
@@ -370,7 +370,7 @@ class SDFeaturizer(nn.Module):
         feats = self.unet_features(noisy, hidden)
         return feats.view(b, self.ensemble, *feats.shape[1:]).mean(dim=1)
 
-    def forward(
+    def __call__(
         self,
         images: ImageInput,
         prompt: PromptInput,

@@ -7,11 +7,13 @@ checkpoint computes exactly the steps an uninterrupted run would, and ends with 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import shutil
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from sdm.data import PairDataset, collate_pairs, dataset_record
+from sdm.data import PairDataset, collate_pairs, dataset_record, decoding
 from sdm.evaluate import SDExtractor, evaluate
 from sdm.features import SDFeaturizer
 from sdm.loss import gaussian_cross_entropy
@@ -62,7 +64,7 @@ class TrainConfig:
     temperature: float = 0.04
     kernel_size: int = 7
     sigma: float = 1.5
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # this run's autocast; float32 on a CPU for "fp16"
     gradient_checkpointing: bool = False
     # Checkpoint selection as the authors' code (train_simple_prompt.py:219-260, train_cpm.py:198-245): once per
     # epoch, on the whole validation split, at the training timestep, ensemble 1, nearest neighbour, PCK@0.1 per
@@ -140,6 +142,18 @@ class TrainResult:
     out_dir: Path
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of the data order's permutation in `epoch`: distinct for every (seed, epoch) of a run (the prime
+    1,000,003 keeps nearby seeds from sharing epochs' orders)."""
+    return seed * 1_000_003 + epoch
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the posterior and noise draws of `step` on process `rank`: a function of (seed, step, rank) alone,
+    so a resumed run draws what the uninterrupted run drew."""
+    return seed * 1_000_003 + step * 997 + rank
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Dataset indices of the global batch at `step`: consecutive slices of a stream of per-epoch permutations."""
     if n == 0:
@@ -148,7 +162,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     pos = step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
         take = perm[offset : offset + batch_size - len(out)].tolist()
         out += take
         pos += len(take)
@@ -221,18 +235,68 @@ def train(
     """
     out = Path(out_dir)
     _claim_run_folder(out, resume, overwrite)
+    from accelerate import Accelerator
+
     log_with = "tensorboard" if _has_tensorboard() else None
-    accelerator = _accelerator(cfg.mixed_precision, log_with, out)
-    device = accelerator.device
-    sd.to(device)
-    featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, seed=cfg.seed)
+    # Precision is this run's (autocast and scaler below), not Accelerate's process-wide setting, so runs of other
+    # precisions can follow in one process without touching Accelerate's state.
+    accelerator = Accelerator(log_with=log_with, project_dir=str(out))
+    with _lent(sd, encoders, accelerator.device, cfg.gradient_checkpointing):
+        return _train(cfg, sd, train_set, val_set, out, encoders, resume, progress, accelerator, log_with)
+
+
+@contextlib.contextmanager
+def _lent(sd: StableDiffusion, encoders: PromptEncoders | None, device: torch.device, checkpointing: bool) -> Iterator[None]:
+    """The models on `device`, gradient checkpointing as the run asks, for the run; as they were afterwards."""
+    modules: list[torch.nn.Module] = [sd.vae, sd.unet, sd.text_encoder]
     if encoders is not None:
-        for enc in (encoders.dino, encoders.clip):
-            if enc is not None:
-                enc.to(device)
+        modules += [enc for enc in (encoders.dino, encoders.clip) if enc is not None]
+    homes = [next(m.parameters()).device for m in modules]
+    was_checkpointing = sd.unet.is_gradient_checkpointing
+    try:
+        for m in modules:
+            m.to(device)
+        if checkpointing != was_checkpointing:
+            sd.unet.enable_gradient_checkpointing() if checkpointing else sd.unet.disable_gradient_checkpointing()
+        yield
+    finally:
+        if sd.unet.is_gradient_checkpointing != was_checkpointing:
+            sd.unet.enable_gradient_checkpointing() if was_checkpointing else sd.unet.disable_gradient_checkpointing()
+        for m, home in zip(modules, homes, strict=True):
+            m.to(home)
+
+
+def _precision(mixed_precision: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:
+    """The run's autocast context factory and, for fp16, its loss scaler (what Accelerate's `mixed_precision`
+    sets up: torch.autocast of that dtype, a default GradScaler for fp16)."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext, None
+    if mixed_precision == "fp16" and device.type == "cpu":
+        # Accelerate (1.x) silently trains in float32 here; keep its numbers, but say so
+        warnings.warn("mixed_precision='fp16' needs a GPU: training in float32 on the CPU", stacklevel=3)
+        return contextlib.nullcontext, None
+    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
+
+
+def _train(
+    cfg: TrainConfig,
+    sd: StableDiffusion,
+    train_set: PairDataset,
+    val_set: PairDataset | None,
+    out: Path,
+    encoders: PromptEncoders | None,
+    resume: bool,
+    progress: bool,
+    accelerator: Accelerator,
+    log_with: str | None,
+) -> TrainResult:
+    device = accelerator.device
+    autocast, scaler = _precision(cfg.mixed_precision, device)
+    featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, seed=cfg.seed)
     module = build_prompt(cfg.prompt, featurizer, categories=train_set.categories, encoders=encoders, cpm=cfg.cpm, seed=cfg.seed)
     optimizer = torch.optim.Adam(module.parameter_groups(cfg.lr, cfg.lr_linear))
-    optimizer = accelerator.prepare(optimizer)
 
     start, rows, best_pck, best_step, saved_step = 0, [], None, None, None
     run_id = uuid.uuid4().hex[:12]
@@ -245,21 +309,20 @@ def train(
         with torch.no_grad():
             for k, v in state["prompt"].items():
                 params[k].copy_(v)
-        optimizer.optimizer.load_state_dict(state["optimizer"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start, rows, best_pck, best_step = state["step"], state["log"], state["best_pck"], state["best_step"]
         saved_step = start
     elif resume:
         accelerator.print(f"no checkpoint at {ckpt_path}; starting from step 0")
 
-    if cfg.gradient_checkpointing:
-        sd.unet.enable_gradient_checkpointing()
     val_featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.val_timestep, up_block=cfg.up_block, ensemble=cfg.val_ensemble, seed=cfg.seed)
     extractor = SDExtractor(featurizer, module)  # its latent cache also serves training
     # Prompts that never look at the images (Single, Class) need only the images' latents: encode every training
     # image once up front, then load keypoints alone (no image decoding or transfer per step).
     skip_images = _preencode_latents(extractor, train_set, module, device)
+    train_set = decoding(train_set, train_set.decode_images and not skip_images)  # a view: the caller's set stays as it is
     val_every = validation_interval(cfg, len(train_set))
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed, accelerator.process_index, accelerator.num_processes)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda")
@@ -280,8 +343,8 @@ def train(
             "step": step,
             "config": asdict(cfg),
             "prompt": {k: v.cpu() for k, v in module.trainable_state().items()},
-            "optimizer": optimizer.optimizer.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "log": rows,
             "best_pck": best_pck,
             "best_step": best_step,
@@ -302,18 +365,16 @@ def train(
             save_prompt(module, out / "best", featurizer, step=step, train_config=asdict(cfg), trained_on=trained_on, run=identity)
         return pck
 
-    previous_decode = train_set.decode_images
-    train_set.decode_images = previous_decode and not skip_images
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.prompt}", disable=not (progress and accelerator.is_main_process))
     step = start
     try:
         for batch in loader:
             batch = batch.to(device)
             b = len(batch)
-            g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 997 + accelerator.process_index)
+            g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, accelerator.process_index))
             # CPM's DINOv2 input: the images as stored (None for prompts that do not look at them)
             originals = (originals_for(module, batch.src_ids, train_set.original_image), originals_for(module, batch.trg_ids, train_set.original_image))
-            with accelerator.autocast():
+            with autocast():
                 p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories, originals)  # type: ignore[arg-type]
                 hidden = torch.cat([featurizer.encode_prompt(p_src, b), featurizer.encode_prompt(p_trg, b)])
                 # a fresh posterior draw and fresh noise at every step, as the authors' training calls the VAE's
@@ -333,12 +394,16 @@ def train(
                     f"({ckpt_path}, step {saved_step}) is kept: lower the learning rate or "
                     "use mixed_precision='bf16'/'no', then resume."
                 )
-            accelerator.backward(loss)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             if accelerator.num_processes > 1:  # average prompt gradients (the prompt module is not DDP-wrapped)
                 for p in module.parameters():
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
@@ -353,10 +418,7 @@ def train(
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save(step)
     finally:
-        train_set.decode_images = previous_decode
         bar.close()
-        if cfg.gradient_checkpointing:
-            sd.unet.disable_gradient_checkpointing()
         if log_with:
             accelerator.end_training()
     if accelerator.is_main_process and step == start:  # nothing to do (already at cfg.steps): keep files consistent
@@ -389,18 +451,6 @@ def _claim_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     for name in found:
         (out / name).unlink()
     shutil.rmtree(out / "sdm-train", ignore_errors=True)  # its tensorboard events
-
-
-def _accelerator(mixed_precision: str, log_with: str | None, out: Path) -> Accelerator:
-    """Accelerate keeps one global state per process; a single-process run (a notebook training several
-    prompts) may change the precision between runs, so that state is reset when it differs."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != mixed_precision and shared.get("num_processes", 1) == 1:
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=str(out))
 
 
 def _preencode_latents(extractor: SDExtractor, train_set: PairDataset, module: PromptModule, device: torch.device) -> bool:

@@ -171,3 +171,37 @@ def test_recipes_and_validation_rule() -> None:
     assert validation_interval(cfg, 53_340) == 5927 and validation_interval(TrainConfig(val_every=0), 10) == 0
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe("fast", 10)  # type: ignore[arg-type]
+
+
+def test_train_leaves_the_callers_objects_as_they_were(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hidden side effects: gradient checkpointing stays as the caller set it, the dataset's decoding flag is
+    never written (a Single prompt trains on pre-encoded latents through a keypoints-only view), and runs of two
+    precisions follow each other without resetting Accelerate's process state."""
+    from accelerate.state import AcceleratorState
+
+    writes: list[bool] = []
+
+    class Watched(SyntheticPairs):
+        def __setattr__(self, name: str, value: object) -> None:
+            if name == "decode_images" and "decode_images" in self.__dict__ and self is watched:
+                writes.append(bool(value))
+            super().__setattr__(name, value)
+
+    watched = Watched(n=4, image_size=SIZE, seed=4)
+    watched.decode_images = True  # in __dict__ from here on: later writes are recorded
+    monkeypatch.setattr(AcceleratorState, "_reset_state", lambda *a, **k: pytest.fail("train() reset Accelerate's state"))
+    sd = sdm.tiny_stable_diffusion(0)
+    sd.unet.enable_gradient_checkpointing()
+    train(quick_config(steps=1, gradient_checkpointing=True), sd, watched, out_dir=tmp_path / "a", progress=False)
+    assert sd.unet.is_gradient_checkpointing  # the caller had it on
+    train(quick_config(steps=1, mixed_precision="bf16"), sd, watched, out_dir=tmp_path / "b", progress=False)
+    assert sd.unet.is_gradient_checkpointing
+    assert writes == [] and watched.decode_images
+
+
+def test_seed_mixing_is_named_and_distinct() -> None:
+    from sdm.train import epoch_seed, step_seed
+
+    assert epoch_seed(0, 1) == 1 and epoch_seed(1, 0) == 1_000_003
+    seeds = {step_seed(seed, step, rank) for seed in range(3) for step in range(50) for rank in range(4)}
+    assert len(seeds) == 3 * 50 * 4

@@ -21,6 +21,7 @@ from .base import (
     PairDataset,
     PairSubset,
     collate_pairs,
+    decoding,
     spread_subset,
 )
 from .cub import CUB200, CUB_LAYOUT, read_cub
@@ -130,6 +131,7 @@ __all__ = [
     "category_label",
     "collate_pairs",
     "dataset_record",
+    "decoding",
     "infer_dataset",
     "load_dataset",
     "parse_pfpascal_csv",

@@ -8,6 +8,7 @@ resized space too.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -340,6 +341,21 @@ class PairSubset:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["dataset"], name)
+
+
+def decoding(dataset: Any, on: bool) -> Any:
+    """`dataset` whose pairs carry their images (`on`) or empty 3 x 0 x 0 ones: the dataset itself when its
+    `decode_images` already says so, else a shallow copy with the flag set. The caller's dataset is never changed."""
+    if bool(dataset.decode_images) == on:
+        return dataset
+    if isinstance(dataset, PairSubset):  # copy.copy trips over its __getattr__; copy the subset by hand
+        view = object.__new__(PairSubset)
+        view.__dict__.update(dataset.__dict__)
+        view.__dict__["dataset"] = decoding(dataset.dataset, on)
+        return view
+    view = copy.copy(dataset)
+    view.decode_images = on
+    return view
 
 
 def spread_subset(dataset: Any, n: int | None) -> Any:
