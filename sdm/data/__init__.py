@@ -28,16 +28,20 @@ from .cub import CUB200, CUB_LAYOUT, read_cub
 from .pfpascal import PFPASCAL_CATEGORIES, PFPascal, parse_pfpascal_csv, read_pfpascal_mat
 from .pfwillow import PFWillow, category_label, parse_pfwillow_csv
 from .spair import SPAIR_CATEGORIES, SPair71k, parse_spair_annotation
+from .spair_u import SPairU
 from .synthetic import PHOTOS, SyntheticPairs, apply_homography
 
-DatasetName = Literal["spair", "pfpascal", "pfwillow", "cub", "synthetic"]
+# The registry: name -> class. The CLI's --dataset choices, `load_dataset`, `infer_dataset` and `dataset_record`
+# read it; a new dataset is its module plus one line here.
 DATASETS: dict[str, type[PairDataset]] = {
     "spair": SPair71k,
+    "spair-u": SPairU,
     "pfpascal": PFPascal,
     "pfwillow": PFWillow,
     "cub": CUB200,
     "synthetic": SyntheticPairs,
 }
+DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]  # the registry's names
 # Synthetic "splits" are disjoint seeds, so trn / val / test never share a pair: split -> (seed, n).
 SYNTHETIC_SPLITS: dict[str, tuple[int, int]] = {"trn": (0, 512), "val": (1, 64), "test": (2, 64)}
 
@@ -66,10 +70,6 @@ def load_dataset(
         return SyntheticPairs(image_size=image_size, **options)
     if root is None:
         raise ValueError(f"dataset {name!r} needs a root folder (see data/README.md)")
-    if name == "pfwillow":
-        if split != "test":
-            raise ValueError(f"PF-Willow has only the 'test' split, not {split!r}")
-        return PFWillow(root, image_size=image_size, category=category, **kwargs)
     return DATASETS[name](root, split=split, image_size=image_size, category=category, **kwargs)
 
 
@@ -79,17 +79,12 @@ def infer_dataset(root: str | Path) -> DatasetName:
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"dataset folder not found: {root}")
-    if (root / "PairAnnotation").is_dir() or (root / "Layout").is_dir():
-        return "spair"
-    if (root / "parts" / "part_locs.txt").is_file():
-        return "cub"
-    if (root / "PF-dataset-PASCAL").is_dir():
-        return "pfpascal"
-    if (root / "PF-dataset").is_dir():
-        return "pfwillow"
+    for name, cls in DATASETS.items():
+        if cls.recognises(root):
+            return name
+    named = ", ".join(n for n in DATASETS if n != "synthetic")
     raise ValueError(
-        f"cannot tell which dataset {root} holds (no PairAnnotation/, PF-dataset-PASCAL/, PF-dataset/ or parts/part_locs.txt in it): "
-        "name it with --dataset spair, pfpascal, pfwillow or cub"
+        f"cannot tell which dataset {root} holds (none of the registered layouts, data/README.md): name it with --dataset {named}"
     )
 
 
@@ -126,6 +121,7 @@ __all__ = [
     "PairDataset",
     "PairSubset",
     "SPair71k",
+    "SPairU",
     "SyntheticPairs",
     "apply_homography",
     "category_label",

@@ -263,6 +263,12 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         raise NotImplementedError
 
+    @staticmethod
+    def recognises(root: Path) -> bool:
+        """Whether the folder `root` holds this dataset in its official layout (`sdm.data.infer_dataset` asks
+        every registered dataset)."""
+        return False
+
     def pair_image(self, image_id: str) -> torch.Tensor:
         """The image a Pair carries: `load_image`, or an empty 3 x 0 x 0 tensor when `decode_images` is off."""
         return self.load_image(image_id) if self.decode_images else torch.zeros(3, 0, 0)

@@ -124,6 +124,10 @@ class CUB200(PairDataset):
         self._by_id = {self._id(im.path): im for im in chosen}
         self._sizes: dict[str, tuple[int, int]] = {}
 
+    @staticmethod
+    def recognises(root: Path) -> bool:
+        return (root / "parts" / "part_locs.txt").is_file()
+
     def __len__(self) -> int:
         return len(self.pairs)
 

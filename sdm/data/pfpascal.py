@@ -188,6 +188,10 @@ class PFPascal(PairDataset):
         self._sizes: dict[str, tuple[int, int]] = {}
         self._files = {Path(n).stem: n for r in self.records for n in (r.src, r.trg)}
 
+    @staticmethod
+    def recognises(root: Path) -> bool:
+        return (root / "PF-dataset-PASCAL").is_dir()
+
     def __len__(self) -> int:
         return len(self.records)
 

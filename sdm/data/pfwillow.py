@@ -117,7 +117,9 @@ class PFWillow(PairDataset):
     threshold_mode = "kps-extent"  # the standard PCK threshold (sdm.metrics.THRESHOLDS)
     split = "test"  # PF-Willow has no other split
 
-    def __init__(self, root: str | Path, image_size: ImageSize = 768, category: str | None = None) -> None:
+    def __init__(self, root: str | Path, image_size: ImageSize = 768, category: str | None = None, *, split: str = "test") -> None:
+        if split != "test":
+            raise ValueError(f"PF-Willow has only the 'test' split, not {split!r}")
         self.root = Path(root)
         self.image_size = as_hw(image_size)
         csv_path = self.root / "test_pairs.csv"
@@ -131,6 +133,10 @@ class PFWillow(PairDataset):
         self.records = [r for r in records if category is None or r.category == category]
         self.categories = sorted({r.category for r in self.records})
         self._sizes: dict[str, tuple[int, int]] = {}
+
+    @staticmethod
+    def recognises(root: Path) -> bool:
+        return (root / "PF-dataset").is_dir()
 
     def __len__(self) -> int:
         return len(self.records)

@@ -81,12 +81,13 @@ def _array(ann: dict[str, Any], key: str, path: Path, shape: tuple[int | None, .
     return arr
 
 
-def parse_spair_annotation(path: Path) -> SPairRecord:
-    """Read one SPair-71k PairAnnotation JSON file."""
-    try:
-        ann = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise AnnotationError(f"{path}: not valid JSON ({err})") from err
+def parse_spair_annotation(path: Path, ann: Any = None) -> SPairRecord:
+    """Read one SPair-71k PairAnnotation JSON file (`ann`: its content, when already read)."""
+    if ann is None:
+        try:
+            ann = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise AnnotationError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(ann, dict):
         raise AnnotationError(f"{path}: expected a JSON object")
     src_kps = _array(ann, "src_kps", path, (None, 2))
@@ -137,6 +138,7 @@ class SPair71k(PairDataset):
         image_size: ImageSize = 768,
     ) -> None:
         self.root = Path(root)
+        self.image_root = self.root  # the folder holding JPEGImages/
         self.split = split
         self.image_size = as_hw(image_size)
         check_category(category, SPAIR_CATEGORIES)
@@ -166,8 +168,12 @@ class SPair71k(PairDataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    @staticmethod
+    def recognises(root: Path) -> bool:
+        return (root / "Layout").is_dir() or ((root / "PairAnnotation").is_dir() and (root / "JPEGImages").is_dir())
+
     def _path(self, image_id: str) -> Path:
-        return self.root / "JPEGImages" / f"{image_id}.jpg"
+        return self.image_root / "JPEGImages" / f"{image_id}.jpg"
 
     @staticmethod
     def _ids(r: SPairRecord) -> tuple[str, str]:
