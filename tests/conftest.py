@@ -7,4 +7,5 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The real test data (PF-Willow, an SPair-71k sample, PF-Pascal pairs): $SDM_TEST_DATA, else ../shared/data.
+SHARED_DATA = Path(os.environ.get("SDM_TEST_DATA") or REPO.parent / "shared" / "data")

@@ -1,4 +1,4 @@
-"""Loaders on the real data in ../shared/data: PF-Willow (complete), six SPair-71k test pairs, the PF-Pascal
+"""Loaders on the real data in $SDM_TEST_DATA (default ../shared/data): PF-Willow (complete), six SPair-71k test pairs, the PF-Pascal
 test pair list. Expected numbers are recomputed here from the raw annotation files."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 
 from sdm.data import (
@@ -21,7 +22,7 @@ from sdm.data import (
     parse_pfpascal_csv,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 WILLOW = SHARED / "pf-willow"
 SPAIR = SHARED / "spair-mini"
 PASCAL_PAIRS = SHARED / "pf-pascal-pairs"
