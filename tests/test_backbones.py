@@ -1,0 +1,91 @@
+"""Backbones: a prompt trained on SD features fused with DINOv2 ("sd+dino"), scored on the same features."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sdm
+from sdm.backbones import BACKBONES, build_backbone
+from sdm.data import SyntheticPairs
+from sdm.evaluate import SDExtractor, evaluate
+from sdm.fusion import FusedExtractor
+from sdm.prompts import PromptEncoders, load_prompt, tiny_dinov2
+from sdm.train import TrainConfig, train
+
+SIZE = 64
+
+
+def test_fused_similarity_is_the_mean_of_the_two_cosines() -> None:
+    """With weights (1, 1) and one grid, the cosine of two fused vectors is (cos_SD + cos_DINO) / 2: computed
+    here from the two models' features directly."""
+    dino = tiny_dinov2(0)
+    backbone = build_backbone("sd+dino", PromptEncoders(dino=dino), image_size=56)  # DINOv2 at 56 px: 4 x 4 patches
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 56, 56, generator=g)
+    sd_feats = torch.randn(2, 8, 4, 4, generator=g)
+    fused = backbone.features(sd_feats, images)
+    with torch.no_grad():
+        dino_feats = backbone.vit(images)
+    a, b = (0, slice(None), 1, 2), (1, slice(None), 3, 0)  # (image, channels, y, x) of two locations
+    cos = F.cosine_similarity
+    expected = (cos(sd_feats[a], sd_feats[b], dim=0) + cos(dino_feats[a], dino_feats[b], dim=0)) / 2
+    torch.testing.assert_close(cos(fused[a], fused[b], dim=0), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_prompt_trains_on_fused_features_and_is_scored_on_them(tmp_path: Path) -> None:
+    """train(backbone="sd+dino"): gradients reach the prompt through the SD half, validation and evaluation use
+    the fused features, and the saved prompt records its backbone."""
+    data = SyntheticPairs(n=4, image_size=SIZE, seed=4)
+    cfg = TrainConfig(
+        prompt="single", backbone="sd+dino", steps=3, batch_size=2, image_size=SIZE, mixed_precision="no", val_every=3,
+        val_pairs=2, checkpoint_every=3, log_every=1, num_workers=0,
+    )  # fmt: skip
+    sd = sdm.tiny_stable_diffusion(0)
+    encoders = PromptEncoders(dino=tiny_dinov2(0))
+    result = train(cfg, sd, data, data, out_dir=tmp_path, encoders=encoders, progress=False)
+    assert result.log["loss"].notna().all() and result.best_pck is not None
+    featurizer = sdm.SDFeaturizer(sd, image_size=SIZE)
+    module = load_prompt(tmp_path / "prompt.json", featurizer)
+    initial = sdm.prompts.build_prompt("single", featurizer, seed=cfg.seed)
+    assert not torch.equal(module.tokens, initial.tokens)  # the prompt moved
+    meta = sdm.prompts.read_metadata(tmp_path / "prompt.json")
+    assert meta.train_config["backbone"] == "sd+dino"
+    extractor = build_backbone("sd+dino", encoders, SIZE).extractor(SDExtractor(featurizer, module))
+    assert isinstance(extractor, FusedExtractor)
+    scored = evaluate(extractor, data, max_pairs=2, progress=False)
+    assert 0 <= scored.table.loc["all", "per_image@0.1"] <= 100
+
+
+def test_sd_backbone_is_the_identity_and_needs_no_images() -> None:
+    backbone = build_backbone("sd")
+    feats = torch.randn(2, 4, 3, 3)
+    assert backbone.features(feats, torch.zeros(2, 3, 0, 0)) is feats and not backbone.needs_images
+    assert set(BACKBONES) == {"sd", "sd+dino"}
+    with pytest.raises(ValueError, match="needs DINOv2"):
+        build_backbone("sd+dino")
+    with pytest.raises(ValueError, match="valid: sd, sd\\+dino"):
+        build_backbone("sdxl")
+
+
+def test_cli_evaluates_a_fused_prompt_on_fused_features(tmp_path: Path) -> None:
+    import subprocess
+
+    sdm_bin = str(Path(sys.executable).with_name("sdm"))
+    common = ["--model", "tiny", "--image-size", "64", "--dino", "tiny"]
+    trained = subprocess.run(
+        [sdm_bin, "train", *common, "--backbone", "sd+dino", "--steps", "1", "--batch-size", "2", "--val-split", "", "--mixed-precision", "no",
+         "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    scored = subprocess.run(
+        [sdm_bin, "evaluate", *common, "--prompt", str(tmp_path / "run" / "prompt.json"), "--max-pairs", "2", "--out", str(tmp_path / "eval")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert "backbone sd+dino" in scored.stderr
+    assert any("sd+dino" in p.name for p in (tmp_path / "eval").iterdir())
