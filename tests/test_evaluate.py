@@ -113,3 +113,13 @@ def test_pretrained_weights_beat_random_weights_on_pf_willow() -> None:
         scores[name] = result.table.loc["all", "per_image@0.1"]
     assert scores["pretrained"] > 20.0
     assert scores["pretrained"] > 2.5 * scores["random"]
+
+
+def test_caches_smaller_than_a_batch_give_the_same_result(featurizer: sdm.SDFeaturizer) -> None:
+    """A feature cache of one image and a latent cache of one image, with batches of 4 pairs (8 images): no entry
+    a batch still needs is lost (a NoneType crash before issue 11), and the numbers equal the roomy caches'."""
+    ds = SyntheticPairs(n=8, image_size=64, seed=5)
+    prompt = build_prompt("single", featurizer, seed=1)
+    roomy = evaluate(SDExtractor(featurizer, prompt), ds, batch_size=4, progress=False)
+    tight = evaluate(SDExtractor(featurizer, prompt, latent_cache=1), ds, batch_size=4, progress=False, feature_cache=1)
+    assert torch.equal(torch.tensor(tight.records["dist"].values), torch.tensor(roomy.records["dist"].values))
