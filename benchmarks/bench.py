@@ -33,10 +33,11 @@ from reference import ReferenceFeaturizer, reference_train_step
 
 import sdm
 from sdm.data.base import Pair, PairDataset
+from sdm.encoders import PromptEncoders
 from sdm.evaluate import SDExtractor, evaluate
 from sdm.features import SDFeaturizer, optimize
 from sdm.matching import match, to_feature_coords, to_image_coords
-from sdm.prompts import PromptEncoders, build_prompt
+from sdm.prompts import build_prompt
 
 SPAIR_TEST_PAIRS = 12_234
 # Assumption: SPair-71k has 1,800 images (18 categories x 100); the test split cannot use more, so projecting

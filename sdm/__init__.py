@@ -7,7 +7,9 @@ The public API is small::
     feats = featurizer(images, "a photo of a cat")   # B x C x h x w
     matches = sdm.matching.kernel_soft_argmax(src, trg, query_xy)
 
-Submodules: `matching`, `loss`, `metrics`, `data`, `prompts`, `train`, `evaluate`, `attention`, `viz`.
+Submodules: `matching`, `loss`, `metrics`, `data`, `prompts` (prompt modules), `encoders` (DINOv2, CLIP
+vision), `prompt_files` (saving and loading prompts), `released` (the authors' released prompts), `backbones`,
+`train`, `evaluate`, `attention`, `viz`.
 """
 
 from sdm import loss, matching, metrics

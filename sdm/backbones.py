@@ -18,9 +18,9 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from sdm.encoders import PromptEncoders
 from sdm.evaluate import FeatureExtractor, ViTFeatures
 from sdm.fusion import FusedExtractor, fuse_features
-from sdm.prompts import PromptEncoders
 
 
 class Backbone(Protocol):
@@ -70,7 +70,7 @@ class StableDiffusionDino:
     def build(cls, encoders: PromptEncoders | None, image_size: int) -> StableDiffusionDino:
         if encoders is None or encoders.dino is None:
             raise ValueError(
-                "backbone 'sd+dino' needs DINOv2: pass encoders=PromptEncoders(dino=sdm.prompts.load_dino(...)) "
+                "backbone 'sd+dino' needs DINOv2: pass encoders=PromptEncoders(dino=sdm.encoders.load_dino(...)) "
                 "(the CLI loads --dino)"
             )
         return cls(encoders.dino, image_size)

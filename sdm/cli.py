@@ -96,7 +96,7 @@ def _load_sd(model: str, device: str | None, dtype=None):  # -> StableDiffusion
 
 def _encoders(kind: str, dino: str, device: str | None, tiny: bool, backbone: str = "sd"):  # -> PromptEncoders
     from sdm.backbones import backbone_class
-    from sdm.prompts import PromptEncoders, load_clip_vision, load_dino
+    from sdm.encoders import PromptEncoders, load_clip_vision, load_dino
 
     if kind == "cpm" or backbone_class(backbone).needs_dino:
         return PromptEncoders(dino=load_dino("tiny" if tiny else dino, device))
@@ -141,7 +141,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from sdm.backbones import build_backbone
     from sdm.evaluate import ModuleExtractor, SDExtractor, ViTFeatures, evaluate, load_vit
     from sdm.features import SDFeaturizer
-    from sdm.prompts import LEARNED, PROMPTS, build_prompt, load_prompt, read_metadata
+    from sdm.prompt_files import load_prompt, read_metadata
+    from sdm.prompts import LEARNED, PROMPTS, build_prompt
 
     _check_device(args.device)
     if args.matcher == "attention":
@@ -282,7 +283,7 @@ def _is_released(path: str) -> bool:
 
 
 def _released_names(path: str, name: str | None) -> list[str]:
-    from sdm.prompts import list_released
+    from sdm.released import list_released
 
     try:
         return [name] if name else list_released(path)
@@ -292,7 +293,7 @@ def _released_names(path: str, name: str | None) -> list[str]:
 
 def _released_encoders(names: list[str], dino: str, device: str | None, tiny: bool):  # -> PromptEncoders
     """The encoders the released prompts `names` need, loaded once (DINOv2 when one of them is a CPM)."""
-    from sdm.prompts import parse_released_name
+    from sdm.released import parse_released_name
 
     try:
         kinds = {parse_released_name(n).kind for n in names}
@@ -302,7 +303,7 @@ def _released_encoders(names: list[str], dino: str, device: str | None, tiny: bo
 
 
 def _import_released(path: str, name: str | None, featurizer, encoders):  # -> (module, entry)
-    from sdm.prompts import import_sd4match
+    from sdm.released import import_sd4match
 
     try:
         return import_sd4match(path, featurizer, name=name, encoders=encoders)
@@ -312,7 +313,7 @@ def _import_released(path: str, name: str | None, featurizer, encoders):  # -> (
 
 def cmd_import_prompt(args: argparse.Namespace) -> int:
     from sdm.features import SDFeaturizer
-    from sdm.prompts import save_prompt
+    from sdm.prompt_files import save_prompt
 
     names = _released_names(args.path, args.name)
     tiny = args.model == "tiny"

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from sdm.attention import AttentionMatcher
 from sdm.data import OriginalLoader, PairBatch, PairDataset, collate_pairs, decoding, spread_subset
+from sdm.encoders import encoder_name
 from sdm.features import SDFeaturizer
 from sdm.matching import Matcher, match, to_feature_coords, to_image_coords
 from sdm.metrics import (
@@ -38,7 +39,7 @@ from sdm.metrics import (
     point_records,
     threshold_of,
 )
-from sdm.prompts import Conditioning, PromptModule, encoder_name, originals_for
+from sdm.prompts import Conditioning, PromptModule, originals_for
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -200,9 +201,9 @@ class ViTFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from sdm.prompts import IMAGENET_MEAN, IMAGENET_STD, _normalise
+        from sdm.encoders import IMAGENET_MEAN, IMAGENET_STD, normalise_images
 
-        x = _normalise(images, self.image_size, IMAGENET_MEAN, IMAGENET_STD).to(next(self.model.parameters()).dtype)
+        x = normalise_images(images, self.image_size, IMAGENET_MEAN, IMAGENET_STD).to(next(self.model.parameters()).dtype)
         kwargs: dict[str, Any] = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in self.model.forward.__code__.co_varnames else {}
         out = self.model(pixel_values=x, output_hidden_states=self.layer is not None, **kwargs)
         tokens = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]

@@ -23,9 +23,9 @@ import torch
 # Loaders by name ("tiny" = random weights) that the notebooks import from here.
 from sdm.data import PairSubset as PairSubset
 from sdm.data import spread_subset
+from sdm.encoders import load_clip_vision as load_clip_vision
+from sdm.encoders import load_dino as load_dino
 from sdm.models import load_model as load_model
-from sdm.prompts import load_clip_vision as load_clip_vision
-from sdm.prompts import load_dino as load_dino
 
 # ---- profiles ------------------------------------------------------------------------------------------------
 # Shared by every notebook's quick profile.
@@ -430,7 +430,8 @@ def learned_prompt(
     Returns (prompt module, a label saying which of the three it is)."""
     from sdm.data import load_dataset
     from sdm.features import SDFeaturizer
-    from sdm.prompts import CPMConfig, build_prompt, load_prompt
+    from sdm.prompt_files import load_prompt
+    from sdm.prompts import CPMConfig, build_prompt
     from sdm.train import TrainConfig, train
 
     featurizer = SDFeaturizer(sd, image_size=image_size)
@@ -479,7 +480,8 @@ def find_prompt(folder: str | Path, kind: str, trained_on: str) -> Path:
     """The learned prompt of `kind` trained on `trained_on` in `folder`, found by its metadata: what notebook 02
     writes (02_KIND_DATASET_prompt.*) or what `sdm import-prompt` writes (the released prompts). Where several
     fit (the release has CPM variants), the one with the paper's default settings is taken."""
-    from sdm.prompts import CPMConfig, read_metadata
+    from sdm.prompt_files import read_metadata
+    from sdm.prompts import CPMConfig
 
     folder = Path(folder)
     found = []
@@ -507,7 +509,7 @@ def find_prompt(folder: str | Path, kind: str, trained_on: str) -> Path:
 
 def load_learned(prompts_dir: str | Path, kind: str, trained_on: str, featurizer: Any, encoders: Any = None) -> tuple[Any, str]:
     """The learned prompt `find_prompt` finds, loaded for `featurizer`, with a label saying what it is."""
-    from sdm.prompts import load_prompt
+    from sdm.prompt_files import load_prompt
 
     path = find_prompt(prompts_dir, kind, trained_on)
     return load_prompt(path, featurizer, encoders=encoders), f"{kind} (trained on {trained_on})"

@@ -15,25 +15,25 @@ lists where sdm offers another reading than the authors' code (github ActiveVisi
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import re
-import tempfile
-import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdm.data import category_label
+from sdm.encoders import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PromptEncoders,
+    dino_pixels,
+    normalise_images,
+)
 from sdm.features import PromptInput, SDFeaturizer, derived_seed
 
 Conditioning = Literal["fixed", "category", "image", "pair"]
@@ -46,10 +46,6 @@ TemplateWords = Literal["raw", "readable"]
 # Category names of the datasets written as words, for the "readable" template.
 _CATEGORY_WORDS = {"pottedplant": "potted plant", "tvmonitor": "tv monitor", "diningtable": "dining table"}
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def category_text(name: str, words: TemplateWords = "raw") -> str:
@@ -71,13 +67,6 @@ def seeded_linear(n_in: int, n_out: int, seed: int) -> nn.Linear:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Linear(n_in, n_out)
-
-
-def _normalise(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    m = x.new_tensor(mean).view(1, 3, 1, 1)
-    s = x.new_tensor(std).view(1, 3, 1, 1)
-    return (x.clamp(0, 1) - m) / s
 
 
 # Original images (before the resize to the featurizer's size): PIL images, or 3 x H x W tensors in [0, 1].
@@ -209,7 +198,7 @@ class ImplicitCaptioner(PromptModule):
         if images is None:
             raise ValueError("the implicit captioner needs the images")
         with torch.no_grad():
-            pixels = _normalise(images, self.image_size, CLIP_MEAN, CLIP_STD).to(self.proj.weight.dtype)
+            pixels = normalise_images(images, self.image_size, CLIP_MEAN, CLIP_STD).to(self.proj.weight.dtype)
             emb = self.clip(pixel_values=pixels).image_embeds
         caption = self.proj(emb).view(emb.shape[0], 77, -1)
         empty = featurizer.encode_text([""]).to(caption.dtype)
@@ -340,31 +329,6 @@ CPM_ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def dino_pixels(image: Image.Image | torch.Tensor, resize: int = 256, crop: int = 224) -> torch.Tensor:
-    """One image as the dinov2-base image processor prepares it -> 3 x crop x crop, ImageNet-normalised.
-
-    Shortest side to `resize` (the other int(resize * long / short)), bicubic (PIL); centre crop, top-left at
-    ((H - crop) // 2, (W - crop) // 2); x / 255; (x - mean) / std. `image`: a PIL image or 3 x H x W in [0, 1]
-    (converted to 8 bits first, as the processor sees a decoded file).
-    """
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"an original image tensor must be 3 x H x W in [0, 1]; got {tuple(image.shape)}")
-        array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        image = Image.fromarray(array)
-    image = image.convert("RGB")
-    w, h = image.size
-    if w <= h:
-        size = (resize, int(resize * h / w))
-    else:
-        size = (int(resize * w / h), resize)
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    top, left = (size[1] - crop) // 2, (size[0] - crop) // 2
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32)[top : top + crop, left : left + crop] / 255.0)
-    x = x.permute(2, 0, 1)
-    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-
 class DinoDescriptor(nn.Module):
     """Frozen DINOv2 (transformers `Dinov2Model`): pixels B x 3 x S x S (`pixels` or `resized_pixels`) -> patch
     tokens B x P x C (P = (S / 14)^2, 256 at 224 px) or the pooled CLS token B x 1 x C."""
@@ -383,7 +347,7 @@ class DinoDescriptor(nn.Module):
 
     def resized_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W in [0, 1] -> B x 3 x S x S squashed (bicubic) and ImageNet-normalised."""
-        return _normalise(images, self.image_size, IMAGENET_MEAN, IMAGENET_STD)
+        return normalise_images(images, self.image_size, IMAGENET_MEAN, IMAGENET_STD)
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, descriptor: Literal["patch", "global"] = "patch") -> torch.Tensor:
@@ -497,73 +461,6 @@ class CPMPrompt(PromptModule):
 
 
 # ---- registry ----------------------------------------------------------------------------------------------
-@dataclass
-class PromptEncoders:
-    """Frozen image encoders some prompts need: DINOv2 for CPM, CLIP vision for the implicit captioner."""
-
-    dino: nn.Module | None = None
-    clip: nn.Module | None = None
-
-
-def load_dinov2(name: str = "facebook/dinov2-base", *, device: torch.device | str | None = None) -> nn.Module:
-    """DINOv2 ViT-B/14 through transformers (hub id or folder)."""
-    from transformers import Dinov2Model
-
-    try:
-        return Dinov2Model.from_pretrained(name).to(device or "cpu").eval()
-    except Exception as err:
-        raise RuntimeError(
-            f"Could not load DINOv2 from {name!r}: {err}\nDownload it where there is network (`hf download {name}`) "
-            "and pass the folder, or set HF_HUB_OFFLINE=1 with a filled cache; `tiny_dinov2()` works offline."
-        ) from err
-
-
-def tiny_dinov2(seed: int = 0) -> nn.Module:
-    """DINOv2's class with a toy config and random weights (patch 14, 224 px -> 256 patches, width 32)."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=14)
-        return Dinov2Model(cfg).eval()
-
-
-def tiny_clip_vision(seed: int = 0) -> nn.Module:
-    """CLIP's vision tower with a projection, toy config and random weights."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        cfg = CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=32, projection_dim=16
-        )
-        return CLIPVisionModelWithProjection(cfg).eval()
-
-
-def encoder_name(model: nn.Module | None) -> str | None:
-    """The hub id or folder an image encoder was loaded from; "random weights (tiny)" for the toy ones."""
-    if model is None:
-        return None
-    config = getattr(model, "config", None)
-    if config is None:
-        return type(model).__name__
-    return getattr(config, "_name_or_path", "") or "random weights (tiny)"
-
-
-def load_dino(name: str, device: torch.device | str | None = None) -> nn.Module:
-    """By name: "tiny" -> `tiny_dinov2()` (random weights), else DINOv2 by hub id or folder."""
-    return tiny_dinov2().to(device or "cpu") if name == "tiny" else load_dinov2(name, device=device)
-
-
-def load_clip_vision(name: str, device: torch.device | str | None = None) -> nn.Module:
-    """By name: "tiny" -> `tiny_clip_vision()` (random weights), else a CLIPVisionModelWithProjection by id or folder."""
-    if name == "tiny":
-        return tiny_clip_vision().to(device or "cpu")
-    from transformers import CLIPVisionModelWithProjection
-
-    return CLIPVisionModelWithProjection.from_pretrained(name).to(device or "cpu").eval()
-
-
 PROMPTS: dict[str, type[PromptModule]] = {
     cls.kind: cls for cls in (EmptyPrompt, TemplatePrompt, ImplicitCaptioner, SinglePrompt, ClassPrompt, CPMPrompt)
 }
@@ -638,335 +535,3 @@ def build_prompt(
         module = CPMPrompt(dino, d, init_global, init_pos, init_alpha, cfg, seed=seed)
     return module.to(featurizer.device)
 
-
-# ---- save / load -------------------------------------------------------------------------------------------
-@dataclass
-class PromptMetadata:
-    """Saved beside the weights as JSON."""
-
-    kind: str
-    model: str
-    embed_dim: int
-    shapes: dict[str, list[int]]
-    config: dict[str, Any] = field(default_factory=dict)
-    step: int | None = None
-    train_config: dict[str, Any] | None = None
-    random_weights: bool = False
-    source: dict[str, Any] | None = None  # where an imported prompt came from (the authors' release)
-    trained_on: dict[str, Any] | None = None  # training data and image encoder (`sdm.data.dataset_record` + "dino")
-    run: dict[str, Any] | None = None  # the training run it comes from: id (kept across resumes) and folder
-
-
-def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Calls `write(tmp)` on a temporary file in the same folder, then renames it to `path`, so a crash never
-    leaves half a file (prompts, training checkpoints and logs all go through here)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from colleagues
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_prompt(
-    module: PromptModule,
-    path: str | Path,
-    featurizer: SDFeaturizer,
-    *,
-    step: int | None = None,
-    train_config: dict[str, Any] | None = None,
-    source: dict[str, Any] | None = None,
-    trained_on: dict[str, Any] | None = None,
-    run: dict[str, Any] | None = None,
-) -> Path:
-    """Writes `<path>.safetensors` (learned tensors) and `<path>.json` (metadata), each atomically.
-
-    Returns the safetensors path.
-    """
-    base = Path(path)
-    base = base.with_suffix("") if base.suffix in (".safetensors", ".json") else base
-    state = {k: v.contiguous().cpu() for k, v in module.trainable_state().items()}
-    meta = PromptMetadata(
-        kind=module.kind,
-        model=featurizer.sd.name,
-        embed_dim=featurizer.sd.embed_dim,
-        shapes={k: list(v.shape) for k, v in state.items()},
-        config=module.config(),
-        step=step,
-        train_config=train_config,
-        random_weights=featurizer.sd.random_weights,
-        source=source,
-        trained_on=trained_on,
-        run=run,
-    )
-    weights = base.with_name(base.name + ".safetensors")
-    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"kind": module.kind}))
-    atomic_write(base.with_name(base.name + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(asdict(meta), indent=2)))
-    return weights
-
-
-def read_metadata(path: str | Path) -> PromptMetadata:
-    base = Path(path)
-    base = base.with_suffix("") if base.suffix in (".safetensors", ".json") else base
-    meta_path = base.with_name(base.name + ".json")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"no prompt metadata at {meta_path} (a prompt is saved as <name>.safetensors + <name>.json)")
-    try:
-        return PromptMetadata(**json.loads(meta_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ValueError(f"{meta_path} is not the metadata of a saved prompt ({err})") from err
-
-
-# Tensor names of CPM prompts saved before the authors' form existed (sdm 0.1): they load with form "paper".
-_LEGACY_CPM_NAMES = {"omega_alpha": "alpha_cond", "omega_pos": "positional_embedding", "global_tokens": "global_embeds"}
-
-
-def _upgrade_legacy(meta: PromptMetadata, state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
-    """Prompts saved by sdm 0.1 keep computing what they computed: CPM with the paper's equation on the resized
-    image, the template with readable category names."""
-    cfg = meta.config
-    if "template" in cfg and "words" not in cfg:
-        cfg["words"] = "readable"
-    if "cpm" in cfg and "form" not in cfg["cpm"]:
-        if cfg["cpm"].get("descriptor") == "global":
-            raise ValueError(
-                f"the CPM prompt at {where} was saved by sdm 0.1 with its own global-descriptor ablation (g_n on one "
-                "token, then pooling), which sdm no longer computes: retrain it (the authors' global descriptor is "
-                "CPMConfig(descriptor='global'))"
-            )
-        cfg["cpm"] = {**cfg["cpm"], "form": "paper", "dino_input": "resized"}
-        state = {_LEGACY_CPM_NAMES.get(k, k): v for k, v in state.items()}
-        for k in ("alpha_cond", "positional_embedding"):
-            if k in state and state[k].dim() == 2:
-                state[k] = state[k].unsqueeze(0)
-    return state
-
-
-def check_fits(module: PromptModule, state: dict[str, torch.Tensor], what: str, model: str, embed_dim: int, featurizer: SDFeaturizer) -> None:
-    """Raises ValueError naming every tensor whose saved shape differs from what `module` needs."""
-    expected = {k: list(v.shape) for k, v in module.trainable_state().items()}
-    got = {k: list(v.shape) for k, v in state.items()}
-    problems = [f"{k}: saved {got.get(k)} vs model {expected.get(k)}" for k in sorted(set(expected) | set(got)) if got.get(k) != expected.get(k)]
-    if problems:
-        raise ValueError(
-            f"{what} (trained for {model!r}, D = {embed_dim}) does not fit this model "
-            f"({featurizer.sd.name!r}, D = {featurizer.sd.embed_dim}):\n  " + "\n  ".join(problems)
-        )
-
-
-def load_state(module: PromptModule, state: dict[str, torch.Tensor]) -> PromptModule:
-    """Copies `state` (names of `trainable_state`) into the module's parameters."""
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for k, v in state.items():
-            params[k].copy_(v)
-    return module
-
-
-def load_prompt(path: str | Path, featurizer: SDFeaturizer, *, encoders: PromptEncoders | None = None) -> PromptModule:
-    """Rebuilds a saved prompt for `featurizer`'s model and loads its weights.
-
-    Raises ValueError naming every tensor whose saved shape differs from what this model needs (e.g. a prompt
-    trained for SD2-1, D = 1024, loaded into a model with D = 768). Prompts saved by sdm 0.1 load with the
-    computation they were trained with (see `_upgrade_legacy`).
-    """
-    meta = read_metadata(path)
-    base = Path(path)
-    base = base.with_suffix("") if base.suffix in (".safetensors", ".json") else base
-    state = _upgrade_legacy(meta, load_file(str(base.with_name(base.name + ".safetensors"))), base)
-    cfg = meta.config
-    module = build_prompt(
-        meta.kind,  # type: ignore[arg-type]
-        featurizer,
-        categories=cfg.get("categories"),
-        encoders=encoders,
-        cpm=CPMConfig(**cfg["cpm"]) if "cpm" in cfg else None,
-        n_tokens=cfg.get("n_tokens", 75),
-        template=cfg.get("template", TEMPLATE),
-        template_words=cfg.get("words", "raw"),
-    )
-    check_fits(module, state, f"the {meta.kind!r} prompt at {base}", meta.model, meta.embed_dim, featurizer)
-    return load_state(module, state)
-
-
-# ---- the authors' released prompts -------------------------------------------------------------------------
-# Folder names of the authors' pretrained_prompts.zip (train_simple_prompt.py:55-67, train_cpm.py:51).
-_RELEASED_SIMPLE = re.compile(r"^(?P<kind>Single|Class)_(?P<dataset>[a-z0-9]+)_sd(?P<sd>[\d-]+)_(?P<form>TokenEmbeds(?P<n>\d+)|HiddenState)$")
-_RELEASED_CPM = re.compile(
-    r"^CPM_(?P<dataset>[a-z0-9]+)_sd(?P<sd>[\d-]+)_(?P<mode>Pair|Img)-(?P<enc>DINO|CLIP)-(?P<feat>Feat|Head)-G(?P<g>\d+)-C(?P<c>\d+)$"
-)
-# The authors' CPM state-dict names -> sdm's (hybrid_captioner.py:49-77; "linear" is the Img and Head modes' g_d).
-_RELEASED_CPM_NAMES = {
-    "global_embeds": "global_embeds",
-    "positional_embedding": "positional_embedding",
-    "alpha_cond": "alpha_cond",
-    "linear_C.weight": "g_d.weight",
-    "linear_C.bias": "g_d.bias",
-    "linear.weight": "g_d.weight",
-    "linear.bias": "g_d.bias",
-    "linear_N.weight": "g_n.weight",
-    "linear_N.bias": "g_n.bias",
-}
-
-
-@dataclass
-class ReleasedPrompt:
-    """One prompt of the authors' release, parsed from its folder name."""
-
-    name: str  # e.g. "CPM_spair_sd2-1_Pair-DINO-Feat-G25-C50"
-    kind: Literal["single", "class", "cpm"]
-    dataset: str  # the training dataset ("spair", "pfpascal")
-    sd_version: str  # "2-1"
-    file: str  # "caption.pt" or "ckpt.pt"
-    hidden_state: bool = False  # Single/Class "HiddenState": encoder hidden states, not token embeddings
-    n_tokens: int = 75
-    cpm: CPMConfig | None = None
-
-
-def parse_released_name(name: str) -> ReleasedPrompt:
-    """Folder name of the authors' release -> what it holds; a ValueError for names of no known form."""
-    m = _RELEASED_SIMPLE.match(name)
-    if m:
-        hidden = m["form"] == "HiddenState"
-        return ReleasedPrompt(
-            name, m["kind"].lower(), m["dataset"], m["sd"], "caption.pt", hidden_state=hidden,  # type: ignore[arg-type]
-            n_tokens=77 if hidden else int(m["n"]),
-        )
-    m = _RELEASED_CPM.match(name)
-    if m:
-        if m["enc"] != "DINO":
-            raise ValueError(f"{name}: CPM prompts conditioned on CLIP features are not supported (only DINOv2, as the paper)")
-        g, c = int(m["g"]), int(m["c"])
-        cfg = CPMConfig(
-            n_global=g if g else 25, n_cond=c, global_prompt=g > 0,
-            descriptor="patch" if m["feat"] == "Feat" else "global", condition="pair" if m["mode"] == "Pair" else "image",
-        )
-        return ReleasedPrompt(name, "cpm", m["dataset"], m["sd"], "ckpt.pt", cpm=cfg)
-    raise ValueError(
-        f"{name!r} is not a folder name of the authors' released prompts; expected e.g. Single_spair_sd2-1_TokenEmbeds75, "
-        "Class_pfpascal_sd2-1_TokenEmbeds75, Single_spair_sd2-1_HiddenState or CPM_spair_sd2-1_Pair-DINO-Feat-G25-C50"
-    )
-
-
-def list_released(path: str | Path) -> list[str]:
-    """Names of the authors' prompt folders in `path`: pretrained_prompts.zip, the folder it unzips to, or one
-    prompt folder."""
-    path = Path(path)
-    names: set[str] = set()
-    if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            members = zf.namelist()
-        names = {Path(m).parent.name for m in members if Path(m).name in ("caption.pt", "ckpt.pt")}
-    elif path.is_dir():
-        files = [*path.glob("caption.pt"), *path.glob("ckpt.pt"), *path.glob("*/caption.pt"), *path.glob("*/ckpt.pt"), *path.glob("*/*/caption.pt"), *path.glob("*/*/ckpt.pt")]
-        names = {f.parent.name for f in files}
-    else:
-        raise FileNotFoundError(f"no released prompts at {path}: pass pretrained_prompts.zip, the folder it unzips to, or one prompt folder")
-    return sorted(names)
-
-
-def _read_released(path: Path, entry: ReleasedPrompt) -> Any:
-    """torch.load of the prompt's file (tensors only, mapped to the CPU: the authors saved some on a GPU)."""
-    if path.is_file():
-        with zipfile.ZipFile(path) as zf:
-            member = next((m for m in zf.namelist() if Path(m).parent.name == entry.name and Path(m).name == entry.file), None)
-            if member is None:
-                raise FileNotFoundError(f"{path} has no {entry.name}/{entry.file}")
-            data = io.BytesIO(zf.read(member))
-        return torch.load(data, map_location="cpu", weights_only=True)
-    candidates = [path / entry.file] if path.name == entry.name else [*path.glob(f"{entry.name}/{entry.file}"), *path.glob(f"*/{entry.name}/{entry.file}")]
-    found = [c for c in candidates if c.is_file()]
-    if not found:
-        raise FileNotFoundError(f"{entry.file} not found for {entry.name} under {path}")
-    return torch.load(found[0], map_location="cpu", weights_only=True)
-
-
-def _check_special_rows(t: torch.Tensor, n: int, featurizer: SDFeaturizer, where: str) -> None:
-    """Rows 0 and n + 1 of a TokenEmbeds tensor are the text encoder's BOS and EOS embedding-layer outputs."""
-    bos = featurizer.special_token_embeddings()[0].float().cpu()
-    eos = featurizer.eos_embeddings()[n + 1].float().cpu()
-    err = max((t[0] - bos).abs().max().item(), (t[n + 1] - eos).abs().max().item())
-    if err > 1e-3 * max(1.0, bos.abs().max().item()):
-        raise ValueError(
-            f"{where}: rows 0 and {n + 1} should be this model's BOS and EOS embeddings but differ by up to {err:.3g}: "
-            f"the prompt was made for another text encoder than {featurizer.sd.name!r}"
-        )
-
-
-def import_sd4match(
-    path: str | Path,
-    featurizer: SDFeaturizer,
-    *,
-    name: str | None = None,
-    encoders: PromptEncoders | None = None,
-) -> tuple[PromptModule, ReleasedPrompt]:
-    """Loads one of the authors' released prompts (pretrained_prompts.zip of github ActiveVisionLab/SD4Match)
-    as an sdm prompt module computing what their code computes.
-
-    Args:
-        path: pretrained_prompts.zip, the folder it unzips to, or one prompt folder (holding caption.pt or ckpt.pt).
-        name: which prompt folder, e.g. "CPM_spair_sd2-1_Pair-DINO-Feat-G25-C50" (needed when `path` holds several).
-        encoders: DINOv2 for CPM prompts.
-
-    Returns (module, what the folder name says). Single/Class "TokenEmbeds" tensors (C x 77 x D embedding-layer
-    outputs) become the learned vectors 1..N after checking that rows 0 and N + 1 are this model's BOS and EOS;
-    "HiddenState" tensors are used as the UNet's encoder hidden states; CPM state dicts map onto `CPMPrompt`.
-    Raises ValueError naming what does not fit (unknown names, missing keys, shapes, another text encoder).
-    """
-    path = Path(path)
-    names = list_released(path)
-    if name is None:
-        if len(names) != 1:
-            raise ValueError(f"{path} holds {len(names)} prompts; choose one with name=...: {', '.join(names) or 'none found'}")
-        name = names[0]
-    elif name not in names:
-        raise ValueError(f"no prompt {name!r} in {path}; it holds: {', '.join(names) or 'none'}")
-    entry = parse_released_name(name)
-    data = _read_released(path, entry)
-    d = featurizer.sd.embed_dim
-    where = f"{name}/{entry.file}"
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a dict of tensors, found {type(data).__name__}")
-    if entry.kind == "cpm":
-        unknown = sorted(k for k in data if k not in _RELEASED_CPM_NAMES and not k.startswith("text_model_embeddings."))
-        if unknown:
-            raise ValueError(f"{where}: unknown tensors {unknown}; a CPM checkpoint holds {sorted(set(_RELEASED_CPM_NAMES))}")
-        state = {_RELEASED_CPM_NAMES[k]: v.float() for k, v in data.items() if k in _RELEASED_CPM_NAMES}
-        module = build_prompt("cpm", featurizer, encoders=encoders, cpm=entry.cpm)
-        check_fits(module, state, f"the released prompt {where}", f"SD {entry.sd_version}", int(state.get("alpha_cond", torch.zeros(1)).shape[-1]), featurizer)
-        return load_state(module, state), entry
-    tensors = {k: v.float() for k, v in data.items()}
-    for k, t in tensors.items():
-        if t.dim() != 3 or t.shape[0] != 1 or t.shape[1] != 77:
-            raise ValueError(f"{where}: tensor {k!r} has shape {list(t.shape)}; expected [1, 77, D]")
-        if t.shape[2] != d:
-            raise ValueError(
-                f"{where}: D = {t.shape[2]} (SD {entry.sd_version}) but {featurizer.sd.name!r} has D = {d}: load the model it was made for"
-            )
-    if entry.kind == "single":
-        if set(tensors) != {"dataset"}:
-            raise ValueError(f"{where}: a Single prompt holds one tensor named 'dataset'; found {sorted(tensors)}")
-        keys = ["dataset"]
-    else:
-        keys = sorted(tensors)
-    stacked = torch.cat([tensors[k] for k in keys])  # C x 77 x D
-    if entry.hidden_state:
-        init = stacked
-    else:
-        for k in keys:
-            _check_special_rows(tensors[k][0], entry.n_tokens, featurizer, f"{where}[{k!r}]")
-        init = stacked[:, 1 : entry.n_tokens + 1]
-    module = SinglePrompt(init) if entry.kind == "single" else ClassPrompt(init, keys)
-    return module.to(featurizer.device), entry

@@ -25,22 +25,15 @@ from tqdm.auto import tqdm
 
 from sdm.backbones import BackboneName, build_backbone
 from sdm.data import PairDataset, collate_pairs, dataset_record, decoding
+from sdm.encoders import PromptEncoders, encoder_name
 from sdm.evaluate import SDExtractor, evaluate
 from sdm.features import SDFeaturizer
 from sdm.loss import gaussian_cross_entropy
 from sdm.matching import Matcher, to_feature_coords
 from sdm.models import StableDiffusion
-from sdm.prompts import (
-    CPMConfig,
-    PromptEncoders,
-    PromptKind,
-    PromptModule,
-    atomic_write,
-    build_prompt,
-    encoder_name,
-    originals_for,
-    save_prompt,
-)
+from sdm.prompt_files import save_prompt
+from sdm.prompts import CPMConfig, PromptKind, PromptModule, build_prompt, originals_for
+from sdm.storage import atomic_write
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -226,7 +219,7 @@ def train(
     """Trains a prompt of `cfg.prompt` on `train_set` and returns it with its log.
 
     Writes into out_dir: checkpoint.pt (every `checkpoint_every` steps and at the end, atomically), prompt.*
-    (the latest learned prompt, `sdm.prompts.load_prompt` reads it), best.* (best validation PCK@0.1),
+    (the latest learned prompt, `sdm.prompt_files.load_prompt` reads it), best.* (best validation PCK@0.1),
     log.csv. With `resume`, continues from out_dir/checkpoint.pt exactly where it stopped.
 
     A folder that already holds a run is refused (RunExistsError) unless `resume` continues it or `overwrite`

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 import sdm
 from sdm.backbones import BACKBONES, build_backbone
 from sdm.data import SyntheticPairs
+from sdm.encoders import PromptEncoders, tiny_dinov2
 from sdm.evaluate import SDExtractor, evaluate
 from sdm.fusion import FusedExtractor
-from sdm.prompts import PromptEncoders, load_prompt, tiny_dinov2
+from sdm.prompt_files import load_prompt, read_metadata
 from sdm.train import TrainConfig, train
 
 SIZE = 64
@@ -53,7 +54,7 @@ def test_a_prompt_trains_on_fused_features_and_is_scored_on_them(tmp_path: Path)
     module = load_prompt(tmp_path / "prompt.json", featurizer)
     initial = sdm.prompts.build_prompt("single", featurizer, seed=cfg.seed)
     assert not torch.equal(module.tokens, initial.tokens)  # the prompt moved
-    meta = sdm.prompts.read_metadata(tmp_path / "prompt.json")
+    meta = read_metadata(tmp_path / "prompt.json")
     assert meta.train_config["backbone"] == "sd+dino"
     extractor = build_backbone("sd+dino", encoders, SIZE).extractor(SDExtractor(featurizer, module))
     assert isinstance(extractor, FusedExtractor)

@@ -10,6 +10,7 @@ from conftest import SHARED_DATA
 
 import sdm
 from sdm.data import PFWillow, SyntheticPairs
+from sdm.encoders import PromptEncoders, tiny_dinov2
 from sdm.evaluate import (
     ModuleExtractor,
     SDExtractor,
@@ -18,7 +19,7 @@ from sdm.evaluate import (
     evaluate_predictions,
     paper_table,
 )
-from sdm.prompts import CPMConfig, PromptEncoders, build_prompt, tiny_dinov2
+from sdm.prompts import CPMConfig, build_prompt
 
 WILLOW = SHARED_DATA / "pf-willow"
 needs_willow = pytest.mark.skipif(not (WILLOW / "test_pairs.csv").is_file(), reason=f"PF-Willow not at {WILLOW}")

@@ -20,7 +20,8 @@ from PIL import Image
 
 import sdm
 from sdm.data import SyntheticPairs
-from sdm.prompts import atomic_write, read_metadata
+from sdm.prompt_files import read_metadata
+from sdm.storage import atomic_write
 from sdm.train import RunExistsError, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ SDM = shutil.which("sdm", path=str(Path(sys.executable).parent)) or shutil.which
 TRAIN_ALL = """
 import hashlib, sys, torch, sdm
 from sdm.data import SyntheticPairs
-from sdm.prompts import PromptEncoders, tiny_clip_vision, tiny_dinov2
+from sdm.encoders import PromptEncoders, tiny_clip_vision, tiny_dinov2
 from sdm.train import TrainConfig, train
 seed, out = int(sys.argv[1]), sys.argv[2]
 data = SyntheticPairs(n=6, image_size=64, seed=3)

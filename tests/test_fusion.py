@@ -8,9 +8,10 @@ from torch import nn
 
 import sdm
 from sdm.data import SyntheticPairs
+from sdm.encoders import tiny_dinov2
 from sdm.evaluate import SDExtractor, ViTFeatures, evaluate
 from sdm.fusion import FusedExtractor, fuse_features
-from sdm.prompts import build_prompt, tiny_dinov2
+from sdm.prompts import build_prompt
 
 
 def test_fuse_features_normalises_resizes_and_weights() -> None:

@@ -12,21 +12,17 @@ from conftest import SHARED_DATA
 from PIL import Image
 
 import sdm
+from sdm.encoders import PromptEncoders, dino_pixels, tiny_clip_vision, tiny_dinov2
 from sdm.features import SDFeaturizer
+from sdm.prompt_files import load_prompt, save_prompt
 from sdm.prompts import (
     CPM_ABLATIONS,
     PROMPTS,
     CPMConfig,
     CPMPrompt,
     DinoDescriptor,
-    PromptEncoders,
     build_prompt,
     category_text,
-    dino_pixels,
-    load_prompt,
-    save_prompt,
-    tiny_clip_vision,
-    tiny_dinov2,
 )
 
 CATS = ["cat", "dog", "car(G)"]
@@ -312,7 +308,7 @@ def test_prompts_saved_by_sdm_0_1_keep_their_computation(tmp_path: Path, featuri
     assert module.cfg.form == "paper" and not module.needs_originals
     a, b = images(1, 0), images(1, 1)
     prompt, _ = module.pair_prompts(featurizer, a, b, ["x"])
-    from sdm.prompts import IMAGENET_MEAN, IMAGENET_STD
+    from sdm.encoders import IMAGENET_MEAN, IMAGENET_STD
 
     def dino(x: torch.Tensor) -> torch.Tensor:  # sdm 0.1: the resized image squashed to 224, bicubic, antialiased
         x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)

@@ -12,17 +12,11 @@ import pytest
 import torch
 
 import sdm
+from sdm.encoders import PromptEncoders, dino_pixels, tiny_dinov2
 from sdm.features import SDFeaturizer
-from sdm.prompts import (
-    CPMConfig,
-    PromptEncoders,
-    dino_pixels,
-    import_sd4match,
-    list_released,
-    load_prompt,
-    parse_released_name,
-    tiny_dinov2,
-)
+from sdm.prompt_files import load_prompt
+from sdm.prompts import CPMConfig
+from sdm.released import import_sd4match, list_released, parse_released_name
 
 D = 32  # the tiny model's text width
 
@@ -180,7 +174,8 @@ def test_find_prompt_by_metadata(tmp_path: Path, featurizer: SDFeaturizer) -> No
     """Notebooks find a prompt by kind and training data in its metadata, whoever wrote it; of the release's CPM
     variants the paper's (Pair, patch features, G25, C50) is taken."""
     from sdm.notebooks import find_prompt
-    from sdm.prompts import build_prompt, save_prompt
+    from sdm.prompt_files import save_prompt
+    from sdm.prompts import build_prompt
 
     dino = PromptEncoders(dino=tiny_dinov2(0))
     paper = build_prompt("cpm", featurizer, encoders=dino)

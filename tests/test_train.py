@@ -13,7 +13,8 @@ from sdm import train as train_module
 from sdm.data import SyntheticPairs, collate_pairs
 from sdm.loss import gaussian_cross_entropy
 from sdm.matching import to_feature_coords
-from sdm.prompts import build_prompt, load_prompt
+from sdm.prompt_files import load_prompt
+from sdm.prompts import build_prompt
 from sdm.train import TrainConfig, TrainingDiverged, batch_indices, recipe, train, validation_interval
 
 SIZE = 128
@@ -70,7 +71,7 @@ def test_training_lowers_train_and_heldout_loss(tmp_path: Path, seed: int) -> No
 
 @pytest.mark.parametrize("kind", ["single", "cpm"])
 def test_resume_equals_uninterrupted_run(tmp_path: Path, kind: str) -> None:
-    from sdm.prompts import PromptEncoders, tiny_dinov2
+    from sdm.encoders import PromptEncoders, tiny_dinov2
 
     data = SyntheticPairs(n=8, image_size=SIZE, seed=1)
     enc = PromptEncoders(dino=tiny_dinov2()) if kind == "cpm" else None
@@ -127,7 +128,7 @@ def test_validation_keeps_best_prompt(tmp_path: Path) -> None:
 
 
 def test_class_and_cpm_train(tmp_path: Path) -> None:
-    from sdm.prompts import PromptEncoders, tiny_dinov2
+    from sdm.encoders import PromptEncoders, tiny_dinov2
 
     data = SyntheticPairs(n=6, image_size=SIZE, seed=3)
     for kind in ("class", "cpm"):
