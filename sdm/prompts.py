@@ -16,7 +16,7 @@ lists where sdm offers another reading than the authors' code (github ActiveVisi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -86,6 +86,19 @@ def originals_for(prompt: PromptModule, ids: Sequence[str], load: Callable[[str]
     return [load(i) for i in ids]
 
 
+@dataclass
+class BuildOptions:
+    """What `build_prompt` passes to a prompt class's `build` (see `build_prompt` for each field)."""
+
+    categories: list[str] | None = None
+    encoders: PromptEncoders = field(default_factory=PromptEncoders)
+    cpm: CPMConfig | None = None
+    n_tokens: int = 75
+    seed: int = 0
+    template: str = TEMPLATE
+    template_words: TemplateWords = "raw"
+
+
 class PromptModule(nn.Module):
     """Base class. Subclasses set `kind` and `conditioning` and implement `image_prompt` or `pair_prompts`.
 
@@ -131,10 +144,20 @@ class PromptModule(nn.Module):
         """The learned tensors (frozen encoders such as DINOv2 are not saved)."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
+    def linear_layers(self) -> list[nn.Module]:
+        """The prompt's learned linear layers, trained at the linear learning rate (none by default)."""
+        return []
+
+    @classmethod
+    def build(cls, featurizer: SDFeaturizer, opts: BuildOptions) -> PromptModule:
+        """A new prompt of this kind, initialised as the paper does (on the CPU; `build_prompt` moves it)."""
+        raise NotImplementedError
+
     def parameter_groups(self, lr: float, lr_linear: float) -> list[dict[str, Any]]:
-        """Optimizer groups: learned token vectors at `lr`, linear layers (CPM's g_d, g_n) at `lr_linear`."""
-        linear = [p for n, p in self.named_parameters() if p.requires_grad and n.startswith(("g_d.", "g_n.", "proj."))]
-        ids = {id(p) for p in linear}
+        """Optimizer groups: learned token vectors at `lr`, the layers of `linear_layers` at `lr_linear`; each in
+        the order of `parameters()`."""
+        ids = {id(p) for layer in self.linear_layers() for p in layer.parameters()}
+        linear = [p for p in self.parameters() if p.requires_grad and id(p) in ids]
         tokens = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         return [g for g in ({"params": tokens, "lr": lr}, {"params": linear, "lr": lr_linear}) if g["params"]]
 
@@ -145,6 +168,10 @@ class EmptyPrompt(PromptModule):
 
     kind = "empty"
     conditioning: ClassVar[Conditioning] = "fixed"
+
+    @classmethod
+    def build(cls, featurizer: SDFeaturizer, opts: BuildOptions) -> PromptModule:
+        return cls()
 
     def image_prompt(
         self, featurizer: SDFeaturizer, images: torch.Tensor | None, categories: list[str], originals: Originals | None = None
@@ -157,6 +184,10 @@ class TemplatePrompt(PromptModule):
 
     kind = "template"
     conditioning: ClassVar[Conditioning] = "category"
+
+    @classmethod
+    def build(cls, featurizer: SDFeaturizer, opts: BuildOptions) -> PromptModule:
+        return cls(opts.template, opts.template_words)
 
     def __init__(self, template: str = TEMPLATE, words: TemplateWords = "raw") -> None:
         super().__init__()
@@ -184,6 +215,12 @@ class ImplicitCaptioner(PromptModule):
     kind = "captioner"
     conditioning: ClassVar[Conditioning] = "image"
 
+    @classmethod
+    def build(cls, featurizer: SDFeaturizer, opts: BuildOptions) -> PromptModule:
+        if opts.encoders.clip is None:
+            raise ValueError("the implicit captioner needs a CLIP vision model: PromptEncoders(clip=...)")
+        return cls(opts.encoders.clip, featurizer.sd.embed_dim, seed=opts.seed)
+
     def __init__(self, clip: nn.Module, embed_dim: int, image_size: int = 224, seed: int = 0) -> None:
         super().__init__()
         self.clip = clip.requires_grad_(False).eval()
@@ -191,6 +228,9 @@ class ImplicitCaptioner(PromptModule):
         width = int(clip.config.projection_dim)
         self.proj = seeded_linear(width, 77 * embed_dim, derived_seed(seed, "captioner.proj"))
         self.gate = nn.Parameter(torch.zeros(77, embed_dim))
+
+    def linear_layers(self) -> list[nn.Module]:
+        return [self.proj]
 
     def image_prompt(
         self, featurizer: SDFeaturizer, images: torch.Tensor | None, categories: list[str], originals: Originals | None = None
@@ -209,6 +249,15 @@ class ImplicitCaptioner(PromptModule):
 
 
 # ---- learned -----------------------------------------------------------------------------------------------
+def learned_vectors(featurizer: SDFeaturizer, n_tokens: int, count: int, seed: int) -> torch.Tensor:
+    """Initial vectors of `count` learned prompts: token embeddings of random vocabulary ids, or, for 77 learned
+    hidden states, torch.rand (hidden_state.py:60)."""
+    if n_tokens == featurizer.sd.tokenizer.model_max_length:
+        gen = torch.Generator().manual_seed(derived_seed(seed, "hidden_state"))
+        return torch.rand(count, n_tokens, featurizer.sd.embed_dim, generator=gen)
+    return random_token_vectors(featurizer, n_tokens, count=count, seed=seed)
+
+
 def random_token_vectors(featurizer: SDFeaturizer, n: int, count: int = 1, first_position: int = 1, seed: int = 0) -> torch.Tensor:
     """`count` x n embedding-layer outputs of random vocabulary ids at positions first_position.. (how learned
     prompts start). Ids are uniform over [0, vocab_size), special tokens included, as the authors' code draws
@@ -225,6 +274,10 @@ class SinglePrompt(PromptModule):
 
     kind = "single"
     conditioning: ClassVar[Conditioning] = "fixed"
+
+    @classmethod
+    def build(cls, featurizer: SDFeaturizer, opts: BuildOptions) -> PromptModule:
+        return cls(learned_vectors(featurizer, opts.n_tokens, 1, opts.seed))
 
     def __init__(self, init: torch.Tensor) -> None:
         super().__init__()
@@ -244,6 +297,12 @@ class ClassPrompt(PromptModule):
 
     kind = "class"
     conditioning: ClassVar[Conditioning] = "category"
+
+    @classmethod
+    def build(cls, featurizer: SDFeaturizer, opts: BuildOptions) -> PromptModule:
+        if not opts.categories:
+            raise ValueError("the Class prompt needs the list of categories")
+        return cls(learned_vectors(featurizer, opts.n_tokens, len(opts.categories), opts.seed), sorted(opts.categories))
 
     def __init__(self, init: torch.Tensor, categories: list[str]) -> None:
         super().__init__()
@@ -369,6 +428,26 @@ class CPMPrompt(PromptModule):
 
     kind = "cpm"
 
+    @classmethod
+    def build(cls, featurizer: SDFeaturizer, opts: BuildOptions) -> PromptModule:
+        if opts.encoders.dino is None:
+            raise ValueError("CPM needs DINOv2: PromptEncoders(dino=load_dinov2()) (or tiny_dinov2() offline)")
+        cfg, seed, d = opts.cpm or CPMConfig(), opts.seed, featurizer.sd.embed_dim
+        init_global: torch.Tensor | None
+        if cfg.form == "authors":  # torch.rand, hybrid_captioner.py:51,73,77
+            def uniform(name: str, n: int) -> torch.Tensor:
+                return torch.rand(1, n, d, generator=torch.Generator().manual_seed(derived_seed(seed, name)))
+
+            init_global = uniform("cpm.global_embeds", cfg.n_global) if cfg.global_prompt else None
+            init_pos, init_alpha = uniform("cpm.positional_embedding", cfg.n_cond), uniform("cpm.alpha_cond", cfg.n_cond)
+        else:  # the paper's equation as sdm first built it: gate at zero, vocabulary embeddings elsewhere
+            init_global = random_token_vectors(featurizer, cfg.n_global, seed=seed) if cfg.global_prompt else None
+            first = cfg.n_global + 1 if cfg.global_prompt else 1
+            init_pos = random_token_vectors(featurizer, cfg.n_cond, first_position=first, seed=seed + 1)
+            init_alpha = torch.zeros(1, cfg.n_cond, d)
+        dino = DinoDescriptor(opts.encoders.dino, cfg.dino_size, cfg.dino_resize)
+        return cls(dino, d, init_global, init_pos, init_alpha, cfg, seed=seed)
+
     def __init__(
         self,
         dino: DinoDescriptor,
@@ -389,6 +468,9 @@ class CPMPrompt(PromptModule):
         self.alpha_cond = nn.Parameter(init_alpha.clone().float().view(1, cfg.n_cond, embed_dim))
         self.positional_embedding = nn.Parameter(init_pos.clone().float().view(1, cfg.n_cond, embed_dim))
         self.global_embeds = nn.Parameter(init_global.clone().float().view(1, cfg.n_global, embed_dim)) if init_global is not None else None
+
+    def linear_layers(self) -> list[nn.Module]:  # g_d and g_n (learning rate 1e-3 in the paper)
+        return [layer for layer in (self.g_d, self.g_n) if layer is not None]
 
     @property
     def conditioning(self) -> Conditioning:  # type: ignore[override]
@@ -493,45 +575,7 @@ def build_prompt(
     """
     if kind not in PROMPTS:
         raise ValueError(f"unknown prompt {kind!r}; choose one of {sorted(PROMPTS)}")
-    encoders = encoders or PromptEncoders()
-    d = featurizer.sd.embed_dim
-    module: PromptModule
-    if kind == "empty":
-        module = EmptyPrompt()
-    elif kind == "template":
-        module = TemplatePrompt(template, template_words)
-    elif kind in ("single", "class"):
-        count = 1
-        if kind == "class":
-            if not categories:
-                raise ValueError("the Class prompt needs the list of categories")
-            count = len(categories)
-        if n_tokens == featurizer.sd.tokenizer.model_max_length:  # learned hidden states: torch.rand (hidden_state.py:60)
-            init = torch.rand(count, n_tokens, d, generator=torch.Generator().manual_seed(derived_seed(seed, "hidden_state")))
-        else:
-            init = random_token_vectors(featurizer, n_tokens, count=count, seed=seed)
-        module = SinglePrompt(init) if kind == "single" else ClassPrompt(init, sorted(categories or []))
-    elif kind == "captioner":
-        if encoders.clip is None:
-            raise ValueError("the implicit captioner needs a CLIP vision model: PromptEncoders(clip=...)")
-        module = ImplicitCaptioner(encoders.clip, d, seed=seed)
-    else:
-        if encoders.dino is None:
-            raise ValueError("CPM needs DINOv2: PromptEncoders(dino=load_dinov2()) (or tiny_dinov2() offline)")
-        cfg = cpm or CPMConfig()
-        init_global: torch.Tensor | None
-        if cfg.form == "authors":  # torch.rand, hybrid_captioner.py:51,73,77
-            def uniform(name: str, n: int) -> torch.Tensor:
-                return torch.rand(1, n, d, generator=torch.Generator().manual_seed(derived_seed(seed, name)))
-
-            init_global = uniform("cpm.global_embeds", cfg.n_global) if cfg.global_prompt else None
-            init_pos, init_alpha = uniform("cpm.positional_embedding", cfg.n_cond), uniform("cpm.alpha_cond", cfg.n_cond)
-        else:  # the paper's equation as sdm first built it: gate at zero, vocabulary embeddings elsewhere
-            init_global = random_token_vectors(featurizer, cfg.n_global, seed=seed) if cfg.global_prompt else None
-            first = cfg.n_global + 1 if cfg.global_prompt else 1
-            init_pos = random_token_vectors(featurizer, cfg.n_cond, first_position=first, seed=seed + 1)
-            init_alpha = torch.zeros(1, cfg.n_cond, d)
-        dino = DinoDescriptor(encoders.dino, cfg.dino_size, cfg.dino_resize)
-        module = CPMPrompt(dino, d, init_global, init_pos, init_alpha, cfg, seed=seed)
+    opts = BuildOptions(categories, encoders or PromptEncoders(), cpm, n_tokens, seed, template, template_words)
+    module = PROMPTS[kind].build(featurizer, opts)
     return module.to(featurizer.device)
 
