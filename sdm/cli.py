@@ -497,7 +497,7 @@ def _extra_commands() -> list:
 
     registers.append(add_download_parser)
     try:  # the notebook runner needs papermill (the `notebooks` extra)
-        from sdm.notebooks import add_notebooks_parser
+        from sdm.runner import add_notebooks_parser
 
         registers.append(add_notebooks_parser)
     except ImportError:

@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from sdm.attention import AttentionMatcher
-from sdm.data import OriginalLoader, PairBatch, PairDataset, collate_pairs, decoding, spread_subset
+from sdm.data import OriginalLoader, Pair, PairBatch, PairDataset, collate_pairs, decoding, spread_subset
 from sdm.encoders import encoder_name
 from sdm.features import SDFeaturizer
-from sdm.matching import Matcher, match, to_feature_coords, to_image_coords
+from sdm.matching import Matcher, correlation, match, sample_features, to_feature_coords, to_image_coords
 from sdm.metrics import (
     ALPHAS,
     CATEGORY_MEAN,
@@ -514,6 +514,25 @@ def feature_predictor(
         return to_image_coords(cells, tuple(trg.shape[-2:]), size)
 
     return predict
+
+
+def pair_correlation(
+    extractor: FeatureExtractor, pair: Pair, k: int, matcher: Matcher = "kernel_soft_argmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the first `k` source points of one pair land: their cosine-similarity maps over the target's
+    features (k x h x w in [-1, 1], CPU) and their matches (k x 2 target pixels in the pair's resized frame, CPU)."""
+    src, trg = pair.src_image[None], pair.trg_image[None]
+    if extractor.conditioning == "pair":
+        src_f, trg_f = extractor.pair_features(src, trg, [pair.category], [pair.src_id], [pair.trg_id])
+    else:
+        both = extractor.image_features(torch.cat([src, trg]), [pair.category] * 2, [pair.src_id, pair.trg_id])
+        src_f, trg_f = both[:1], both[1:]
+    src_f, trg_f = src_f.float(), trg_f.float()
+    size, fsize = tuple(pair.src_image.shape[-2:]), tuple(src_f.shape[-2:])
+    query = to_feature_coords(pair.src_kps[:k].to(src_f.device), size, fsize)[None]
+    maps = correlation(sample_features(src_f, query), trg_f)[0].cpu()
+    pred = to_image_coords(match(src_f, trg_f, query, matcher)[0].cpu(), fsize, tuple(pair.trg_image.shape[-2:]))
+    return maps, pred
 
 
 def evaluate(

@@ -124,3 +124,23 @@ def test_caches_smaller_than_a_batch_give_the_same_result(featurizer: sdm.SDFeat
     roomy = evaluate(SDExtractor(featurizer, prompt), ds, batch_size=4, progress=False)
     tight = evaluate(SDExtractor(featurizer, prompt, latent_cache=1), ds, batch_size=4, progress=False, feature_cache=1)
     assert torch.equal(torch.tensor(tight.records["dist"].values), torch.tensor(roomy.records["dist"].values))
+
+
+def test_pair_correlation_of_a_self_pair_peaks_at_the_query() -> None:
+    """A pair whose target is its source: each query placed exactly on a feature cell (x_f = x * 15 / 63 for 16
+    cells over 64 px) has cosine 1 with that cell, and the nearest-cell match returns the query's pixel."""
+    from dataclasses import replace
+
+    from sdm.evaluate import pair_correlation
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)  # 64 px -> 16 x 16 cells
+    pair = SyntheticPairs(n=1, image_size=64, seed=2)[0]
+    cells = torch.tensor([[3.0, 7.0], [10.0, 2.0]])  # (x, y) cells
+    query = cells * 63 / 15
+    pair = replace(pair, trg_image=pair.src_image, trg_id=pair.src_id, src_kps=query, trg_kps=query, n_kps=2)
+    maps, pred = pair_correlation(ModuleExtractor(conv), pair, 2, matcher="nearest")
+    assert maps.shape == (2, 16, 16)
+    for j, (x, y) in enumerate(cells.long().tolist()):
+        assert maps[j, y, x] == pytest.approx(1.0, abs=1e-5) and maps[j].max() == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(pred, query, rtol=0, atol=1e-4)

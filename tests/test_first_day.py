@@ -199,7 +199,7 @@ def test_paper_plan_prints_offline() -> None:
     assert done.returncode == 0
     rows = re.findall(r"^  (\d\d)\s+([\d.]+) h", done.stdout, flags=re.M)
     assert [k for k, _ in rows] == [f"{i:02d}" for i in range(9)]
-    from sdm.notebooks import RATES
+    from sdm.runner import RATES
 
     train_02 = float(dict(rows)["02"])
     assert train_02 == pytest.approx(round(5 * 30_000 / RATES["train_steps_per_s_batch9"] / 3600, 2), abs=0.01)
@@ -207,7 +207,7 @@ def test_paper_plan_prints_offline() -> None:
 
 
 def test_readme_papermill_example_names_real_parameters() -> None:
-    from sdm.notebooks import notebook_parameters
+    from sdm.runner import notebook_parameters
 
     readme = (REPO / "README.md").read_text()
     (example,) = re.findall(r"`(papermill notebooks/[^`]+)`", readme)

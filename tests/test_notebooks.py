@@ -1,4 +1,4 @@
-"""Every notebook through papermill on its quick profile (`sdm.notebooks.QUICK`), and the notebook hygiene rules.
+"""Every notebook through papermill on its quick profile (`sdm.runner.QUICK`), and the notebook hygiene rules.
 
 The quick profile uses a tiny random-weight model on synthetic pairs: the checks are that each notebook runs,
 writes its figures and results, and that the numbers are well formed, in range and labelled as coming from
@@ -17,7 +17,7 @@ from typing import Any
 import nbformat
 import pytest
 
-from sdm.notebooks import (
+from sdm.runner import (
     QUICK,
     QUICK_SHARED,
     find_notebooks,
@@ -246,7 +246,7 @@ def test_cli_runs_one_notebook(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_only_rejects_unknown_notebook(tmp_path: Path) -> None:
-    from sdm.notebooks import run_notebooks
+    from sdm.runner import run_notebooks
 
     with pytest.raises(ValueError, match="no notebook"):
         run_notebooks("quick", ["99"], tmp_path, notebooks_dir=REPO / "notebooks", progress=False)
@@ -267,7 +267,7 @@ def test_pair_subset_spreads_over_the_dataset() -> None:
 
 
 def test_profiles_and_summary(tmp_path: Path) -> None:
-    from sdm.notebooks import summary_table
+    from sdm.runner import summary_table
 
     path = REPO / "notebooks" / "00_quickstart.ipynb"
     paper = profile_parameters(path, "paper", tmp_path / "f", tmp_path / "r")
