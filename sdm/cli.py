@@ -338,10 +338,14 @@ def _evaluate_attention(args: argparse.Namespace) -> int:
     size = args.image_size or (64 if args.model == "tiny" else 512)
     dataset = _dataset(args, args.split, size)
     _check_threshold(dataset, args.threshold, args.frame)
-    config = AttentionMatcherConfig(
-        image_size=size, steps=args.attention_steps, num_embeddings=args.attention_embeddings, inference_crops=args.attention_crops,
-        max_batch=args.attention_batch, progress=False,
-    )
+    from dataclasses import fields
+
+    chosen = {f.name: getattr(args, f"attention_{f.name}", None) for f in fields(AttentionMatcherConfig)}
+    config = AttentionMatcherConfig(**{
+        **{k: v for k, v in chosen.items() if v is not None},
+        "image_size": size, "steps": args.attention_steps, "num_embeddings": args.attention_embeddings,
+        "inference_crops": args.attention_crops, "max_batch": args.attention_batch, "progress": False,
+    })  # fmt: skip
     # the authors ran SD1.4 in float32 (eval/eval.py:62-63); bfloat16 with --attention-batch 50 --attention-compile
     # is 5.4x faster on an H100 (benchmarks/README.md)
     sd = _load_sd(args.model, args.device, getattr(torch, args.attention_dtype))
@@ -381,6 +385,37 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
+def _config_args(p: argparse.ArgumentParser, cls: type, *, prefix: str = "", skip: Sequence[str] = ()) -> None:
+    """One option per field of the config dataclass `cls` that `p` does not declare yet: ``--<prefix><field>`` with
+    dest ``<prefix><field>`` (dashes as underscores), the field's type, choices from a Literal, default None (the
+    dataclass's default applies). Structured fields (tuples, nested configs, unions of kinds) stay API-only."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    declared = {action.dest for action in p._actions}
+    for f in dataclasses.fields(cls):
+        dest = (prefix + f.name).replace("-", "_")
+        if f.name in skip or dest in declared:
+            continue
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+            hint = args[0]  # X | None
+        default = None if f.default is dataclasses.MISSING else f.default
+        kwargs: dict[str, typing.Any]
+        if typing.get_origin(hint) is typing.Literal:
+            kwargs = {"choices": list(typing.get_args(hint))}
+        elif hint is bool:
+            kwargs = {"type": lambda text: text.lower() in ("1", "true", "yes"), "metavar": "{true,false}"}
+        elif hint in (int, float, str):
+            kwargs = {"type": hint}
+        else:
+            continue
+        p.add_argument(f"--{prefix + f.name}".replace("_", "-"), dest=dest, default=None, help=f"{cls.__name__}.{f.name} (default {default!r})", **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdm", description="Semantic keypoint matching with Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -399,9 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="match.png", help="where to save the figure")
     m.set_defaults(func=cmd_match)
 
+    from sdm.attention import AttentionMatcherConfig
     from sdm.backbones import BACKBONES
     from sdm.matching import MATCHERS
     from sdm.prompts import CPM_ABLATIONS, LEARNED, PROMPTS
+    from sdm.train import TrainConfig
 
     t = sub.add_parser("train", help="train a Single, Class or CPM prompt (Accelerate; `accelerate launch -m sdm.cli train` for several GPUs)")
     _add_data_args(t, "trn")
@@ -429,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/train", help="folder for checkpoint.pt, prompt.*, best.*, log.csv")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     t.add_argument("--overwrite", action="store_true", help="delete the run already in --out before training")
+    _config_args(t, TrainConfig)  # every other field of TrainConfig
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="PCK of a prompt (or a DINO baseline) on a dataset split")
@@ -466,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
         help="attention matcher: weight dtype (the authors': float32)",
     )
+    # every other setting of the matcher (docs/choices.md), e.g. --attention-noise gaussian
+    _config_args(e, AttentionMatcherConfig, prefix="attention_", skip=("image_size", "steps", "num_embeddings", "inference_crops", "max_batch", "progress"))
     e.add_argument("--timestep", type=int, default=50)
     e.add_argument("--ensemble", type=int, default=8)
     e.add_argument("--up-block", type=int, default=1)

@@ -93,3 +93,25 @@ def test_evaluate_with_attention_matcher(tmp_path: Path) -> None:
     (written,) = results.glob("synthetic_test_attention_2pairs_*.json")
     protocol = json.loads(written.read_text())["info"]["protocol"]
     assert protocol["matcher"] == "attention" and protocol["random_weights"] and protocol["matcher_params"]["steps"] == 3
+
+
+def test_every_config_field_is_an_option(tmp_path: Path) -> None:
+    """Fields of TrainConfig and AttentionMatcherConfig without a hand-written flag get one derived from the
+    dataclass (type, Literal choices) and reach the config."""
+    results = tmp_path / "results"
+    args = ["evaluate", "--model", "tiny", "--dataset", "synthetic", "--matcher", "attention", "--max-pairs", "1", "--out", str(results),
+            "--attention-steps", "1", "--attention-embeddings", "1", "--attention-crops", "1", "--attention-noise", "gaussian",
+            "--attention-loss-resolution", "map", "--attention-opt-timestep", "100"]  # fmt: skip
+    assert main(args) == 0
+    (written,) = results.glob("synthetic_test_attention_1pairs_*.json")
+    params = json.loads(written.read_text())["info"]["protocol"]["matcher_params"]
+    assert (params["noise"], params["loss_resolution"], params["opt_timestep"]) == ("gaussian", "map", 100)
+    with pytest.raises(SystemExit):
+        main([*args[:11], "--attention-noise", "pink"])  # not one of the Literal's choices
+
+    out = tmp_path / "run"
+    train = ["train", "--model", "tiny", "--image-size", "64", "--steps", "1", "--batch-size", "2", "--val-split", "", "--mixed-precision", "no",
+             "--lr-linear", "0.5", "--val-matcher", "soft_argmax", "--log-every", "1", "--out", str(out)]  # fmt: skip
+    assert main(train) == 0
+    config = json.loads((out / "prompt.json").read_text())["train_config"]
+    assert (config["lr_linear"], config["val_matcher"], config["log_every"]) == (0.5, "soft_argmax", 1)
