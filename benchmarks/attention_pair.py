@@ -20,32 +20,31 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sdm.attention import AttentionMatcher, AttentionMatcherConfig
+from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher
+from sdm.features import optimize
 from sdm.models import sd14_architecture
 
 SDM_02 = dict(
     geometry="continuous", readout="mean-map", noise="gaussian", heads="all", loss="layer-mean", steps=130, lr=2.4e-3, crop_frac=0.93,
     sigma=28 / 512, max_batch=None,
 )
-PATHS = {  # name -> (config overrides, weight dtype): sdm 0.2's computation in fp16, all 50 items in one batch;
+PATHS = {  # name -> (config overrides, weight dtype, what is compiled: None, "resnets" or "blocks")
+    # sdm 0.2's computation in fp16, all 50 items in one batch
+    "sdm0.2-fp16": (SDM_02, torch.float16, None),
     # the authors' computation (today's defaults, micro-batches of 10) in the authors' fp32 and in bf16
-    "sdm0.2-fp16": (SDM_02, torch.float16),
-    "authors-fp32": ({}, torch.float32),
-    "authors-bf16": ({}, torch.bfloat16),
+    "authors-fp32": ({}, torch.float32, None),
+    "authors-bf16": ({}, torch.bfloat16, None),
     # the loss on 512 x 512 upsampled maps, as the authors' code computes it (sdm's default before "native")
-    "authors-bf16-map-loss": ({"loss_resolution": "map"}, torch.bfloat16),
-    "authors-bf16-b50": ({"max_batch": 50}, torch.bfloat16),  # all 50 items of the pair in one UNet batch
-    # bf16 with the VAE encoder and the UNet's resnets compiled (sdm.features.optimize(compile_scope="resnets"))
-    "authors-bf16-compiled-resnets": ({}, torch.bfloat16),
-    # bf16 with the VAE encoder and the UNet's blocks compiled, one graph per batch size
-    # (optimize(compile_scope="blocks", dynamic=False)); the attention processors trace into the graphs
-    "authors-bf16-compiled": ({}, torch.bfloat16),
-    "authors-bf16-compiled-b50": ({"max_batch": 50}, torch.bfloat16),
-    "authors-fp32-compiled": ({}, torch.float32),
-    "authors-fp32-compiled-b50": ({"max_batch": 50}, torch.float32),
+    "authors-bf16-map-loss": ({"loss_resolution": "map"}, torch.bfloat16, None),
+    "authors-bf16-b50": ({"max_batch": 50}, torch.bfloat16, None),  # all 50 items of the pair in one UNet batch
+    # the VAE encoder and the UNet's resnets compiled (sdm.features.optimize(compile_scope="resnets"))
+    "authors-bf16-compiled-resnets": ({}, torch.bfloat16, "resnets"),
+    # the VAE encoder and the UNet's blocks compiled, one graph per batch size (sdm.attention.compile_for_matcher)
+    "authors-bf16-compiled": ({}, torch.bfloat16, "blocks"),
+    "authors-bf16-compiled-b50": ({"max_batch": 50}, torch.bfloat16, "blocks"),
+    "authors-fp32-compiled": ({}, torch.float32, "blocks"),
+    "authors-fp32-compiled-b50": ({"max_batch": 50}, torch.float32, "blocks"),
 }
-COMPILED = {"authors-bf16-compiled-resnets": "resnets", "authors-bf16-compiled": "blocks", "authors-bf16-compiled-b50": "blocks", "authors-fp32-compiled": "blocks",
-            "authors-fp32-compiled-b50": "blocks"}
 
 
 def smooth_pair(size: int, seed: int) -> torch.Tensor:
@@ -67,12 +66,13 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def measure(name: str, overrides: dict, dtype: torch.dtype, build, images: torch.Tensor, points: torch.Tensor, steps: int, size: int) -> dict:
+def measure(name: str, build, images: torch.Tensor, points: torch.Tensor, steps: int, size: int) -> dict:
+    overrides, dtype, compiled = PATHS[name]
     sd = build().to(dtype=dtype)  # a fresh model per path: compiling changes modules in place
-    if name in COMPILED:
-        from sdm.features import optimize
-
-        optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope=COMPILED[name], dynamic=False)
+    if compiled == "blocks":
+        compile_for_matcher(sd)
+    elif compiled == "resnets":
+        optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="resnets")
     full = AttentionMatcherConfig(image_size=size, progress=False, **overrides)
     short = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": steps}))
     matcher = AttentionMatcher(sd, full)
@@ -111,7 +111,7 @@ def profile(name: str, build, images: torch.Tensor, points: torch.Tensor, size: 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    overrides, dtype = PATHS[name]
+    overrides, dtype, _ = PATHS[name]
     sd = build().to(dtype=dtype)
     matcher = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": steps}))
     matcher.optimize_embeddings(images[0], points)
@@ -143,10 +143,9 @@ def main() -> None:
     points = size * (0.12 + torch.rand(args.points, 2, generator=g) * 0.76)  # pixels of the source
     results = {"device": device_name, "torch": torch.__version__, "points": args.points, "paths": {}}
     for name in filter(None, args.paths.split(",")):
-        overrides, dtype = PATHS[name]
-        if args.tiny and dtype != torch.float32:
+        if args.tiny and PATHS[name][1] != torch.float32:
             continue  # half precision on the CPU says nothing
-        row = measure(name, overrides, dtype, build, images, points, args.steps, size)
+        row = measure(name, build, images, points, args.steps, size)
         # matches of the same pair against the first path run (rounding and kernel choices make bf16 runs drift)
         first = next(iter(results["paths"].values()), row)
         row["mean_px_from_first_path"] = float((torch.tensor(row["matches"]) - torch.tensor(first["matches"])).norm(dim=1).mean())

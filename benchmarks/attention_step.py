@@ -25,6 +25,7 @@ from sdm.attention import (
     AttentionMatcher,
     AttentionMatcherConfig,
     capture_cross_attention,
+    compile_for_matcher,
     cut_crops,
     gaussian_maps,
 )
@@ -43,12 +44,6 @@ def _compile_resnets(sd: StableDiffusion) -> None:
     optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="resnets")
 
 
-def _compile_blocks(sd: StableDiffusion) -> None:
-    from sdm.features import optimize
-
-    optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="blocks", dynamic=False)
-
-
 def _channels_last(sd: StableDiffusion) -> None:
     sd.unet.to(memory_format=torch.channels_last)
     sd.vae.to(memory_format=torch.channels_last)
@@ -60,8 +55,8 @@ VARIANTS: dict[str, tuple[Callable[[StableDiffusion], None], ...]] = {
     "compiled-norms": (_compile_norms,),
     "channels_last+compiled-norms": (_channels_last, _compile_norms),
     "channels_last+compiled-resnets": (_channels_last, _compile_resnets),
-    "compiled-blocks": (_compile_blocks,),
-    "channels_last+compiled-blocks": (_channels_last, _compile_blocks),
+    "compiled-blocks": (compile_for_matcher,),
+    "channels_last+compiled-blocks": (_channels_last, compile_for_matcher),
 }
 
 

@@ -59,7 +59,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from sdm.features import ImageInput, _size_pair, run_until, to_pixel_tensor
+from sdm.features import ImageInput, _size_pair, optimize, run_until, to_pixel_tensor
 from sdm.matching import argmax_2d, soft_argmax_2d
 from sdm.models import StableDiffusion
 
@@ -497,6 +497,13 @@ def layer_softmax_readout(maps: torch.Tensor) -> torch.Tensor:
     its argmax + 0.5 px is the match."""
     n, layers, h, w = maps.shape
     return maps.reshape(n, layers, h * w).softmax(dim=-1).reshape(n, layers, h, w).mean(dim=1)
+
+
+def compile_for_matcher(sd: StableDiffusion) -> StableDiffusion:
+    """`torch.compile` the UNet's blocks (one graph per batch size, the capture processors traced in) and the VAE
+    encoder, in place: `sdm.features.optimize(compile_scope="blocks", dynamic=False)`. Compiling takes minutes and
+    pays on whole datasets with UNet batches of 50 (benchmarks/README.md); results differ by rounding only."""
+    return optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="blocks", dynamic=False)
 
 
 # ---- the matcher ----------------------------------------------------------------------------------------------
@@ -964,6 +971,7 @@ __all__ = [
     "CrossAttentionLayer",
     "OptimizationResult",
     "capture_cross_attention",
+    "compile_for_matcher",
     "crop_images",
     "crop_side",
     "cross_attention_layers",

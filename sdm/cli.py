@@ -330,29 +330,24 @@ def cmd_import_prompt(args: argparse.Namespace) -> int:
 
 
 def _evaluate_attention(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     import torch
 
-    from sdm.attention import AttentionMatcher, AttentionMatcherConfig
+    from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher
     from sdm.evaluate import attention_predictor, attention_record, evaluate_predictions
 
     size = args.image_size or (64 if args.model == "tiny" else 512)
     dataset = _dataset(args, args.split, size)
     _check_threshold(dataset, args.threshold, args.frame)
-    from dataclasses import fields
-
+    # every --attention-<field> (dest attention_<field>) that was given; the config's defaults otherwise
     chosen = {f.name: getattr(args, f"attention_{f.name}", None) for f in fields(AttentionMatcherConfig)}
-    config = AttentionMatcherConfig(**{
-        **{k: v for k, v in chosen.items() if v is not None},
-        "image_size": size, "steps": args.attention_steps, "num_embeddings": args.attention_embeddings,
-        "inference_crops": args.attention_crops, "max_batch": args.attention_batch, "progress": False,
-    })  # fmt: skip
+    config = AttentionMatcherConfig(**{k: v for k, v in chosen.items() if v is not None}, image_size=size, progress=False)
     # the authors ran SD1.4 in float32 (eval/eval.py:62-63); bfloat16 with --attention-batch 50 --attention-compile
     # is 5.4x faster on an H100 (benchmarks/README.md)
     sd = _load_sd(args.model, args.device, getattr(torch, args.attention_dtype))
     if args.attention_compile:
-        from sdm.features import optimize
-
-        optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="blocks", dynamic=False)
+        compile_for_matcher(sd)
     matcher = AttentionMatcher(sd, config)
     result = evaluate_predictions(
         dataset, attention_predictor(matcher), batch_size=1, max_pairs=args.max_pairs, threshold=args.threshold, frame=args.frame,
@@ -490,10 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--frame", default="resized", choices=["resized", "original"], help="measure in the resized input or the stored image")
     e.add_argument("--max-pairs", type=int, default=None, help="evaluate N pairs spread evenly over the split (every category covered)")
     e.add_argument("--attention-steps", type=int, default=129, help="attention matcher: optimisation steps per point")
-    e.add_argument("--attention-embeddings", type=int, default=5, help="attention matcher: embeddings per point")
-    e.add_argument("--attention-crops", type=int, default=20, help="attention matcher: inference crops")
+    # dests are attention_<field of AttentionMatcherConfig>, read by _evaluate_attention
+    e.add_argument("--attention-embeddings", dest="attention_num_embeddings", type=int, default=5, help="attention matcher: embeddings per point")
+    e.add_argument("--attention-crops", dest="attention_inference_crops", type=int, default=20, help="attention matcher: inference crops")
     e.add_argument(
-        "--attention-batch", type=int, default=10,
+        "--attention-batch", dest="attention_max_batch", type=int, default=10,
         help="attention matcher: UNet micro-batch (bounds GPU memory; 50 is 1.6x faster, 20 GiB in bfloat16)",
     )
     e.add_argument(
@@ -505,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention matcher: weight dtype (the authors': float32)",
     )
     # every other setting of the matcher (docs/choices.md), e.g. --attention-noise gaussian
-    _config_args(e, AttentionMatcherConfig, prefix="attention_", skip=("image_size", "steps", "num_embeddings", "inference_crops", "max_batch", "progress"))
+    _config_args(e, AttentionMatcherConfig, prefix="attention_", skip=("image_size", "progress"))  # --image-size; no bars in the CLI
     e.add_argument("--timestep", type=int, default=50)
     e.add_argument("--ensemble", type=int, default=8)
     e.add_argument("--up-block", type=int, default=1)

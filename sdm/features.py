@@ -420,9 +420,9 @@ def optimize(
     - `compile_scope`: "blocks" (above), or "resnets": only the VAE encoder and the UNet's resnets, down- and
       upsamplers, leaving every transformer (and the attention processors `sdm.attention` installs) eager.
     - `dynamic`: passed to `torch.compile` for the UNet's modules (the VAE encoder keeps the default: specialise,
-      then one dynamic-batch graph). ``False`` compiles one UNet graph per batch size; with
-      `sdm.attention.AttentionMatcher` use ``compile_scope="blocks", dynamic=False``: its processors trace into the
-      graphs, and inductor (torch 2.13, CPU) failed on the dynamic-batch graph of their backward.
+      then one dynamic-batch graph). ``False`` compiles one UNet graph per batch size, the setting
+      `sdm.attention.compile_for_matcher` uses: the matcher's processors trace into the graphs, and inductor
+      (torch 2.13, CPU) failed on the dynamic-batch graph of their backward.
 
     With the defaults on CPU in float32 (no `dtype`, no `compile`) the features equal the plain ones to
     float rounding (tests/test_speed.py: relative error < 1e-5).
