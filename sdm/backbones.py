@@ -3,10 +3,11 @@
 on the features it was trained on.
 
 - "sd": the Stable Diffusion features themselves (SD4Match).
-- "sd+dino": SD features fused with DINOv2 patch features, each L2-normalised per location and concatenated
-  (`sdm.fusion.fuse_features`, weights 1 and 1 as SD+DINO, Zhang et al. 2023). DINOv2 stays frozen; the prompt
-  is trained through the SD half, so it learns what DINOv2 does not already give. DINOv2 sees the images
-  resized to the multiple of its patch size nearest to the SD input size.
+- "sd+dino": SD features fused with DINOv2 patch features as the SD4Match code's FUSE_DINO computes them
+  (`sdm.fusion.FusionConfig`: DINOv2 on the VAE input at 14 x the SD grid, both L2-normalised, concatenated with
+  weights 0.5 and 0.5, scored by the inner product in evaluation). DINOv2 stays frozen; the prompt is trained
+  through the SD half (with the cosine loss of DESIGN.md, which the weights do not change), so it learns what
+  DINOv2 does not already give. The code fuses only in evaluation; training on fused features is sdm's own.
 
 A new backbone is a class with `needs_images`, `features` and `extractor`, plus one line in `BACKBONES`.
 """
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 
 from sdm.encoders import PromptEncoders
-from sdm.evaluate import FeatureExtractor, ViTFeatures
-from sdm.fusion import FusedExtractor, fuse_features
+from sdm.evaluate import FeatureExtractor
+from sdm.fusion import DinoFusion, FusedExtractor, FusionConfig
 
 
 class Backbone(Protocol):
@@ -60,11 +61,10 @@ class StableDiffusionOnly:
 class StableDiffusionDino:
     needs_images = True
     needs_dino = True
-    weights = (1.0, 1.0)
 
-    def __init__(self, dino: nn.Module, image_size: int) -> None:
-        patch = int(dino.config.patch_size)
-        self.vit = ViTFeatures(dino, image_size=patch * max(1, round(image_size / patch)))
+    def __init__(self, dino: nn.Module, config: FusionConfig | None = None) -> None:
+        self.dino = dino
+        self.fusion = DinoFusion(dino, config)
 
     @classmethod
     def build(cls, encoders: PromptEncoders | None, image_size: int) -> StableDiffusionDino:
@@ -73,14 +73,13 @@ class StableDiffusionDino:
                 "backbone 'sd+dino' needs DINOv2: pass encoders=PromptEncoders(dino=sdm.encoders.load_dino(...)) "
                 "(the CLI loads --dino)"
             )
-        return cls(encoders.dino, image_size)
+        return cls(encoders.dino)  # the default fusion does not depend on the input size: DINOv2 follows the SD grid
 
     def features(self, sd_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        dino = self.vit(images.to(next(self.vit.parameters()).device))
-        return fuse_features([sd_features, dino.to(sd_features.device)], self.weights)
+        return self.fusion(sd_features, images)
 
     def extractor(self, sd_extractor: FeatureExtractor) -> FeatureExtractor:
-        return FusedExtractor(sd_extractor, self.vit, weights=self.weights)  # type: ignore[return-value]
+        return FusedExtractor(sd_extractor, self.dino, self.fusion.config)  # type: ignore[return-value]
 
 
 BACKBONES: dict[str, type[Backbone]] = {

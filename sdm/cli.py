@@ -189,7 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         name = f"{kind}{'' if backbone == 'sd' else '-' + backbone}{'-untrained' if untrained else ''}_t{args.timestep}_e{args.ensemble}"
     result = evaluate(
         extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers, max_pairs=args.max_pairs,
-        threshold=args.threshold, frame=args.frame, processes=processes,
+        threshold=args.threshold, frame=args.frame, processes=processes, similarity=args.similarity,
     )
     if processes is not None and not processes.is_main_process:
         return 0  # the main process writes the gathered result
@@ -479,10 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--matcher", default="kernel_soft_argmax", choices=[*MATCHERS, "attention"], help="'attention': Hedlin et al.'s training-free matcher"
     )
+    from sdm.matching import SIMILARITIES
     from sdm.metrics import THRESHOLDS
 
     e.add_argument("--threshold", default=None, choices=sorted(THRESHOLDS), help="PCK threshold mode (default: the dataset's standard; docs/protocols.md)")
     e.add_argument("--frame", default="resized", choices=["resized", "original"], help="measure in the resized input or the stored image")
+    e.add_argument(
+        "--similarity", default=None, choices=list(SIMILARITIES),
+        help="how features are scored: cosine (default for SD features), dot (the SD4Match code's config/dift.py and "
+        "the sd+dino backbone's default); docs/choices.md",
+    )  # fmt: skip
     e.add_argument("--max-pairs", type=int, default=None, help="evaluate N pairs spread evenly over the split (every category covered)")
     e.add_argument("--attention-steps", type=int, default=129, help="attention matcher: optimisation steps per point")
     # dests are attention_<field of AttentionMatcherConfig>, read by _evaluate_attention

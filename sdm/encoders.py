@@ -18,9 +18,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def normalise_images(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """B x 3 x H x W in [0, 1] -> B x 3 x size x size, bicubic (antialiased), normalised by `mean` and `std`."""
-    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+def normalise_images(
+    images: torch.Tensor, size: int | tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """B x 3 x H x W in [0, 1] -> B x 3 x size x size (or size = (h, w)), bicubic (antialiased), normalised by
+    `mean` and `std`."""
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    x = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
     m = x.new_tensor(mean).view(1, 3, 1, 1)
     s = x.new_tensor(std).view(1, 3, 1, 1)
     return (x.clamp(0, 1) - m) / s

@@ -16,10 +16,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -28,7 +29,15 @@ from sdm.attention import AttentionMatcher
 from sdm.data import OriginalLoader, Pair, PairBatch, PairDataset, collate_pairs, decoding, spread_subset
 from sdm.encoders import encoder_name
 from sdm.features import SDFeaturizer
-from sdm.matching import Matcher, correlation, match, sample_features, to_feature_coords, to_image_coords
+from sdm.matching import (
+    Matcher,
+    Similarity,
+    correlation,
+    match,
+    sample_features,
+    to_feature_coords,
+    to_image_coords,
+)
 from sdm.metrics import (
     ALPHAS,
     CATEGORY_MEAN,
@@ -52,7 +61,8 @@ class FeatureExtractor(Protocol):
 
     conditioning: "fixed", "category" or "image" -> `image_features` is used and cached per image;
     "pair" -> `pair_features`. `originals` loads an image as stored by its id, for prompts that look at it
-    (CPM's DINOv2 input); extractors that do not need it ignore it.
+    (CPM's DINOv2 input); extractors that do not need it ignore it. An extractor may set `similarity` ("cosine"
+    when absent, `sdm.matching.Similarity`): how `evaluate` scores its features (`similarity_of`).
     """
 
     conditioning: Conditioning
@@ -74,6 +84,11 @@ class FeatureExtractor(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Two B x 3 x H x W batches -> two B x C x h x w batches."""
         ...
+
+
+def similarity_of(extractor: object) -> Similarity:
+    """How an extractor's features are scored: its `similarity` attribute, "cosine" when it has none."""
+    return getattr(extractor, "similarity", "cosine")
 
 
 class _LRU(OrderedDict):
@@ -99,12 +114,16 @@ class SDExtractor:
 
     Each image's posterior draw and diffusion noise are seeded by its id (`SDFeaturizer`), so an image's features
     are the same in every pair and every batch it appears in, and differ in their noise from every other image's.
+    `similarity` is how `evaluate` scores them: "cosine" (the learned prompts' evaluation) or "dot".
     """
 
-    def __init__(self, featurizer: SDFeaturizer, prompt: PromptModule, latent_cache: int = 4096) -> None:
+    def __init__(
+        self, featurizer: SDFeaturizer, prompt: PromptModule, latent_cache: int = 4096, similarity: Similarity = "cosine"
+    ) -> None:
         self.featurizer = featurizer
         self.prompt = prompt
         self.conditioning: Conditioning = prompt.conditioning
+        self.similarity = similarity  # "dot": the code's config/dift.py (ENABLE_L2_NORM = False); docs/choices.md
         self._posteriors = _LRU(latent_cache)
 
     def latents(self, images: torch.Tensor, ids: Sequence[str], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -184,31 +203,50 @@ class ModuleExtractor:
         return feats[: src.shape[0]], feats[src.shape[0] :]
 
 
+ViTPixels = Literal["imagenet", "vae"]
+
+
 class ViTFeatures(nn.Module):
     """Patch tokens of a transformers ViT (DINO `ViTModel`, DINOv2 `Dinov2Model`) as a dense map.
 
-    images B x 3 x H x W in [0, 1] -> B x C x (S/p) x (S/p), S = `image_size`, p the patch size. The paper's
-    Table 2 zero-shot baselines: DINO ViT-B/8 and DINOv2 ViT-B/14 (`load_vit`).
+    images B x 3 x H x W in [0, 1] -> B x C x h x w: the images resized to (p h) x (p w), p the patch size, with
+    (h, w) the `grid` of the call or `image_size / p` on both sides. The paper's Table 2 zero-shot baselines:
+    DINO ViT-B/8 and DINOv2 ViT-B/14 (`load_vit`).
+
+    pixels: "imagenet": bicubic (antialiased), ImageNet mean and std, as the models were trained; "vae": the
+        SD4Match code's FUSE_DINO input, the VAE's input x * 2 - 1 in [-1, 1] resized bilinearly without
+        antialiasing, i.e. torchvision 0.14's `TF.resize` of a tensor (`sd_feature_extractor.py:134`).
     """
 
-    def __init__(self, model: nn.Module, image_size: int = 224, layer: int | None = None) -> None:
+    def __init__(self, model: nn.Module, image_size: int | None = 224, layer: int | None = None, pixels: ViTPixels = "imagenet") -> None:
         super().__init__()
         patch = int(model.config.patch_size)
-        if image_size % patch:
+        if image_size is not None and image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch}")
+        if pixels not in ("imagenet", "vae"):
+            raise ValueError(f"unknown pixels {pixels!r}; choose 'imagenet' or 'vae'")
         self.model = model.requires_grad_(False).eval()
-        self.image_size, self.grid, self.layer = image_size, image_size // patch, layer
+        self.patch, self.image_size, self.layer, self.pixels = patch, image_size, layer, pixels
+        self.grid = image_size // patch if image_size is not None else None
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         from sdm.encoders import IMAGENET_MEAN, IMAGENET_STD, normalise_images
 
-        x = normalise_images(images, self.image_size, IMAGENET_MEAN, IMAGENET_STD).to(next(self.model.parameters()).dtype)
+        if grid is None and self.grid is None:
+            raise ValueError("ViTFeatures(image_size=None) needs the grid of each call: vit(images, grid=(h, w))")
+        gh, gw = (int(grid[0]), int(grid[1])) if grid is not None else (self.grid, self.grid)
+        size = (gh * self.patch, gw * self.patch)
+        if self.pixels == "imagenet":
+            x = normalise_images(images, size, IMAGENET_MEAN, IMAGENET_STD)
+        else:
+            x = F.interpolate(images.float() * 2 - 1, size=size, mode="bilinear", align_corners=False, antialias=False)
+        x = x.to(next(self.model.parameters()).dtype)
         kwargs: dict[str, Any] = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in self.model.forward.__code__.co_varnames else {}
         out = self.model(pixel_values=x, output_hidden_states=self.layer is not None, **kwargs)
         tokens = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]
-        patches = tokens[:, -self.grid * self.grid :]  # drop CLS (and register tokens, if any)
-        return patches.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid).float()
+        patches = tokens[:, -gh * gw :]  # drop CLS (and register tokens, if any)
+        return patches.transpose(1, 2).reshape(x.shape[0], -1, gh, gw).float()
 
 
 def load_vit(name: str, *, device: torch.device | str | None = None) -> nn.Module:
@@ -425,9 +463,12 @@ def extractor_record(extractor: Any) -> dict[str, Any]:
             backbone=name, backbone_weights=model_fingerprint(inner),
             random_weights=bool(record.get("random_weights")) or name == "random weights (tiny)",
         )
-    prompt = getattr(extractor, "prompt", None)
+    prompt = getattr(extractor, "prompt", None) or getattr(getattr(extractor, "sd_extractor", None), "prompt", None)
     if prompt is not None:
         record.update(prompt=prompt.kind, prompt_config=prompt.config())
+    fusion = getattr(extractor, "fusion", None)
+    if fusion is not None:
+        record["fusion"] = json.loads(json.dumps(dataclasses.asdict(fusion.config)))
     return record
 
 
@@ -453,6 +494,7 @@ def feature_predictor(
     feature_cache: int = 256,
     pairs: Any = None,
     group: int = 16,
+    similarity: Similarity | None = None,
 ) -> Predictor:
     """A predictor that matches source keypoints into target features.
 
@@ -465,7 +507,9 @@ def feature_predictor(
             cut into fixed groups of `group`; a miss computes its whole group in one batch. The batches the
             network sees then depend only on the pairs, not on the order or the process that asks first, so a
             sharded evaluation equals a single-process one to the last digit.
+        similarity: how features are scored; None: the extractor's (`similarity_of`).
     """
+    similarity = similarity or similarity_of(extractor)
     cache = _LRU(feature_cache)
     size = tuple(dataset.image_size)
     per_image = extractor.conditioning != "pair"
@@ -510,7 +554,7 @@ def feature_predictor(
                 batch.src_image, batch.trg_image, batch.categories, batch.src_ids, batch.trg_ids, dataset.original_image
             )
         query = to_feature_coords(batch.src_kps.to(src.device), size, tuple(src.shape[-2:]))
-        cells = match(src.float(), trg.float(), query, matcher, temperature=temperature, sigma=sigma)
+        cells = match(src.float(), trg.float(), query, matcher, temperature=temperature, sigma=sigma, similarity=similarity)
         return to_image_coords(cells, tuple(trg.shape[-2:]), size)
 
     return predict
@@ -519,8 +563,9 @@ def feature_predictor(
 def pair_correlation(
     extractor: FeatureExtractor, pair: Pair, k: int, matcher: Matcher = "kernel_soft_argmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the first `k` source points of one pair land: their cosine-similarity maps over the target's
-    features (k x h x w in [-1, 1], CPU) and their matches (k x 2 target pixels in the pair's resized frame, CPU)."""
+    """Where the first `k` source points of one pair land: their similarity maps over the target's features
+    (k x h x w, CPU; cosine in [-1, 1] unless the extractor scores by "dot", `similarity_of`) and their matches
+    (k x 2 target pixels in the pair's resized frame, CPU)."""
     src, trg = pair.src_image[None], pair.trg_image[None]
     if extractor.conditioning == "pair":
         src_f, trg_f = extractor.pair_features(src, trg, [pair.category], [pair.src_id], [pair.trg_id])
@@ -530,8 +575,10 @@ def pair_correlation(
     src_f, trg_f = src_f.float(), trg_f.float()
     size, fsize = tuple(pair.src_image.shape[-2:]), tuple(src_f.shape[-2:])
     query = to_feature_coords(pair.src_kps[:k].to(src_f.device), size, fsize)[None]
-    maps = correlation(sample_features(src_f, query), trg_f)[0].cpu()
-    pred = to_image_coords(match(src_f, trg_f, query, matcher)[0].cpu(), fsize, tuple(pair.trg_image.shape[-2:]))
+    similarity = similarity_of(extractor)
+    maps = correlation(sample_features(src_f, query), trg_f, similarity)[0].cpu()
+    cells = match(src_f, trg_f, query, matcher, similarity=similarity)[0].cpu()
+    pred = to_image_coords(cells, fsize, tuple(pair.trg_image.shape[-2:]))
     return maps, pred
 
 
@@ -552,6 +599,7 @@ def evaluate(
     temperature: float = 0.04,
     sigma: float = 7.0,
     processes: PartialState | None = None,
+    similarity: Similarity | None = None,
 ) -> EvalResult:
     """PCK of features + matcher over a dataset (per image and per point, per category and overall).
 
@@ -563,11 +611,15 @@ def evaluate(
             records it with the extractor's settings.
         processes: `accelerate.PartialState()` to spread the pairs over processes (`evaluate_predictions`);
             the extractor of each process lives on its own device (`processes.device`).
+        similarity: "cosine" or "dot"; None: the extractor's (`similarity_of`; "dot" for `FusedExtractor`'s
+            default fusion, as the SD4Match code scores it).
     """
+    similarity = similarity or similarity_of(extractor)
     pairs = spread_subset(dataset, max_pairs)
     predict = feature_predictor(
-        extractor, dataset, matcher=matcher, feature_cache=feature_cache, temperature=temperature, sigma=sigma, pairs=pairs
-    )
+        extractor, dataset, matcher=matcher, feature_cache=feature_cache, temperature=temperature, sigma=sigma, pairs=pairs,
+        similarity=similarity,
+    )  # fmt: skip
     result = evaluate_predictions(
         pairs,
         predict,
@@ -582,7 +634,9 @@ def evaluate(
         processes=processes,
     )
     result.info.update({"matcher": matcher, "conditioning": extractor.conditioning})
-    matcher_params = {"temperature": temperature, "sigma": sigma} if matcher != "nearest" else {}
+    matcher_params: dict[str, Any] = {"temperature": temperature, "sigma": sigma} if matcher != "nearest" else {}
+    if similarity != "cosine":  # recorded only when it is not the default, so existing protocol ids stay the same
+        matcher_params["similarity"] = similarity
     result.info["protocol"].update(matcher=matcher, matcher_params=matcher_params, **extractor_record(extractor))
     return result
 

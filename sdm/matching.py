@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 
 Matcher = Literal["nearest", "soft_argmax", "kernel_soft_argmax"]
 MATCHERS: tuple[str, ...] = ("nearest", "soft_argmax", "kernel_soft_argmax")
+# The score of a query against a target cell. "cosine": both L2-normalised (DESIGN.md, the authors' learned-prompt
+# evaluation, config/learnedToken.py ENABLE_L2_NORM = True); "dot": the raw inner product, what the authors'
+# matchers compute when ENABLE_L2_NORM is False (utils/matching.py:47-49, 156-158, 195-197; config/fuseDino.py, config/dift.py).
+Similarity = Literal["cosine", "dot"]
+SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
 
 
 def _hw(size: tuple[int, int] | int) -> tuple[int, int]:
@@ -70,16 +75,20 @@ def sample_features(feats: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     return out.squeeze(-1).transpose(1, 2)
 
 
-def correlation(query: torch.Tensor, trg_feats: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of query vectors with every target cell: B x N x C, B x C x h x w -> B x N x h x w."""
+def correlation(query: torch.Tensor, trg_feats: torch.Tensor, similarity: Similarity = "cosine") -> torch.Tensor:
+    """Similarity of query vectors with every target cell: B x N x C, B x C x h x w -> B x N x h x w.
+    "cosine" (in [-1, 1]) or "dot" (the raw inner product)."""
     _check_feats("trg_feats", trg_feats)
     if query.dim() != 3 or query.shape[0] != trg_feats.shape[0] or query.shape[-1] != trg_feats.shape[1]:
         raise ValueError(
             f"query must be B x N x C matching trg_feats {tuple(trg_feats.shape)}; got {tuple(query.shape)}"
         )
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; choose one of {SIMILARITIES}")
     b, _, h, w = trg_feats.shape
-    q = F.normalize(query.float(), dim=-1)
-    t = F.normalize(trg_feats.float().flatten(2), dim=1)
+    q, t = query.float(), trg_feats.float().flatten(2)
+    if similarity == "cosine":
+        q, t = F.normalize(q, dim=-1), F.normalize(t, dim=1)
     return torch.bmm(q, t).view(b, -1, h, w)
 
 
@@ -115,27 +124,36 @@ def kernel_soft_argmax_2d(scores: torch.Tensor, temperature: float = 0.04, sigma
     return soft_argmax_2d(scores.float() * kernel, temperature)
 
 
-def _scores(src_feats: torch.Tensor, trg_feats: torch.Tensor, query_xy: torch.Tensor) -> torch.Tensor:
+def _scores(
+    src_feats: torch.Tensor, trg_feats: torch.Tensor, query_xy: torch.Tensor, similarity: Similarity = "cosine"
+) -> torch.Tensor:
     _check_feats("src_feats", src_feats)
     if src_feats.shape[:2] != trg_feats.shape[:2]:
         raise ValueError(f"src_feats {tuple(src_feats.shape)} and trg_feats {tuple(trg_feats.shape)} differ in B or C")
-    return correlation(sample_features(src_feats, query_xy), trg_feats)
+    return correlation(sample_features(src_feats, query_xy), trg_feats, similarity)
 
 
-def nearest_neighbour(src_feats: torch.Tensor, trg_feats: torch.Tensor, query_xy: torch.Tensor) -> torch.Tensor:
-    """Target cell of highest cosine similarity to each query's (bilinear) source feature.
+def nearest_neighbour(
+    src_feats: torch.Tensor, trg_feats: torch.Tensor, query_xy: torch.Tensor, *, similarity: Similarity = "cosine"
+) -> torch.Tensor:
+    """Target cell of highest similarity (cosine by default) to each query's (bilinear) source feature.
 
     src_feats, trg_feats: B x C x h x w (target may differ in h, w); query_xy: B x N x 2 source cells.
     Returns B x N x 2 target cells (integers as floats).
     """
-    return argmax_2d(_scores(src_feats, trg_feats, query_xy))
+    return argmax_2d(_scores(src_feats, trg_feats, query_xy, similarity))
 
 
 def soft_argmax(
-    src_feats: torch.Tensor, trg_feats: torch.Tensor, query_xy: torch.Tensor, *, temperature: float = 0.04
+    src_feats: torch.Tensor,
+    trg_feats: torch.Tensor,
+    query_xy: torch.Tensor,
+    *,
+    temperature: float = 0.04,
+    similarity: Similarity = "cosine",
 ) -> torch.Tensor:
-    """Expected target cell under softmax(cosine / temperature). Shapes as `nearest_neighbour`."""
-    return soft_argmax_2d(_scores(src_feats, trg_feats, query_xy), temperature)
+    """Expected target cell under softmax(similarity / temperature). Shapes as `nearest_neighbour`."""
+    return soft_argmax_2d(_scores(src_feats, trg_feats, query_xy, similarity), temperature)
 
 
 def kernel_soft_argmax(
@@ -145,9 +163,10 @@ def kernel_soft_argmax(
     *,
     temperature: float = 0.04,
     sigma: float = 7.0,
+    similarity: Similarity = "cosine",
 ) -> torch.Tensor:
     """Kernel-Softmax matching (DESIGN.md): the inference matcher of SD4Match. Shapes as `nearest_neighbour`."""
-    return kernel_soft_argmax_2d(_scores(src_feats, trg_feats, query_xy), temperature, sigma)
+    return kernel_soft_argmax_2d(_scores(src_feats, trg_feats, query_xy, similarity), temperature, sigma)
 
 
 def match(
@@ -158,14 +177,15 @@ def match(
     *,
     temperature: float = 0.04,
     sigma: float = 7.0,
+    similarity: Similarity = "cosine",
 ) -> torch.Tensor:
     """Dispatches to one of `MATCHERS` by name. Shapes as `nearest_neighbour`."""
     if matcher == "nearest":
-        return nearest_neighbour(src_feats, trg_feats, query_xy)
+        return nearest_neighbour(src_feats, trg_feats, query_xy, similarity=similarity)
     if matcher == "soft_argmax":
-        return soft_argmax(src_feats, trg_feats, query_xy, temperature=temperature)
+        return soft_argmax(src_feats, trg_feats, query_xy, temperature=temperature, similarity=similarity)
     if matcher == "kernel_soft_argmax":
-        return kernel_soft_argmax(src_feats, trg_feats, query_xy, temperature=temperature, sigma=sigma)
+        return kernel_soft_argmax(src_feats, trg_feats, query_xy, temperature=temperature, sigma=sigma, similarity=similarity)
     raise ValueError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
 
 

@@ -35,7 +35,6 @@ QUICK: dict[str, dict[str, Any]] = {
         "ensemble": 2,
         "dino": "tiny",
         "clip": "tiny",
-        "dino_size": 56,
         "captioner_steps": 2,
         "train_pairs": 8,
         "batch_size": 2,

@@ -21,21 +21,21 @@ from sdm.train import TrainConfig, train
 SIZE = 64
 
 
-def test_fused_similarity_is_the_mean_of_the_two_cosines() -> None:
-    """With weights (1, 1) and one grid, the cosine of two fused vectors is (cos_SD + cos_DINO) / 2: computed
-    here from the two models' features directly."""
+def test_fused_inner_product_is_a_quarter_of_the_two_cosines() -> None:
+    """With the code's weights (0.5, 0.5) on one grid, the inner product of two fused vectors (how the code scores
+    them) is (cos_SD + cos_DINO) / 4: computed here from the two models' features directly."""
     dino = tiny_dinov2(0)
-    backbone = build_backbone("sd+dino", PromptEncoders(dino=dino), image_size=56)  # DINOv2 at 56 px: 4 x 4 patches
+    backbone = build_backbone("sd+dino", PromptEncoders(dino=dino), image_size=56)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 56, 56, generator=g)
     sd_feats = torch.randn(2, 8, 4, 4, generator=g)
     fused = backbone.features(sd_feats, images)
-    with torch.no_grad():
-        dino_feats = backbone.vit(images)
+    assert fused.shape == (2, 8 + 32, 4, 4)  # the SD grid: DINOv2 saw 56 x 56 pixels
+    dino_feats = backbone.fusion.dino_features(images, (4, 4))
     a, b = (0, slice(None), 1, 2), (1, slice(None), 3, 0)  # (image, channels, y, x) of two locations
     cos = F.cosine_similarity
-    expected = (cos(sd_feats[a], sd_feats[b], dim=0) + cos(dino_feats[a], dino_feats[b], dim=0)) / 2
-    torch.testing.assert_close(cos(fused[a], fused[b], dim=0), expected, rtol=1e-5, atol=1e-6)
+    expected = (cos(sd_feats[a], sd_feats[b], dim=0) + cos(dino_feats[a], dino_feats[b], dim=0)) / 4
+    torch.testing.assert_close(fused[a] @ fused[b], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_prompt_trains_on_fused_features_and_is_scored_on_them(tmp_path: Path) -> None:

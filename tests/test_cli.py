@@ -79,6 +79,10 @@ def test_train_then_evaluate_offline(tmp_path: Path, capsys: pytest.CaptureFixtu
     # a subset check beside it gets its own name: nothing is replaced
     assert main(["evaluate", *common, "--prompt", str(out / "prompt.safetensors"), "--ensemble", "1", "--max-pairs", "4", "--out", str(results)]) == 0
     assert len(list(results.glob("*.json"))) == 2 and len(list(results.glob("*_4pairs_*.json"))) == 1
+    # --similarity dot (the code's config/dift.py) is a different protocol: a third file, recording it
+    assert main(["evaluate", *common, "--prompt", "empty", "--ensemble", "1", "--max-pairs", "4", "--similarity", "dot", "--out", str(results)]) == 0
+    (dot,) = results.glob("synthetic_test_empty_*.json")
+    assert json.loads(dot.read_text())["info"]["protocol"]["matcher_params"]["similarity"] == "dot"
 
 
 def test_evaluate_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:

@@ -280,6 +280,24 @@ def test_kernel_softmax_hand_computed() -> None:
     assert plain[0, 0, 0] > got[0, 0, 0]  # without the kernel the far 0.9 cell pulls harder
 
 
+def test_dot_similarity_is_the_raw_inner_product() -> None:
+    """similarity="dot" (the authors' ENABLE_L2_NORM = False): a long target vector beats a parallel one, and the
+    softmax sees the unnormalised scores. Hand-made 1 x 3 target: cells (1, 0), (3, 3), (0, 1); query (1, 0)."""
+    src = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]).view(1, 2, 1, 3)
+    src = torch.cat([src, src], dim=2)  # 2 x 3 map, every cell (1, 0)
+    trg = torch.tensor([[1.0, 3.0, 0.0], [0.0, 3.0, 1.0]]).view(1, 2, 1, 3)
+    trg = torch.cat([trg, trg], dim=2)
+    query = torch.tensor([[[0.0, 0.0]]])
+    assert matching.nearest_neighbour(src, trg, query)[0, 0, 0] == 0  # cosine: 1 > 0.707 > 0
+    assert matching.nearest_neighbour(src, trg, query, similarity="dot")[0, 0, 0] == 1  # dot: 3 > 1 > 0
+    dots = torch.tensor([1.0, 3.0, 0.0])  # the inner products, by hand
+    p = torch.softmax(dots / 2.0, 0)
+    got = matching.soft_argmax(src, trg, query, temperature=2.0, similarity="dot")
+    torch.testing.assert_close(got[0, 0], torch.tensor([float((p * torch.arange(3.0)).sum()), 0.5]))
+    with pytest.raises(ValueError, match="unknown similarity"):
+        matching.match(src, trg, query, similarity="l1")  # type: ignore[arg-type]
+
+
 def test_matchers_on_non_square_targets() -> None:
     src = torch.randn(2, 8, 5, 7)
     trg = torch.randn(2, 8, 9, 4)

@@ -65,6 +65,7 @@ def check_01(figures: Path, results: Path) -> None:
     for row in s["pck@0.1"].values():
         assert set(row) == {"empty", "template", "captioner"} and all(_pck_ok(v) for v in row.values())
     assert "trained here" in s["prompt_labels"]["captioner"]
+    assert s["dift_similarity"] == "dot" and s["fusion"]["similarity"] == "dot" and s["fusion"]["dino_input"] == "vae"
     assert all(_pck_ok(v) for table in s["pck"].values() for v in table.values())
     csv = (results / "01_prompt_types.csv").read_text().splitlines()
     assert len(csv) == 1 + 6 and csv[0].endswith(",all,mean of categories")  # both overall means (docs/protocols.md)
