@@ -7,7 +7,7 @@ default since issue 13), per point, projected over PF-Willow's test set, and pea
 The optimisation is timed over `--steps` Adam steps and scaled to the configured number (129 or 130; pass
 `--steps 129` for the authors' path, whose VAE latents of crops are cached per offset, so early steps cost
 more than late ones); the target's attention maps are timed in full (20 crops). PF-Willow: 900 pairs, 100 source images (each the source
-of 9 pairs with the same 10 points), so with the per-source cache of `sdm.evaluate.attention_predictor` the
+of 9 pairs with the same 10 points), so with the per-source cache of `sdm.predictors.attention_predictor` the
 optimisation runs 100 times instead of 900.
 """
 

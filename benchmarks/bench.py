@@ -34,7 +34,8 @@ from reference import ReferenceFeaturizer, reference_train_step
 import sdm
 from sdm.data.base import Pair, PairDataset
 from sdm.encoders import PromptEncoders
-from sdm.evaluate import SDExtractor, evaluate
+from sdm.evaluate import evaluate
+from sdm.extractors import SDExtractor
 from sdm.features import SDFeaturizer, optimize
 from sdm.matching import match, to_feature_coords, to_image_coords
 from sdm.prompts import build_prompt

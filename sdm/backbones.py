@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sdm.encoders import PromptEncoders
-from sdm.evaluate import FeatureExtractor
+from sdm.extractors import FeatureExtractor
 from sdm.fusion import DinoFusion, FusedExtractor, FusionConfig
 
 

@@ -139,7 +139,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from sdm.backbones import build_backbone
-    from sdm.evaluate import ModuleExtractor, SDExtractor, ViTFeatures, evaluate, load_vit
+    from sdm.encoders import load_dino
+    from sdm.evaluate import evaluate
+    from sdm.extractors import ModuleExtractor, SDExtractor, ViTFeatures
     from sdm.features import SDFeaturizer
     from sdm.prompt_files import load_prompt, read_metadata
     from sdm.prompts import LEARNED, PROMPTS, build_prompt
@@ -154,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_threshold(dataset, args.threshold, args.frame)
     processes, args.device = _processes(args.device)
     if args.baseline:
-        extractor = ModuleExtractor(ViTFeatures(load_vit(args.baseline, device=args.device), image_size=args.vit_size))
+        extractor = ModuleExtractor(ViTFeatures(load_dino(args.baseline, device=args.device), image_size=args.vit_size))
         name = args.baseline.replace("/", "_")
     else:
         sd = _load_sd(args.model, args.device)
@@ -224,7 +226,8 @@ def _report(result, args: argparse.Namespace, name: str) -> int:
     """Prints the PCK table (with the random-weights warning where it applies) and writes the result files under
     a name unique to the protocol (dataset_split_method[_Npairs]_ID). Only a result of the very same protocol (same
     code, data and settings, hence the same numbers) is replaced, and the output says so."""
-    from sdm.evaluate import RANDOM_WEIGHTS_NOTE, protocol_id
+    from sdm.evaluate import RANDOM_WEIGHTS_NOTE
+    from sdm.records import protocol_id
 
     protocol = result.info["protocol"]
     pairs = "" if protocol["pairs"] == protocol["split_pairs"] else f"_{protocol['pairs']}pairs"
@@ -335,7 +338,9 @@ def _evaluate_attention(args: argparse.Namespace) -> int:
     import torch
 
     from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher
-    from sdm.evaluate import attention_predictor, attention_record, evaluate_predictions
+    from sdm.evaluate import evaluate_predictions
+    from sdm.predictors import attention_predictor
+    from sdm.records import attention_record
 
     size = args.image_size or (64 if args.model == "tiny" else 512)
     dataset = _dataset(args, args.split, size)

@@ -63,19 +63,6 @@ class PromptEncoders:
     clip: nn.Module | None = None
 
 
-def load_dinov2(name: str = "facebook/dinov2-base", *, device: torch.device | str | None = None) -> nn.Module:
-    """DINOv2 ViT-B/14 through transformers (hub id or folder)."""
-    from transformers import Dinov2Model
-
-    try:
-        return Dinov2Model.from_pretrained(name).to(device or "cpu").eval()
-    except Exception as err:
-        raise RuntimeError(
-            f"Could not load DINOv2 from {name!r}: {err}\nDownload it where there is network (`hf download {name}`) "
-            "and pass the folder, or set HF_HUB_OFFLINE=1 with a filled cache; `tiny_dinov2()` works offline."
-        ) from err
-
-
 def tiny_dinov2(seed: int = 0) -> nn.Module:
     """DINOv2's class with a toy config and random weights (patch 14, 224 px -> 256 patches, width 32)."""
     from transformers import Dinov2Config, Dinov2Model
@@ -108,9 +95,21 @@ def encoder_name(model: nn.Module | None) -> str | None:
     return getattr(config, "_name_or_path", "") or "random weights (tiny)"
 
 
-def load_dino(name: str, device: torch.device | str | None = None) -> nn.Module:
-    """By name: "tiny" -> `tiny_dinov2()` (random weights), else DINOv2 by hub id or folder."""
-    return tiny_dinov2().to(device or "cpu") if name == "tiny" else load_dinov2(name, device=device)
+def load_dino(name: str = "facebook/dinov2-base", device: torch.device | str | None = None) -> nn.Module:
+    """The one loader of the DINO-family ViTs (DINOv2 for CPM, the sd+dino backbone and the baselines; DINO
+    ViT-B/8 for the Table 2 baseline): "tiny" -> `tiny_dinov2()` (random weights, offline), else a transformers
+    `AutoModel` by hub id or folder (`Dinov2Model` for "facebook/dinov2-base", `ViTModel` for "facebook/dino-vitb8")."""
+    if name == "tiny":
+        return tiny_dinov2().to(device or "cpu")
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(name).to(device or "cpu").eval()
+    except Exception as err:
+        raise RuntimeError(
+            f"Could not load {name!r}: {err}\nDownload it where there is network (`hf download {name}`) and pass the "
+            "folder, or set HF_HUB_OFFLINE=1 with a filled cache; name 'tiny' gives random weights offline."
+        ) from err
 
 
 def load_clip_vision(name: str, device: torch.device | str | None = None) -> nn.Module:

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdm.data import OriginalLoader
-from sdm.evaluate import ViTFeatures, ViTPixels
+from sdm.extractors import ImageBatch, ViTFeatures, ViTPixels
 from sdm.matching import SIMILARITIES, Similarity
 from sdm.prompts import Conditioning
 
@@ -130,27 +129,16 @@ class FusedExtractor:
         return self.fusion.vit
 
     @torch.no_grad()
-    def image_features(
-        self, images: torch.Tensor, categories: list[str], ids: list[str], originals: OriginalLoader | None = None
-    ) -> torch.Tensor:
-        sd_feats = self.sd_extractor.image_features(images, categories, ids, originals)  # type: ignore[attr-defined]
-        return self.fusion(sd_feats, images)
+    def image_features(self, batch: ImageBatch) -> torch.Tensor:
+        return self.fusion(self.sd_extractor.image_features(batch), batch.pixels)  # type: ignore[attr-defined]
 
     @torch.no_grad()
-    def pair_features(
-        self,
-        src: torch.Tensor,
-        trg: torch.Tensor,
-        categories: list[str],
-        src_ids: list[str],
-        trg_ids: list[str],
-        originals: OriginalLoader | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        s, t = self.sd_extractor.pair_features(src, trg, categories, src_ids, trg_ids, originals)  # type: ignore[attr-defined]
+    def pair_features(self, src: ImageBatch, trg: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t = self.sd_extractor.pair_features(src, trg)  # type: ignore[attr-defined]
         if s.shape[-2:] == t.shape[-2:]:  # both images of all pairs through DINOv2 in one batch
-            both = self.fusion(torch.cat([s, t]), torch.cat([src, trg]))
+            both = self.fusion(torch.cat([s, t]), torch.cat([src.pixels, trg.pixels]))
             return both[: s.shape[0]], both[s.shape[0] :]
-        return self.fusion(s, src), self.fusion(t, trg)
+        return self.fusion(s, src.pixels), self.fusion(t, trg.pixels)
 
 
 __all__ = ["DinoFusion", "FusedExtractor", "FusionConfig", "fuse_features"]

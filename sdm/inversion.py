@@ -17,9 +17,9 @@ import itertools
 
 import torch
 
-from sdm.data import OriginalLoader
+from sdm.extractors import ImageBatch, pair_prompts
 from sdm.features import PromptInput, SDFeaturizer
-from sdm.prompts import Conditioning, PromptModule, originals_for
+from sdm.prompts import Conditioning, PromptModule
 
 
 def inversion_timesteps(timestep: int, steps: int) -> list[int]:
@@ -89,28 +89,16 @@ class InversionExtractor:
         self.conditioning: Conditioning = prompt.conditioning
 
     @torch.no_grad()
-    def image_features(
-        self, images: torch.Tensor, categories: list[str], ids: list[str], originals: OriginalLoader | None = None
-    ) -> torch.Tensor:
-        images = images.to(self.featurizer.device)
-        prompt = self.prompt.image_prompt(self.featurizer, images, categories, originals_for(self.prompt, ids, originals))
-        return inverted_features(self.featurizer, self.featurizer.encode_images(images, ids), prompt, self.steps)
+    def image_features(self, batch: ImageBatch) -> torch.Tensor:
+        images = batch.pixels.to(self.featurizer.device)
+        prompt = self.prompt.image_prompt(self.featurizer, images, batch.categories, batch.originals_for(self.prompt))
+        return inverted_features(self.featurizer, self.featurizer.encode_images(images, batch.ids), prompt, self.steps)
 
     @torch.no_grad()
-    def pair_features(
-        self,
-        src: torch.Tensor,
-        trg: torch.Tensor,
-        categories: list[str],
-        src_ids: list[str],
-        trg_ids: list[str],
-        originals: OriginalLoader | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_features(self, src: ImageBatch, trg: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        p_src, p_trg = pair_prompts(self.featurizer, self.prompt, src, trg)
         dev = self.featurizer.device
-        src, trg = src.to(dev), trg.to(dev)
-        orig = (originals_for(self.prompt, src_ids, originals), originals_for(self.prompt, trg_ids, originals))
-        p_src, p_trg = self.prompt.pair_prompts(self.featurizer, src, trg, categories, orig)  # type: ignore[arg-type]
         return (
-            inverted_features(self.featurizer, self.featurizer.encode_images(src, src_ids), p_src, self.steps),
-            inverted_features(self.featurizer, self.featurizer.encode_images(trg, trg_ids), p_trg, self.steps),
+            inverted_features(self.featurizer, self.featurizer.encode_images(src.pixels.to(dev), src.ids), p_src, self.steps),
+            inverted_features(self.featurizer, self.featurizer.encode_images(trg.pixels.to(dev), trg.ids), p_trg, self.steps),
         )

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 # Loaders by name ("tiny" = random weights) that the notebooks import from here.
@@ -28,6 +29,13 @@ def caveat(random_weights: bool) -> str:
 
 
 subset = spread_subset  # the name the notebooks use
+
+
+def run_header(sd: Any, random_note: str = "the numbers only show the pipeline runs") -> dict[str, Any]:
+    """The first keys of every notebook's results JSON: the model, whether its weights are random, and a note
+    saying what that means for the numbers ("" for real weights)."""
+    random = bool(sd.random_weights)
+    return {"model": sd.name, "random_weights": random, "note": f"random-weight model: {random_note}" if random else ""}
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -173,6 +181,28 @@ def show(fig: Any, path: str | Path) -> Path:
     except ImportError:
         pass
     return out
+
+
+def image_stats(images: list[Any]) -> list[dict[str, Any]]:
+    """Per PIL image: mean and std of its pixels in [0, 1] and its (H, W), for the results JSON of notebook 06."""
+    arrays = [np.asarray(im, dtype=np.float32) / 255 for im in images]
+    return [{"mean": float(a.mean()), "std": float(a.std()), "size": list(a.shape[:2])} for a in arrays]
+
+
+@torch.no_grad()
+def category_embeddings(featurizer: Any, module: Any, category: str) -> torch.Tensor:
+    """The UNet's encoder hidden states (1 x 77 x D) of a Class prompt for one category."""
+    return featurizer.encode_prompt(module.image_prompt(featurizer, None, [category]))
+
+
+@torch.no_grad()
+def pair_embeddings(featurizer: Any, module: Any, pairs: Any, pair: Any) -> torch.Tensor:
+    """The UNet's encoder hidden states (1 x 77 x D) of a pair-conditioned (CPM) prompt for one pair of `pairs`,
+    with the original images CPM's DINOv2 reads."""
+    src, trg = pair.src_image[None].to(featurizer.device), pair.trg_image[None].to(featurizer.device)
+    originals = ([pairs.original_image(pair.src_id)], [pairs.original_image(pair.trg_id)])
+    prompt, _ = module.pair_prompts(featurizer, src, trg, [pair.category], originals)
+    return featurizer.encode_prompt(prompt)
 
 
 def generate_images(

@@ -431,7 +431,7 @@ class CPMPrompt(PromptModule):
     @classmethod
     def build(cls, featurizer: SDFeaturizer, opts: BuildOptions) -> PromptModule:
         if opts.encoders.dino is None:
-            raise ValueError("CPM needs DINOv2: PromptEncoders(dino=load_dinov2()) (or tiny_dinov2() offline)")
+            raise ValueError("CPM needs DINOv2: PromptEncoders(dino=sdm.encoders.load_dino()) (or tiny_dinov2() offline)")
         cfg, seed, d = opts.cpm or CPMConfig(), opts.seed, featurizer.sd.embed_dim
         init_global: torch.Tensor | None
         if cfg.form == "authors":  # torch.rand, hybrid_captioner.py:51,73,77

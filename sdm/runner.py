@@ -110,10 +110,10 @@ RATES = {
     "features_e1_images_per_s": 99.6,
     "cpm_eval_pairs_per_s": 17.4,
     "train_steps_per_s_batch9": 4.95,
-    # Hedlin et al.'s matcher, authors' computation, bf16, one 10-point pair, measured on one H100
-    # (benchmarks/attention_pair.py): optimisation and target inference
-    "attention_opt_s_per_pair": 66.1,
-    "attention_inf_s_per_pair": 7.2,
+    # Hedlin et al.'s matcher at notebook 08's defaults (the authors' computation, float32, UNet batches of 10),
+    # one 10-point pair on one H100 (benchmarks/results/attention_pair_h100_full.json): optimisation, target inference
+    "attention_opt_s_per_pair": 153.1,
+    "attention_inf_s_per_pair": 15.0,
 }
 # Sizes of the test splits used by the estimates (images: upper bounds, at most 2 per pair).
 SPLITS = {"spair_test_pairs": 12_234, "spair_test_images": 1_800, "pfpascal_test_pairs": 299, "pfwillow_test_pairs": 900}
@@ -138,7 +138,7 @@ def paper_plan() -> list[tuple[str, str, float]]:
         ("06", "Figs. 4-5: 22 images (18 Class prompts, 4 CPM pairs), 50 DDIM steps x 2 (guidance); at least",
          22 * 100 / r["features_e1_images_per_s"] / 3600),  # a feature pass runs only part of the UNet: a lower bound
         ("07", "correlation maps of 3 pairs", 0.0),
-        ("08", "Hedlin et al.'s matcher on PF-Willow: 100 sources optimised once, 900 targets (H100 bf16 rate)",
+        ("08", "Hedlin et al.'s matcher on PF-Willow: 100 sources optimised once, 900 targets (H100, float32 defaults)",
          (100 * r["attention_opt_s_per_pair"] + n["pfwillow_test_pairs"] * r["attention_inf_s_per_pair"]) / 3600),
     ]
     return rows

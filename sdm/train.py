@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from sdm.backbones import BackboneName, build_backbone
 from sdm.data import PairDataset, collate_pairs, dataset_record, decoding
 from sdm.encoders import PromptEncoders, encoder_name
-from sdm.evaluate import SDExtractor, evaluate
+from sdm.evaluate import evaluate
+from sdm.extractors import SDExtractor
 from sdm.features import SDFeaturizer
 from sdm.loss import gaussian_cross_entropy
 from sdm.matching import Matcher, to_feature_coords
@@ -459,7 +460,7 @@ def _preencode_latents(extractor: SDExtractor, train_set: PairDataset, module: P
         ids = train_set.image_ids()
     except NotImplementedError:
         return False
-    if len(ids) > extractor._posteriors.size:
+    if len(ids) > extractor.store.capacity:
         return False
     for i in range(0, len(ids), 16):
         chunk = ids[i : i + 16]

@@ -292,3 +292,52 @@ def training_curves(log: pd.DataFrame, *, title: str | None = None) -> Figure:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def loss_curves(losses: torch.Tensor, *, xlabel: str = "Adam step", ylabel: str = "loss", title: str | None = None) -> Figure:
+    """steps x curves (e.g. steps x points): each curve faint, their mean bold."""
+    curves = torch.as_tensor(losses).float().cpu().reshape(losses.shape[0], -1).numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(curves, color="tab:blue", alpha=0.3, lw=1)
+    ax.plot(curves.mean(axis=1), color="black", lw=2, label=f"mean over {curves.shape[1]}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend()
+    return fig
+
+
+def map_pairs(
+    src_image: torch.Tensor,
+    trg_image: torch.Tensor,
+    src_maps: torch.Tensor,
+    trg_maps: torch.Tensor,
+    src_xy: torch.Tensor,
+    pred_xy: torch.Tensor,
+    gt_xy: torch.Tensor,
+    *,
+    n: int = 3,
+    title: str | None = None,
+) -> Figure:
+    """For the first `n` points: the source map over the source image with its point (top row), the target map
+    over the target with the predicted point (o) and the true one (x) (bottom row). Maps: N x H x W, pixels of
+    their image; points: N x 2 pixels."""
+    n = min(n, len(src_xy))
+    fig, axes = plt.subplots(2, n, figsize=(3 * n, 6), squeeze=False)
+    rows = [(src_image, src_maps, src_xy, "source"), (trg_image, trg_maps, pred_xy, "target")]
+    for i in range(n):
+        for row, (image, maps, xy, name) in enumerate(rows):
+            ax = axes[row, i]
+            h, w = image.shape[-2:]
+            ax.imshow(as_array(image))
+            ax.imshow(torch.as_tensor(maps[i]).float().cpu().numpy(), cmap="jet", alpha=0.5, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+            ax.scatter(*xy[i].tolist(), c="white", edgecolors="black", s=50)
+            if row == 1:
+                ax.scatter(*gt_xy[i].tolist(), c="lime", marker="x", s=60)
+            ax.set_title(f"point {i}: {name}", fontsize=9)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -383,7 +383,7 @@ def test_authors_inference_starts_with_the_corner_crops(sd: sdm.StableDiffusion,
 def test_predictor_optimises_a_shared_source_once(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pairs that share a source (id and points) reuse its embeddings, with the answer `match` gives."""
     from sdm.data import Pair, collate_pairs
-    from sdm.evaluate import attention_predictor
+    from sdm.predictors import attention_predictor
 
     cfg = AttentionMatcherConfig(image_size=SIZE, steps=3, num_embeddings=1, inference_crops=5, progress=False)
     matcher = AttentionMatcher(sd, cfg)

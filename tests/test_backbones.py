@@ -13,7 +13,8 @@ import sdm
 from sdm.backbones import BACKBONES, build_backbone
 from sdm.data import SyntheticPairs
 from sdm.encoders import PromptEncoders, tiny_dinov2
-from sdm.evaluate import SDExtractor, evaluate
+from sdm.evaluate import evaluate
+from sdm.extractors import SDExtractor
 from sdm.fusion import FusedExtractor
 from sdm.prompt_files import load_prompt, read_metadata
 from sdm.train import TrainConfig, train

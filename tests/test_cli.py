@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sdm.cli import main
-from sdm.evaluate import protocol_id
+from sdm.records import protocol_id
 
 REPO = Path(__file__).resolve().parents[1]
 

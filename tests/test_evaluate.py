@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import SHARED_DATA
@@ -11,14 +12,8 @@ from conftest import SHARED_DATA
 import sdm
 from sdm.data import PFWillow, SyntheticPairs
 from sdm.encoders import PromptEncoders, tiny_dinov2
-from sdm.evaluate import (
-    ModuleExtractor,
-    SDExtractor,
-    ViTFeatures,
-    evaluate,
-    evaluate_predictions,
-    paper_table,
-)
+from sdm.evaluate import evaluate, evaluate_predictions, paper_table
+from sdm.extractors import FeatureStore, ModuleExtractor, SDExtractor, ViTFeatures
 from sdm.prompts import CPMConfig, build_prompt
 
 WILLOW = SHARED_DATA / "pf-willow"
@@ -124,6 +119,44 @@ def test_caches_smaller_than_a_batch_give_the_same_result(featurizer: sdm.SDFeat
     roomy = evaluate(SDExtractor(featurizer, prompt), ds, batch_size=4, progress=False)
     tight = evaluate(SDExtractor(featurizer, prompt, latent_cache=1), ds, batch_size=4, progress=False, feature_cache=1)
     assert torch.equal(torch.tensor(tight.records["dist"].values), torch.tensor(roomy.records["dist"].values))
+
+
+def test_feature_store_drops_the_least_recent_but_never_a_held_key() -> None:
+    store = FeatureStore(2)
+    for key in "abc":
+        store.put(key, torch.tensor(float(ord(key))))
+    assert "a" not in store and list(store._items) == ["b", "c"]
+    assert store.get("b") == ord("b")  # b is now the most recent: the next put drops c
+    store.put("d", torch.tensor(0.0))
+    assert "c" not in store and "b" in store
+    with store.hold(["b", "d", "e"]):
+        store.put("e", torch.tensor(1.0))
+        store.put("f", torch.tensor(2.0))
+        assert {"b", "d", "e"} <= set(store._items)  # over capacity while the batch holds them
+    assert len(store) == 2  # released: back to capacity
+    assert (store.hits, store.misses) == (1, 0) and store.get("zz") is None and store.misses == 1
+    store.reset()
+    assert len(store) == 0 and (store.hits, store.misses) == (0, 0)
+    with pytest.raises(ValueError, match="at least 1"):
+        FeatureStore(0)
+
+
+def test_one_store_serves_several_evaluations(featurizer: sdm.SDFeaturizer) -> None:
+    """evaluate(..., store=store) keeps the features: a second evaluation of the same extractor under another
+    matcher computes none, and gives the numbers of an evaluation with its own store."""
+    ds = SyntheticPairs(n=4, image_size=64, seed=6)
+    extractor = SDExtractor(featurizer, build_prompt("empty", featurizer))
+    calls = []
+    compute = extractor.image_features
+    extractor.image_features = lambda batch: calls.append(len(batch)) or compute(batch)  # type: ignore[method-assign]
+    store = FeatureStore(64)
+    evaluate(extractor, ds, matcher="kernel_soft_argmax", progress=False, store=store)
+    first = sum(calls)
+    assert first == 8  # 4 pairs, 8 distinct images
+    nearest = evaluate(extractor, ds, matcher="nearest", progress=False, store=store)
+    assert sum(calls) == first and store.hits > 0
+    fresh = evaluate(extractor, ds, matcher="nearest", progress=False)
+    pd.testing.assert_frame_equal(nearest.table, fresh.table)
 
 
 def test_pair_correlation_of_a_self_pair_peaks_at_the_query() -> None:

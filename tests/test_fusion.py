@@ -11,7 +11,8 @@ from torch import nn
 import sdm
 from sdm.data import SyntheticPairs
 from sdm.encoders import tiny_dinov2
-from sdm.evaluate import SDExtractor, ViTFeatures, evaluate
+from sdm.evaluate import evaluate
+from sdm.extractors import ImageBatch, SDExtractor, ViTFeatures
 from sdm.fusion import FusedExtractor, FusionConfig, fuse_features
 from sdm.prompts import build_prompt
 
@@ -73,11 +74,11 @@ def test_default_fusion_is_the_codes_fuse_dino() -> None:
     pair = ds[0]
     images = torch.stack([pair.src_image, pair.trg_image])
     ids = [pair.src_id, pair.trg_id]
-    feats = fused.image_features(images, ["a", "a"], ids)
-    sd_feats = sd_extractor.image_features(images, ["a", "a"], ids)
+    feats = fused.image_features(ImageBatch(images, ["a", "a"], ids))
+    sd_feats = sd_extractor.image_features(ImageBatch(images, ["a", "a"], ids))
     assert sd_feats.shape[-2:] == (4, 4)  # the SD grid; DINOv2 then sees 56 x 56 pixels
     torch.testing.assert_close(feats, _codes_fuse_dino(sd_feats, images, dino), rtol=1e-5, atol=1e-6)
-    s, t = fused.pair_features(images[:1], images[1:], ["a"], [pair.src_id], [pair.trg_id])
+    s, t = fused.pair_features(ImageBatch(images[:1], ["a"], [pair.src_id]), ImageBatch(images[1:], ["a"], [pair.trg_id]))
     torch.testing.assert_close(torch.cat([s, t]), feats, rtol=1e-5, atol=1e-6)
 
 
@@ -111,7 +112,7 @@ def test_sdm_03_fusion_is_an_option() -> None:
     ds = SyntheticPairs(n=2, image_size=64, n_kps=4)
     pair = ds[0]
     images = torch.stack([pair.src_image, pair.trg_image])
-    feats = fused.image_features(images, ["a", "a"], [pair.src_id, pair.trg_id])
+    feats = fused.image_features(ImageBatch(images, ["a", "a"], [pair.src_id, pair.trg_id]))
     c_sd = sd.unet.config.block_out_channels[-2]
     assert feats.shape == (2, c_sd + 32, 8, 8) and fused.similarity == "cosine"
     x = nn.functional.interpolate(images, size=(112, 112), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)

@@ -13,6 +13,7 @@ from torch import nn
 import sdm
 from sdm.data import SyntheticPairs
 from sdm.evaluate import evaluate
+from sdm.extractors import ImageBatch
 from sdm.inversion import InversionExtractor, ddim_invert, inversion_timesteps, inverted_features
 from sdm.prompts import build_prompt
 
@@ -95,5 +96,5 @@ def test_inversion_extractor_evaluates() -> None:
     table = evaluate(extractor, ds, progress=False).table
     assert 0 <= table.loc["all", "per_image@0.1"] <= 100
     pair = ds[0]
-    s, _ = extractor.pair_features(pair.src_image[None], pair.trg_image[None], ["x"], ["a"], ["b"])
-    assert torch.allclose(s, extractor.image_features(pair.src_image[None], ["x"], ["a"]))
+    s, _ = extractor.pair_features(ImageBatch(pair.src_image[None], ["x"], ["a"]), ImageBatch(pair.trg_image[None], ["x"], ["b"]))
+    assert torch.allclose(s, extractor.image_features(ImageBatch(pair.src_image[None], ["x"], ["a"])))

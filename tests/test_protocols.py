@@ -156,8 +156,8 @@ def test_two_process_evaluation_equals_one_process(tmp_path: Path, prompt: str) 
 def test_the_same_predictions_under_the_standard_and_hedlin_thresholds() -> None:
     """Notebook 08 scores one set of predictions under both protocols (`stored_predictor`); with every prediction
     30 px off, PCK@0.1 is the share of pairs whose threshold is at least 300 px, counted here by hand."""
-    from sdm.evaluate import stored_predictor
     from sdm.metrics import HEDLIN_PROTOCOL
+    from sdm.predictors import stored_predictor
 
     ds = PFWillow(WILLOW, image_size=512)
     pairs = spread_subset(ds, 60)

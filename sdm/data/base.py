@@ -276,6 +276,25 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> Pair:
         raise NotImplementedError
 
+    def make_pair(
+        self,
+        ids: tuple[str, str],
+        kps: tuple[torch.Tensor, torch.Tensor],
+        sizes: tuple[tuple[int, int], tuple[int, int]],
+        *,
+        category: str,
+        threshold: float,
+        pair_id: str,
+        extra: dict[str, Any] | None = None,
+    ) -> Pair:
+        """A Pair from (source, target) ids, resized keypoints and stored (H, W) sizes; the images through
+        `pair_image` (so `decode_images` holds for every dataset)."""
+        return Pair(
+            src_image=self.pair_image(ids[0]), trg_image=self.pair_image(ids[1]), src_kps=kps[0], trg_kps=kps[1],
+            n_kps=len(kps[0]), category=category, threshold=threshold, src_id=ids[0], trg_id=ids[1],
+            src_size=sizes[0], trg_size=sizes[1], pair_id=pair_id, extra=extra or {},
+        )  # fmt: skip
+
     def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Pair i's resized (src_kps K x 2, trg_kps K x 2, threshold) without decoding its images."""
         raise NotImplementedError

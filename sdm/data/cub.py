@@ -175,18 +175,8 @@ class CUB200(PairDataset):
         src_kps, trg_kps, threshold = self.keypoints(i)
         src_id, trg_id = self._id(src.path), self._id(trg.path)
         box = lambda im: scale_box(torch.tensor([im.bbox[0], im.bbox[1], im.bbox[0] + im.bbox[2], im.bbox[1] + im.bbox[3]]), self._size(im), self.image_size)  # noqa: E731
-        return Pair(
-            src_image=self.pair_image(src_id),
-            trg_image=self.pair_image(trg_id),
-            src_kps=src_kps,
-            trg_kps=trg_kps,
-            n_kps=len(src_kps),
-            category=src.path.split("/")[0],
-            threshold=threshold,
-            src_id=src_id,
-            trg_id=trg_id,
-            src_size=self._size(src),
-            trg_size=self._size(trg),
-            pair_id=f"{i}:{src_id}->{trg_id}",
+        return self.make_pair(
+            (src_id, trg_id), (src_kps, trg_kps), (self._size(src), self._size(trg)), category=src.path.split("/")[0],
+            threshold=threshold, pair_id=f"{i}:{src_id}->{trg_id}",
             extra={"src_bbox": box(src), "trg_bbox": box(trg), "parts": self._points(i)[2].tolist()},
-        )
+        )  # fmt: skip

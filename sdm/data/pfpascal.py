@@ -278,18 +278,8 @@ class PFPascal(PairDataset):
         src_id, trg_id = self._id(r.src, r.flip), self._id(r.trg, r.flip)
         if len(ann["src_kps"]) == 0:
             raise AnnotationError(f"PF-Pascal pair {r.row} ({r.src} -> {r.trg}): no valid keypoint")
-        return Pair(
-            src_image=self.pair_image(src_id),
-            trg_image=self.pair_image(trg_id),
-            src_kps=ann["src_kps"],
-            trg_kps=ann["trg_kps"],
-            n_kps=len(ann["src_kps"]),
-            category=r.category,
-            threshold=self._threshold(),
-            src_id=src_id,
-            trg_id=trg_id,
-            src_size=self._size(r.src),
-            trg_size=self._size(r.trg),
-            pair_id=f"{r.row}:{Path(r.src).stem}->{Path(r.trg).stem}",
+        return self.make_pair(
+            (src_id, trg_id), (ann["src_kps"], ann["trg_kps"]), (self._size(r.src), self._size(r.trg)), category=r.category,
+            threshold=self._threshold(), pair_id=f"{r.row}:{Path(r.src).stem}->{Path(r.trg).stem}",
             extra={"flipped": r.flip, "src_bbox": ann["src_bbox"], "trg_bbox": ann["trg_bbox"]},
-        )
+        )  # fmt: skip

@@ -176,18 +176,5 @@ class PFWillow(PairDataset):
         r = self.records[i]
         src_kps, trg_kps, threshold = self.keypoints(i)
         src_id, trg_id = self._id(r.src), self._id(r.trg)
-        return Pair(
-            src_image=self.pair_image(src_id),
-            trg_image=self.pair_image(trg_id),
-            src_kps=src_kps,
-            trg_kps=trg_kps,
-            n_kps=len(src_kps),
-            category=r.category,
-            threshold=threshold,
-            src_id=src_id,
-            trg_id=trg_id,
-            src_size=self._size(r.src),
-            trg_size=self._size(r.trg),
-            pair_id=f"{r.row}:{src_id}->{trg_id}",
-            extra={},
-        )
+        sizes = (self._size(r.src), self._size(r.trg))
+        return self.make_pair((src_id, trg_id), (src_kps, trg_kps), sizes, category=r.category, threshold=threshold, pair_id=f"{r.row}:{src_id}->{trg_id}")

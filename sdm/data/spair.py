@@ -219,18 +219,7 @@ class SPair71k(PairDataset):
             raise AnnotationError(
                 f"SPair-71k pair {r.name}: field 'trg_bndbox' is empty ({r.trg_bbox.tolist()})"
             )
-        return Pair(
-            src_image=self.pair_image(src_id),
-            trg_image=self.pair_image(trg_id),
-            src_kps=src_kps,
-            trg_kps=trg_kps,
-            n_kps=len(src_kps),
-            category=r.category,
-            threshold=threshold,
-            src_id=src_id,
-            trg_id=trg_id,
-            src_size=self._size(src_id),
-            trg_size=self._size(trg_id),
-            pair_id=r.name,
-            extra={"src_bbox": src_box, "trg_bbox": trg_box, **r.flags},
-        )
+        return self.make_pair(
+            (src_id, trg_id), (src_kps, trg_kps), (self._size(src_id), self._size(trg_id)), category=r.category,
+            threshold=threshold, pair_id=r.name, extra={"src_bbox": src_box, "trg_bbox": trg_box, **r.flags},
+        )  # fmt: skip

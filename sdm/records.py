@@ -1,0 +1,95 @@
+"""The protocol record of an evaluation: what was evaluated (model, weights, extractor, matcher) and by which
+code, stored with every result (`EvalResult.info["protocol"]`) and hashed into its file name (`protocol_id`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from sdm.encoders import encoder_name
+
+if TYPE_CHECKING:
+    from sdm.attention import AttentionMatcher
+
+
+def protocol_id(protocol: dict[str, Any]) -> str:
+    """8 hex digits naming a protocol record (results of different protocols get different file names)."""
+    return hashlib.blake2b(json.dumps(protocol, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
+
+
+def _sdm_version() -> str:
+    import sdm
+
+    return sdm.__version__
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    """The commit of the sdm checkout this code runs from (None when installed without git)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def model_fingerprint(*modules: nn.Module) -> str:
+    """A short hash of the modules' parameters (names, shapes, and the first 64 values of each), enough to tell
+    two sets of weights apart."""
+    h = hashlib.blake2b(digest_size=8)
+    for module in modules:
+        for name, param in module.named_parameters():
+            h.update(f"{name}:{tuple(param.shape)}".encode())
+            h.update(param.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_record(sd: Any) -> dict[str, Any]:
+    """Model id, a fingerprint of its UNet, text encoder and VAE weights, and whether they are random."""
+    return {
+        "model": sd.name, "weights": model_fingerprint(sd.unet, sd.text_encoder, sd.vae), "random_weights": bool(sd.random_weights)
+    }
+
+
+def attention_record(matcher: AttentionMatcher) -> dict[str, Any]:
+    """What Hedlin et al.'s matcher adds to the protocol record: model, weights, every setting but the progress bar."""
+    params = {k: v for k, v in dataclasses.asdict(matcher.config).items() if k != "progress"}
+    return {"matcher": "attention", "matcher_params": json.loads(json.dumps(params, default=list)), **model_record(matcher.sd)}
+
+
+def extractor_record(extractor: Any) -> dict[str, Any]:
+    """What an extractor adds to the protocol record: model id, weights fingerprint, timestep, ensemble, ..."""
+    featurizer = getattr(extractor, "featurizer", None) or getattr(getattr(extractor, "sd_extractor", None), "featurizer", None)
+    record: dict[str, Any] = {"extractor": type(extractor).__name__, "conditioning": extractor.conditioning}
+    if featurizer is not None:
+        record.update(
+            **model_record(featurizer.sd),
+            timestep=featurizer.timestep, ensemble=featurizer.ensemble, image_size=list(featurizer.image_size),
+            up_block=featurizer.up_block, seed=featurizer.seed, latent=featurizer.latent,
+        )
+    vit = getattr(extractor, "vit", None) or getattr(extractor, "module", None)  # FusedExtractor's / ModuleExtractor's
+    if vit is not None:
+        inner = getattr(vit, "model", vit)  # ViTFeatures wraps the transformers model
+        name = encoder_name(inner)
+        record.update(
+            backbone=name, backbone_weights=model_fingerprint(inner),
+            random_weights=bool(record.get("random_weights")) or name == "random weights (tiny)",
+        )
+    prompt = getattr(extractor, "prompt", None) or getattr(getattr(extractor, "sd_extractor", None), "prompt", None)
+    if prompt is not None:
+        record.update(prompt=prompt.kind, prompt_config=prompt.config())
+    fusion = getattr(extractor, "fusion", None)
+    if fusion is not None:
+        record["fusion"] = json.loads(json.dumps(dataclasses.asdict(fusion.config)))
+    return record
+
+
+__all__ = ["attention_record", "extractor_record", "model_fingerprint", "model_record", "protocol_id"]
