@@ -42,7 +42,7 @@ from sdm.metrics import (
     threshold_of,
 )
 from sdm.predictors import Predictor, feature_predictor, stored_predictor
-from sdm.records import _git_commit, _sdm_version, extractor_record, protocol_id
+from sdm.records import code_record, extractor_record, protocol_id
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -60,6 +60,10 @@ class EvalResult:
     def overall(self, column: str = "per_image@0.1") -> float:
         """The overall PCK of one column (default: per image at alpha 0.1, the paper's number)."""
         return float(self.table.loc["all", column])
+
+    def pck(self) -> dict[str, float]:
+        """Every overall PCK column ("per_image@0.1", "per_point@0.05", ...) as floats."""
+        return {c: float(v) for c, v in self.table.loc["all"].items() if "@" in c}
 
     def save(self, out_dir: str | Path, name: str, *, overwrite: bool = False) -> Path:
         """Writes <name>_pck.csv, <name>_points.csv (each headed by `# protocol: {...}`, and by a random-weights
@@ -139,8 +143,7 @@ def evaluate_predictions(
         "alphas": [float(a) for a in alphas],
         "averaging": "per image (mean over a pair's points, then over pairs) and per point; overall over pairs "
         "('all') and over categories ('mean of categories')",
-        "sdm_version": _sdm_version(),
-        "git_commit": _git_commit(),
+        **code_record(),
     }
     return result
 
@@ -281,7 +284,7 @@ def score_protocols(pairs: PairDataset, predictions: dict[str, torch.Tensor], mo
     rows = {}
     for label, mode in modes.items():
         scored = evaluate_predictions(pairs, stored_predictor(predictions), threshold=mode, decode_images=False, progress=False)
-        rows[label] = {c: float(v) for c, v in scored.table.loc["all"].items() if "@" in c}
+        rows[label] = scored.pck()
     return pd.DataFrame(rows).T
 
 
@@ -293,4 +296,7 @@ def paper_table(results: dict[str, EvalResult], column: str = "per_image@0.1") -
     return table[cols].round(1)
 
 
-__all__ = ["EvalResult", "evaluate", "evaluate_predictions", "pair_correlation", "paper_table", "protocol_id", "standard_threshold"]
+__all__ = [
+    "EvalResult", "evaluate", "evaluate_predictions", "pair_correlation", "paper_table", "protocol_id", "score_protocols",
+    "standard_threshold",
+]

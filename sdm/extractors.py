@@ -232,7 +232,7 @@ class ViTFeatures(nn.Module):
 
     images B x 3 x H x W in [0, 1] -> B x C x h x w: the images resized to (p h) x (p w), p the patch size, with
     (h, w) the `grid` of the call or `image_size / p` on both sides. The paper's Table 2 zero-shot baselines:
-    DINO ViT-B/8 and DINOv2 ViT-B/14 (`load_vit`).
+    DINO ViT-B/8 and DINOv2 ViT-B/14 (`sdm.encoders.load_dino`).
 
     pixels: "imagenet": bicubic (antialiased), ImageNet mean and std, as the models were trained; "vae": the
         SD4Match code's FUSE_DINO input, the VAE's input x * 2 - 1 in [-1, 1] resized bilinearly without

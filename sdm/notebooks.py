@@ -199,10 +199,11 @@ def category_embeddings(featurizer: Any, module: Any, category: str) -> torch.Te
 def pair_embeddings(featurizer: Any, module: Any, pairs: Any, pair: Any) -> torch.Tensor:
     """The UNet's encoder hidden states (1 x 77 x D) of a pair-conditioned (CPM) prompt for one pair of `pairs`,
     with the original images CPM's DINOv2 reads."""
-    src, trg = pair.src_image[None].to(featurizer.device), pair.trg_image[None].to(featurizer.device)
-    originals = ([pairs.original_image(pair.src_id)], [pairs.original_image(pair.trg_id)])
-    prompt, _ = module.pair_prompts(featurizer, src, trg, [pair.category], originals)
-    return featurizer.encode_prompt(prompt)
+    from sdm.extractors import ImageBatch, pair_prompts
+
+    src = ImageBatch(pair.src_image[None], [pair.category], [pair.src_id], pairs.original_image)
+    trg = ImageBatch(pair.trg_image[None], [pair.category], [pair.trg_id], pairs.original_image)
+    return featurizer.encode_prompt(pair_prompts(featurizer, module, src, trg)[0])
 
 
 def generate_images(

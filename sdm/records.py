@@ -23,6 +23,11 @@ def protocol_id(protocol: dict[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(protocol, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
 
 
+def code_record() -> dict[str, str | None]:
+    """Which code computed a result: the sdm version and the git commit of the checkout (None without git)."""
+    return {"sdm_version": _sdm_version(), "git_commit": _git_commit()}
+
+
 def _sdm_version() -> str:
     import sdm
 
@@ -92,4 +97,4 @@ def extractor_record(extractor: Any) -> dict[str, Any]:
     return record
 
 
-__all__ = ["attention_record", "extractor_record", "model_fingerprint", "model_record", "protocol_id"]
+__all__ = ["attention_record", "code_record", "extractor_record", "model_fingerprint", "model_record", "protocol_id"]
