@@ -97,12 +97,13 @@ def _load_sd(model: str, device: str | None, dtype=None):  # -> StableDiffusion
 def _encoders(kind: str, dino: str, device: str | None, tiny: bool, backbone: str = "sd"):  # -> PromptEncoders
     from sdm.backbones import backbone_class
     from sdm.encoders import PromptEncoders, load_clip_vision, load_dino
+    from sdm.prompts import PROMPTS
 
-    if kind == "cpm" or backbone_class(backbone).needs_dino:
-        return PromptEncoders(dino=load_dino("tiny" if tiny else dino, device))
-    if kind == "captioner":
-        return PromptEncoders(clip=load_clip_vision("tiny" if tiny else "openai/clip-vit-large-patch14", device))
-    return PromptEncoders()
+    uses = set(PROMPTS[kind].uses) | ({"dino"} if backbone_class(backbone).needs_dino else set())
+    return PromptEncoders(
+        dino=load_dino("tiny" if tiny else dino, device) if "dino" in uses else None,
+        clip=load_clip_vision("tiny" if tiny else "openai/clip-vit-large-patch14", device) if "clip" in uses else None,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:

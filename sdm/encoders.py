@@ -4,7 +4,9 @@ their input preprocessing."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import numpy as np
 import torch
@@ -55,12 +57,20 @@ def dino_pixels(image: Image.Image | torch.Tensor, resize: int = 256, crop: int 
     return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
+EncoderName = Literal["dino", "clip"]  # the fields of PromptEncoders
+
+
 @dataclass
 class PromptEncoders:
     """Frozen image encoders some prompts need: DINOv2 for CPM, CLIP vision for the implicit captioner."""
 
     dino: nn.Module | None = None
     clip: nn.Module | None = None
+
+    def only(self, names: Iterable[EncoderName]) -> PromptEncoders:
+        """A copy holding only the encoders named (a prompt's `uses`), so that a run records only what it used."""
+        keep = set(names)
+        return PromptEncoders(**{f.name: getattr(self, f.name) if f.name in keep else None for f in fields(self)})
 
 
 def tiny_dinov2(seed: int = 0) -> nn.Module:

@@ -30,6 +30,7 @@ from sdm.encoders import (
     CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    EncoderName,
     PromptEncoders,
     dino_pixels,
     normalise_images,
@@ -104,10 +105,12 @@ class PromptModule(nn.Module):
 
     `needs_originals`: the prompt looks at the images as stored, not at the resized featurizer input (CPM's
     DINOv2 input); callers then pass `originals` (datasets give them by id: `PairDataset.original_image`).
+    `uses`: the frozen encoders of `PromptEncoders` it is built from (callers load only those).
     """
 
     kind: ClassVar[str]
     conditioning: ClassVar[Conditioning]
+    uses: ClassVar[tuple[EncoderName, ...]] = ()
 
     @property
     def needs_originals(self) -> bool:
@@ -214,6 +217,7 @@ class ImplicitCaptioner(PromptModule):
 
     kind = "captioner"
     conditioning: ClassVar[Conditioning] = "image"
+    uses: ClassVar[tuple[EncoderName, ...]] = ("clip",)
 
     @classmethod
     def build(cls, featurizer: SDFeaturizer, opts: BuildOptions) -> PromptModule:
@@ -427,6 +431,7 @@ class CPMPrompt(PromptModule):
     """
 
     kind = "cpm"
+    uses: ClassVar[tuple[EncoderName, ...]] = ("dino",)
 
     @classmethod
     def build(cls, featurizer: SDFeaturizer, opts: BuildOptions) -> PromptModule:

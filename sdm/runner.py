@@ -35,12 +35,10 @@ QUICK: dict[str, dict[str, Any]] = {
         "ensemble": 2,
         "dino": "tiny",
         "clip": "tiny",
-        "captioner_steps": 2,
-        "train_pairs": 8,
-        "batch_size": 2,
+        "captioner_trained_on": "synthetic",  # reads the captioner of the quick run of 02
     },
     "02": {
-        "runs": [["single", "synthetic"], ["class", "synthetic"], ["cpm", "synthetic"]],
+        "runs": [["captioner", "synthetic"], ["single", "synthetic"], ["class", "synthetic"], ["cpm", "synthetic"]],
         "data_roots": {"synthetic": None},
         "steps": 8,
         "batch_size": 2,
@@ -51,6 +49,7 @@ QUICK: dict[str, dict[str, Any]] = {
         "overwrite": True,  # `sdm notebooks --profile quick` may run again into the same folder
         "mixed_precision": "no",
         "dino": "tiny",
+        "clip": "tiny",
     },
     "03": {  # reads the prompts of the quick run of 02
         "datasets": {"synthetic": None},
@@ -101,6 +100,9 @@ QUICK: dict[str, dict[str, Any]] = {
     },
 }
 PROFILES = ("quick", "paper")
+# Notebooks that read what another one wrote to results_dir (the prompts notebook 02 trains): the runner runs the
+# upstream one first when both run.
+READS_FROM: dict[str, str] = {"01": "02", "03": "02", "05": "02", "06": "02", "07": "02"}
 
 # ---- the paper profile's plan ------------------------------------------------------------------------------------
 # Throughputs of the README's benchmark table (one H200, random SD2-1-architecture weights, 768 px, measured
@@ -128,8 +130,9 @@ def paper_plan() -> list[tuple[str, str, float]]:
     train = 30_000 / r["train_steps_per_s_batch9"]  # one 30,000-step run of 9 pairs (Single's rate; CPM is slower)
     rows = [
         ("00", "match points of one pair", 0.0),
-        ("01", "empty/template/captioner prompts x DIFT and SD+DINO on SPair-71k test; captioner 1,000 steps", (6 * img8 + 1000 / r["train_steps_per_s_batch9"]) / 3600),
-        ("02", "train Single, Class, CPM on SPair-71k and Single, CPM on PF-Pascal, 30,000 steps each", 5 * train / 3600),
+        ("01", "empty/template/captioner prompts x DIFT and SD+DINO on SPair-71k test", 6 * img8 / 3600),
+        ("02", "train Single, Class, CPM on SPair-71k and Single, CPM on PF-Pascal, 30,000 steps each; the captioner 1,000",
+         (5 * train + 1000 / r["train_steps_per_s_batch9"]) / 3600),
         ("03", "Tables 2-3: DIFT, DINOv2, Single, Class, CPM on SPair-71k; DIFT, DINOv2, Single, CPM on PF-Pascal, PF-Willow",
          (3 * img8 + cpm(n["spair_test_pairs"]) + 2 * small + cpm(n["pfpascal_test_pairs"] + n["pfwillow_test_pairs"])) / 3600),
         ("04", "Fig. 3a: 6 CPM variants trained 30,000 steps and evaluated on SPair-71k test", 6 * (train + cpm(n["spair_test_pairs"])) / 3600),
@@ -163,6 +166,18 @@ def find_notebooks(notebooks_dir: str | Path | None = None) -> list[Path]:
     """The numbered notebooks (NN_*.ipynb), sorted."""
     folder = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb") if p.is_file())
+
+
+def run_order(paths: Sequence[Path]) -> list[Path]:
+    """`paths` in number order, except that a notebook that reads another's results (`READS_FROM`) runs after it."""
+    keys = {notebook_key(p) for p in paths}
+
+    def place(path: Path) -> tuple[str, bool, str]:
+        own = notebook_key(path)
+        upstream = READS_FROM.get(own) if READS_FROM.get(own) in keys else None
+        return (max(own, upstream or own), upstream is not None, own)  # right after its upstream at the latest
+
+    return sorted(paths, key=place)
 
 
 def default_notebooks_dir() -> Path:
@@ -252,6 +267,7 @@ def run_notebooks(
     unknown = set(parameters or {}) - {name for path in paths for name in notebook_parameters(path)}
     if unknown:
         raise ValueError(f"no notebook to run has the parameter(s) {', '.join(sorted(unknown))}")
+    paths = run_order(paths)
     out = Path(out_dir)
     repo = root.resolve().parent
     if profile == "quick":

@@ -53,6 +53,16 @@ def test_every_prompt_gives_hidden_states(kind: str, featurizer: SDFeaturizer, e
     assert feats.shape == (2, 64, 4, 4) and torch.isfinite(feats).all()
 
 
+@pytest.mark.parametrize("kind", sorted(PROMPTS))
+def test_a_prompt_builds_from_the_encoders_it_declares(kind: str, featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+    declared = encoders.only(PROMPTS[kind].uses)
+    assert {name for name in ("dino", "clip") if getattr(declared, name) is not None} == set(PROMPTS[kind].uses)
+    build_prompt(kind, featurizer, categories=CATS, encoders=declared)  # type: ignore[arg-type]
+    if PROMPTS[kind].uses:  # and needs each of them
+        with pytest.raises(ValueError, match="needs"):
+            build_prompt(kind, featurizer, categories=CATS, encoders=PromptEncoders())  # type: ignore[arg-type]
+
+
 def test_template_uses_the_raw_category_names(featurizer: SDFeaturizer) -> None:
     # the authors' prompt.py:38-52: raw names, PF-Willow's condition dropped
     module = build_prompt("template", featurizer)
