@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdm.data import OriginalLoader
-from sdm.features import SDFeaturizer
+from sdm.features import Draws, SDFeaturizer
 from sdm.matching import Similarity
 from sdm.prompts import Conditioning, PromptModule, originals_for
 
@@ -155,7 +155,7 @@ class SDExtractor:
         self.similarity = similarity  # "dot": the code's config/dift.py (ENABLE_L2_NORM = False); docs/choices.md
         self.store = FeatureStore(latent_cache)  # VAE posteriors by image id
 
-    def latents(self, images: torch.Tensor, ids: Sequence[str], generator: torch.Generator | None = None) -> torch.Tensor:
+    def latents(self, images: torch.Tensor, ids: Sequence[str], generator: Draws | None = None) -> torch.Tensor:
         """B x 4 x h x w VAE latents, encoding only the images not seen before (in one batch); the posterior draw
         is seeded by the image id, or fresh from `generator` (training)."""
         posterior = self.posteriors(ids, lambda idx: images[idx])

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import importlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -127,6 +128,21 @@ def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class BatchRows:
+    """Fresh draws from `generator` for a whole batch of `total` items, of which the items at hand are rows
+    `start:stop`. Data-parallel training passes it as the generator: every process draws the numbers of the whole
+    batch and keeps its rows, so that splitting a batch over processes changes no draw."""
+
+    generator: torch.Generator
+    start: int
+    stop: int
+    total: int
+
+
+Draws = torch.Generator | BatchRows  # fresh draws (training)
+
+
 class SDFeaturizer:
     """Dense Stable Diffusion features of images under a prompt (a plain class: the models stay `sd`'s, shared by
     every featurizer made from it; move them with `sd.to`).
@@ -141,7 +157,8 @@ class SDFeaturizer:
     `image_seed(seed, key)` where `key` is the image id passed as `keys` (or, when none is given, a hash of the
     image's pixels; `add_noise` and `sample_latents` called on their own hash the latent instead). So the draws are independent between images, as in the authors' code (a fresh
     `randn_like` per image and ensemble member, sd_feature_extractor.py:111), yet reproducible and independent
-    of the other images in the batch. Pass a `torch.Generator` to draw fresh noise at every call (training).
+    of the other images in the batch. Pass a `torch.Generator` (or `BatchRows`) to draw fresh noise at every call
+    (training).
 
     The UNet stops after the feature block (a forward hook), so nothing after it is computed.
     """
@@ -196,7 +213,7 @@ class SDFeaturizer:
         return torch.cat([posterior.mean, posterior.std], dim=1)
 
     def sample_latents(
-        self, posterior: torch.Tensor, keys: Sequence[str] | None = None, generator: torch.Generator | None = None
+        self, posterior: torch.Tensor, keys: Sequence[str] | None = None, generator: Draws | None = None
     ) -> torch.Tensor:
         """Posterior B x 2C x h x w -> latents B x C x h x w (x scaling factor): one draw per image (`latent`
         "sample", seeded per key or from `generator`) or the mean (`latent` "mean")."""
@@ -216,7 +233,7 @@ class SDFeaturizer:
         return self.sample_latents(self._posterior(x), content_keys(x) if keys is None else keys)
 
     def add_noise(
-        self, latents: torch.Tensor, generator: torch.Generator | None = None, keys: Sequence[str] | None = None
+        self, latents: torch.Tensor, generator: Draws | None = None, keys: Sequence[str] | None = None
     ) -> torch.Tensor:
         """B x 4 x h x w -> (B * ensemble) x 4 x h x w, DDPM-noised to `timestep` (image-major order).
 
@@ -231,10 +248,15 @@ class SDFeaturizer:
         return self.sd.scheduler.add_noise(rep, noise, t)
 
     def _draws(
-        self, like: torch.Tensor, shape: tuple[int, ...], keys: Sequence[str] | None, generator: torch.Generator | None, purpose: str
+        self, like: torch.Tensor, shape: tuple[int, ...], keys: Sequence[str] | None, generator: Draws | None, purpose: str
     ) -> torch.Tensor:
         """B x *shape standard normal float32 draws for the B items of `like`: from `generator` when given, else
         seeded per key (`keyed_normal`; default keys: a hash of each item of `like`)."""
+        if isinstance(generator, BatchRows):
+            if generator.stop - generator.start != like.shape[0]:
+                raise ValueError(f"BatchRows {generator.start}:{generator.stop} for {like.shape[0]} items")
+            g = generator.generator
+            return torch.randn((generator.total, *shape), generator=g, device=g.device, dtype=torch.float32)[generator.start : generator.stop]
         if generator is not None:
             return torch.randn((like.shape[0], *shape), generator=generator, device=generator.device, dtype=torch.float32)
         keys = content_keys(like) if keys is None else list(keys)
@@ -359,7 +381,7 @@ class SDFeaturizer:
         self,
         latents: torch.Tensor,
         prompt: PromptInput,
-        generator: torch.Generator | None = None,
+        generator: Draws | None = None,
         keys: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """VAE latents B x 4 x h x w -> features B x C x h' x w' averaged over the ensemble (noise: `add_noise`)."""
@@ -374,7 +396,7 @@ class SDFeaturizer:
         self,
         images: ImageInput,
         prompt: PromptInput,
-        generator: torch.Generator | None = None,
+        generator: Draws | None = None,
         keys: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Images (B x 3 x H x W in [0, 1], or a list of PIL images) and a prompt -> B x C x h x w features.

@@ -63,18 +63,20 @@ def gaussian_cross_entropy(
     Args:
         src_feats, trg_feats: B x C x h x w features (the target may have another h, w).
         src_xy, trg_xy: B x K x 2 keypoints in feature-cell coordinates; rows padded after `n_valid`.
-        n_valid: B counts of real keypoints (each >= 1).
+        n_valid: B counts of real keypoints (each >= 1; checked when given on the CPU).
     Returns:
         scalar loss (float32), differentiable in both feature maps.
     """
     if src_xy.shape != trg_xy.shape:
         raise ValueError(f"src_xy {tuple(src_xy.shape)} and trg_xy {tuple(trg_xy.shape)} must have the same shape")
     b, k = src_xy.shape[:2]
-    n_valid = torch.as_tensor(n_valid, device=src_xy.device).long()
+    n_valid = torch.as_tensor(n_valid)
     if n_valid.shape != (b,):
         raise ValueError(f"n_valid must hold one count per pair (shape ({b},)); got {tuple(n_valid.shape)}")
-    if torch.any(n_valid < 1) or torch.any(n_valid > k):
+    # counts on the GPU are not checked: reading them would wait for the GPU at every training step
+    if n_valid.device.type == "cpu" and (torch.any(n_valid < 1) or torch.any(n_valid > k)):
         raise ValueError(f"n_valid must be in 1..{k} (every pair needs a keypoint); got {n_valid.tolist()}")
+    n_valid = n_valid.to(src_xy.device).long()
     h, w = trg_feats.shape[-2:]
     prob = torch.softmax(correlation(sample_features(src_feats, src_xy), trg_feats).flatten(2) / temperature, dim=-1)
 

@@ -13,7 +13,7 @@ import math
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,7 +28,7 @@ from sdm.data import PairDataset, collate_pairs, dataset_record, decoding
 from sdm.encoders import PromptEncoders, encoder_name
 from sdm.evaluate import evaluate
 from sdm.extractors import SDExtractor
-from sdm.features import SDFeaturizer
+from sdm.features import BatchRows, SDFeaturizer
 from sdm.loss import gaussian_cross_entropy
 from sdm.matching import Matcher, to_feature_coords
 from sdm.models import StableDiffusion
@@ -71,7 +71,7 @@ class TrainConfig:
     val_ensemble: int = 1
     val_matcher: Matcher = "nearest"
     checkpoint_every: int = 1000
-    log_every: int = 10
+    log_every: int = 10  # log the loss, and check that no loss since the last check was NaN or inf (a host sync)
     seed: int = 0
     num_workers: int = 2
 
@@ -144,9 +144,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the posterior and noise draws of `step` on process `rank`: a function of (seed, step, rank) alone,
-    so a resumed run draws what the uninterrupted run drew."""
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Seed of the posterior and noise draws of `step`: a function of (seed, step) alone, so a resumed run draws
+    what the uninterrupted run drew. Training draws for the whole batch on every process (`rank` 0, the default;
+    other ranks give other streams)."""
     return seed * 1_000_003 + step * 997 + rank
 
 
@@ -166,18 +167,72 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Batches for steps `start..stop-1`, this process's share (`rank::world`) of each global batch."""
+    """The global batches of steps `start..stop-1` (every process loads the whole batch: `image_share`)."""
 
-    def __init__(self, n: int, batch_size: int, start: int, stop: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, n: int, batch_size: int, start: int, stop: int, seed: int) -> None:
         self.n, self.batch_size, self.start, self.stop, self.seed = n, batch_size, start, stop, seed
-        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.stop):
-            yield batch_indices(self.n, self.batch_size, step, self.seed)[self.rank :: self.world]
+            yield batch_indices(self.n, self.batch_size, step, self.seed)
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
+
+
+# ---- data parallel over images -----------------------------------------------------------------------------------
+# A batch of B pairs is 2B images, src_1..src_B, trg_1..trg_B. Each process computes the features of a contiguous
+# share of them (sizes differ by at most one: 18 images are 9 + 9 on 2 GPUs, 5 + 5 + 4 + 4 on 4), with the draws the
+# whole batch would get (`BatchRows`); the features are gathered, every process computes the loss of the whole
+# batch from them (the same number everywhere), and the prompt gradients of the shares are summed. So a step on N
+# processes computes what it computes on one, and no process waits on a larger share of pairs.
+def image_share(n_images: int, rank: int, world: int) -> slice:
+    """The rows of `n_images` whose features process `rank` of `world` computes (the first n % world take one more)."""
+    base, extra = divmod(n_images, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every process's rows, concatenated in rank order. Backward keeps this process's rows of the gradient: every
+    process computes the same loss from the gathered rows, so its gradient is already the whole batch's."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        longest = max(sizes)
+        padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        return grad[ctx.start : ctx.stop], None, None
+
+
+def gather_rows(local: torch.Tensor, n_images: int, rank: int, world: int) -> torch.Tensor:
+    """The features of all `n_images` from each process's `image_share` (differentiable; world 1: `local`)."""
+    if world == 1:
+        return local
+    sizes = [image_share(n_images, r, world).stop - image_share(n_images, r, world).start for r in range(world)]
+    return _GatherRows.apply(local, sizes, rank)
+
+
+def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """All-reduces (sums) the gradients of `params` over the processes in one bucket; a missing gradient counts as
+    zeros (Adam leaves a parameter whose gradients and moments are all zero where it is)."""
+    import torch.distributed as dist
+
+    params = [p for p in params if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, part in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = part.view_as(p)
 
 
 RANDOM_WEIGHTS_LOG = "# random weights: this training only shows that the loop runs"
@@ -227,7 +282,11 @@ def train(
     deletes its run files first, so two runs never mix. Every saved prompt records the run's id
     (metadata "run"), kept across resumes.
 
-    Raises TrainingDiverged when the loss is NaN or infinite (the last checkpoint is left as it was).
+    Raises TrainingDiverged when a loss is NaN or infinite, naming its step (checked on the device at every step and
+    read at the next step that logs, validates or saves; the last checkpoint is left as it was).
+
+    Under `accelerate launch` with N processes, each computes the features of its share of the batch's images
+    (`image_share`) and the gradients are summed: the step computes what it computes on one process.
     """
     out = Path(out_dir)
     _claim_run_folder(out, resume, overwrite)
@@ -292,7 +351,8 @@ def _train(
     autocast, scaler = _precision(cfg.mixed_precision, device)
     featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, seed=cfg.seed)
     module = build_prompt(cfg.prompt, featurizer, categories=train_set.categories, encoders=encoders, cpm=cfg.cpm, seed=cfg.seed)
-    optimizer = torch.optim.Adam(module.parameter_groups(cfg.lr, cfg.lr_linear))
+    # the fused kernel on GPUs: one launch for all tensors, and with fp16 the scaler's inf check stays on the device
+    optimizer = torch.optim.Adam(module.parameter_groups(cfg.lr, cfg.lr_linear), fused=device.type == "cuda")
     backbone = build_backbone(cfg.backbone, encoders, cfg.image_size)
 
     start, rows, best_pck, best_step, saved_step = 0, [], None, None, None
@@ -321,7 +381,8 @@ def _train(
     skip_images = not backbone.needs_images and _preencode_latents(extractor, train_set, module, device)
     train_set = decoding(train_set, train_set.decode_images and not skip_images)  # a view: the caller's set stays as it is
     val_every = validation_interval(cfg, len(train_set))
-    sampler = StepBatchSampler(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed, accelerator.process_index, accelerator.num_processes)
+    sampler = StepBatchSampler(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda")
     if log_with and accelerator.is_main_process:
         accelerator.init_trackers("sdm-train")
@@ -364,21 +425,28 @@ def _train(
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.prompt}", disable=not (progress and accelerator.is_main_process))
     step = start
+    # The first step whose loss was not finite, and that loss (-1: none), kept on the device: reading it costs a
+    # host sync, so it is read only when a step logs, validates or saves (nothing bad is ever saved).
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), device=device)
     try:
         for batch in loader:
-            batch = batch.to(device)
+            batch = batch.to(device, non_blocking=True)
             b = len(batch)
-            g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, accelerator.process_index))
+            mine = image_share(2 * b, rank, world)
+            g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
+            draws = BatchRows(g, mine.start, mine.stop, 2 * b) if world > 1 else g
             # CPM's DINOv2 input: the images as stored (None for prompts that do not look at them)
             originals = (originals_for(module, batch.src_ids, train_set.original_image), originals_for(module, batch.trg_ids, train_set.original_image))
+            images = torch.cat([batch.src_image, batch.trg_image])[mine]
             with autocast():
                 p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories, originals)  # type: ignore[arg-type]
-                hidden = torch.cat([featurizer.encode_prompt(p_src, b), featurizer.encode_prompt(p_trg, b)])
+                hidden = torch.cat([featurizer.encode_prompt(p_src, b), featurizer.encode_prompt(p_trg, b)])[mine]
                 # a fresh posterior draw and fresh noise at every step, as the authors' training calls the VAE's
                 # latent_dist.sample() and randn_like each time (sd_feature_extractor.py:76,111)
-                lat = extractor.latents(torch.cat([batch.src_image, batch.trg_image]), [*batch.src_ids, *batch.trg_ids], generator=g)
-                feats = featurizer.features_from_latents(lat, hidden, generator=g)
-            feats = backbone.features(feats, torch.cat([batch.src_image, batch.trg_image]))  # "sd": feats as they are
+                lat = extractor.latents(images, [*batch.src_ids, *batch.trg_ids][mine], generator=draws)
+                feats = featurizer.features_from_latents(lat, hidden, generator=draws)
+            feats = gather_rows(backbone.features(feats, images), 2 * b, rank, world)  # "sd": feats as they are
             src_f, trg_f = feats[:b].float(), feats[b:].float()
             size = tuple(train_set.image_size) if skip_images else tuple(batch.src_image.shape[-2:])
             src_xy = to_feature_coords(batch.src_kps, size, tuple(src_f.shape[-2:]))
@@ -386,17 +454,12 @@ def _train(
             loss = gaussian_cross_entropy(
                 src_f, trg_f, src_xy, trg_xy, batch.n_kps, temperature=cfg.temperature, kernel_size=cfg.kernel_size, sigma=cfg.sigma
             )
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at step {step + 1}; training stopped. The last good checkpoint "
-                    f"({ckpt_path}, step {saved_step}) is kept: lower the learning rate or "
-                    "use mixed_precision='bf16'/'no', then resume."
-                )
+            first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
+            bad_step = torch.where(first_bad, step + 1, bad_step)
+            bad_loss = torch.where(first_bad, loss.detach(), bad_loss)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            if accelerator.num_processes > 1:  # average prompt gradients (the prompt module is not DDP-wrapped)
-                for p in module.parameters():
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            if world > 1:  # the prompt module is not DDP-wrapped: sum the shares' gradients
+                sum_gradients(list(module.parameters()))
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -405,8 +468,17 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            val_pck = validate(step) if val_every and step % val_every == 0 else None
+            validating = bool(val_every) and step % val_every == 0
+            if not (step % cfg.log_every == 0 or validating or step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                continue
+            if int(bad_step) >= 0:
+                raise TrainingDiverged(
+                    f"the loss became {float(bad_loss)} at step {int(bad_step)}; training stopped. The last good "
+                    f"checkpoint ({ckpt_path}, step {saved_step}) is kept: lower the learning rate or "
+                    "use mixed_precision='bf16'/'no', then resume."
+                )
+            loss_value = float(loss)  # the whole batch's loss: the same on every process
+            val_pck = validate(step) if validating else None
             if step % cfg.log_every == 0 or val_pck is not None or step == cfg.steps:
                 rows.append({"step": step, "loss": loss_value, "val_pck": val_pck if val_pck is not None else math.nan})
                 val = {"val": f"{val_pck:.1f}" + (" (random weights)" if sd.random_weights else "")} if val_pck is not None else {}

@@ -101,7 +101,8 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
         train(quick_config(lr=0.5), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path, resume=True, progress=False)
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("log_every", [1, 4])  # 4: the NaN of step 5 is read at step 6, a checkpoint step
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_every: int) -> None:
     data = SyntheticPairs(n=4, image_size=SIZE, seed=1)
     real = train_module.gaussian_cross_entropy
     calls = {"n": 0}
@@ -113,7 +114,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(train_module, "gaussian_cross_entropy", flaky)
     with pytest.raises(TrainingDiverged, match=r"at step 5; .*step 3\) is kept"):
-        train(quick_config(), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path, progress=False)
+        train(quick_config(log_every=log_every), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path, progress=False)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["prompt"].values())
 
@@ -206,3 +207,40 @@ def test_seed_mixing_is_named_and_distinct() -> None:
     assert epoch_seed(0, 1) == 1 and epoch_seed(1, 0) == 1_000_003
     seeds = {step_seed(seed, step, rank) for seed in range(3) for step in range(50) for rank in range(4)}
     assert len(seeds) == 3 * 50 * 4
+
+
+def test_image_shares_split_the_batch_evenly() -> None:
+    from sdm.train import image_share
+
+    sizes = lambda n, w: [image_share(n, r, w).stop - image_share(n, r, w).start for r in range(w)]  # noqa: E731
+    assert sizes(18, 2) == [9, 9] and sizes(18, 4) == [5, 5, 4, 4] and sizes(6, 4) == [2, 2, 1, 1]
+    assert [image_share(18, r, 4).start for r in range(4)] == [0, 5, 10, 14]  # contiguous, in rank order
+
+
+@pytest.mark.parametrize("prompt", ["single", "cpm"])  # latents encoded up front / images loaded each step
+def test_two_process_training_step_equals_one_process(tmp_path: Path, prompt: str) -> None:
+    """`accelerate launch` with 2 CPU processes (gloo), each computing 3 of the 6 images of a 3-pair batch, gives
+    the one-process step: the same loss and the same gradient (Adam's first moment after one step is 0.1 x it)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    args = ["train", "--model", "tiny", "--prompt", prompt, "--dataset", "synthetic", "--steps", "1", "--batch-size", "3"]
+    args += ["--mixed-precision", "no", "--val-split", "", "--num-workers", "0", "--device", "cpu", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "sdm.cli", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    two = subprocess.run([*launch, "-m", "sdm.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two"))
+    assert b["log"][0]["loss"] == pytest.approx(a["log"][0]["loss"], rel=1e-5)
+    moments = lambda state: torch.cat([s["exp_avg"].flatten() for s in state["optimizer"]["state"].values()])  # noqa: E731
+    ma, mb = moments(a), moments(b)
+    assert ma.abs().max() > 0
+    torch.testing.assert_close(mb, ma, rtol=1e-4, atol=1e-6 * float(ma.abs().max()))

@@ -188,15 +188,15 @@ class PairBatch:
     def __len__(self) -> int:
         return len(self.pair_ids)
 
-    def to(self, device: torch.device | str) -> PairBatch:
-        """Move the tensors to ``device`` (lists are kept)."""
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
+        """Move the tensors to ``device`` (lists are kept); `non_blocking` overlaps the copies from pinned memory."""
         return PairBatch(
-            src_image=self.src_image.to(device),
-            trg_image=self.trg_image.to(device),
-            src_kps=self.src_kps.to(device),
-            trg_kps=self.trg_kps.to(device),
-            n_kps=self.n_kps.to(device),
-            threshold=self.threshold.to(device),
+            src_image=self.src_image.to(device, non_blocking=non_blocking),
+            trg_image=self.trg_image.to(device, non_blocking=non_blocking),
+            src_kps=self.src_kps.to(device, non_blocking=non_blocking),
+            trg_kps=self.trg_kps.to(device, non_blocking=non_blocking),
+            n_kps=self.n_kps.to(device, non_blocking=non_blocking),
+            threshold=self.threshold.to(device, non_blocking=non_blocking),
             categories=self.categories,
             src_ids=self.src_ids,
             trg_ids=self.trg_ids,
