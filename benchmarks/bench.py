@@ -305,6 +305,92 @@ def section_eval(args, base, ours, ours_eager, device) -> None:
     RESULTS["eval"] = res
 
 
+SPAIR_CATEGORIES = ("cat", "dog", "horse")
+SPAIR_SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 281))  # (W, H) common in SPair-71k
+
+
+def write_spair_like(root: Path, n_images: int, n_pairs: int, categories: int, seed: int = 0) -> None:
+    """JPEG files and pair annotations laid out as SPair-71k's test split (JPEGImages/, PairAnnotation/test/,
+    Layout/large/test.txt), of SPair's image sizes, with smooth random content and 10 keypoints per pair."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names, sizes = [], {}
+    for i in range(n_images):
+        cat = SPAIR_CATEGORIES[i % categories]
+        w, h = SPAIR_SIZES[i % len(SPAIR_SIZES)]
+        small = rng.random((h // 16 + 1, w // 16 + 1, 3))
+        img = Image.fromarray((small * 255).astype("uint8")).resize((w, h), Image.BICUBIC)
+        (root / "JPEGImages" / cat).mkdir(parents=True, exist_ok=True)
+        img.save(root / "JPEGImages" / cat / f"{i:06d}.jpg", quality=90)
+        sizes[i] = (w, h)
+    (root / "PairAnnotation" / "test").mkdir(parents=True, exist_ok=True)
+    per_cat = [[i for i in range(n_images) if i % categories == c] for c in range(categories)]
+    candidates = [(c, a, b) for c, imgs in enumerate(per_cat) for a in imgs for b in imgs if a != b]
+    for pid, k in enumerate(sorted(rng.choice(len(candidates), n_pairs, replace=False))):
+        c, a, b = candidates[k]
+        (wa, ha), (wb, hb) = sizes[a], sizes[b]
+        kps = lambda w, h: [[float(x), float(y)] for x, y in zip(rng.uniform(0, w - 1, 10), rng.uniform(0, h - 1, 10))]  # noqa: E731
+        name = f"{pid:06d}-{a:06d}-{b:06d}:{SPAIR_CATEGORIES[c]}"
+        ann = {"pair_id": pid, "src_imname": f"{a:06d}.jpg", "trg_imname": f"{b:06d}.jpg", "src_imsize": [wa, ha, 3],
+               "trg_imsize": [wb, hb, 3], "src_bndbox": [0, 0, wa - 1, ha - 1], "trg_bndbox": [0, 0, wb - 1, hb - 1],
+               "category": SPAIR_CATEGORIES[c], "src_kps": kps(wa, ha), "trg_kps": kps(wb, hb), "viewpoint_variation": 0,
+               "scale_variation": 0, "truncation": 0, "occlusion": 0}
+        (root / "PairAnnotation" / "test" / f"{name}.json").write_text(json.dumps(ann))
+        names.append(name)
+    (root / "Layout" / "large").mkdir(parents=True, exist_ok=True)
+    (root / "Layout" / "large" / "test.txt").write_text("\n".join(names) + "\n")
+
+
+def section_files(args, ours, device) -> None:
+    """Evaluation end to end from JPEG files in SPair-71k's layout: decoding, resizing, the DataLoader and the copies
+    to the GPU are counted (the `eval` rows use in-memory images)."""
+    from sdm.data import load_dataset
+
+    res = {}
+    dino_cfg = __import__("transformers").Dinov2Config()
+    if args.tiny:
+        dino_cfg = __import__("transformers").Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    dino16 = __import__("transformers").Dinov2Model(dino_cfg).to(device).eval().to(torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("single", "cpm"):
+            n_img, n_pairs = (args.eval_images, args.eval_pairs) if kind == "single" else (args.cpm_images, args.cpm_pairs)
+            root = Path(tmp) / kind
+            write_spair_like(root, n_img, n_pairs, 2 if kind == "single" else 1)
+            ds = load_dataset("spair", root, split="test", image_size=args.size)
+            feat = SDFeaturizer(ours, image_size=args.size, timestep=50, ensemble=8)
+            enc = PromptEncoders(dino=dino16) if kind == "cpm" else None
+            module = build_prompt(kind, feat, encoders=enc).to(device)
+            run = lambda m=module, d=ds, f=feat: evaluate(SDExtractor(f, m), d, batch_size=8, progress=False, num_workers=args.eval_workers)  # noqa: E731
+            t = timeit(run, warmup=1, repeat=args.eval_repeat)
+            scale = max(SPAIR_TEST_IMAGES / n_img, SPAIR_TEST_PAIRS / n_pairs) if kind == "single" else SPAIR_TEST_PAIRS / n_pairs
+            res[kind] = {"bench_images": n_img, "bench_pairs": n_pairs, "workers": args.eval_workers,
+                         "ours": {**t, "pairs_per_s": n_pairs / t["median_s"], "projected_spair_test_s": t["median_s"] * scale}}
+            log(f"files {kind}: {n_pairs / t['median_s']:.2f} pairs/s (SPair test ~{t['median_s'] * scale / 60:.1f} min)")
+    RESULTS["files"] = res
+
+
+def section_attn(args, ours, tokens, device) -> None:
+    """The features (ensemble 8) and CPM evaluation of the `features`/`eval` rows under each SDPA backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    res = {}
+    images = smooth_images(args.batch_ens8, args.size, 7, device)
+    f_ours = SDFeaturizer(ours, image_size=args.size, timestep=50, ensemble=8)
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with torch.no_grad(), sdpa_kernel([backend]):
+                t = timeit(lambda: f_ours(images, tokens), args.warmup, args.repeat)
+            res[name] = {**t, "images_per_s": args.batch_ens8 / t["median_s"]}
+            log(f"features ens8 with {name} attention: {args.batch_ens8 / t['median_s']:.2f} img/s")
+        except Exception as err:  # a backend the GPU or the shapes do not support
+            res[name] = {"error": f"{type(err).__name__}: {err}"}
+            log(f"{name}: {type(err).__name__}: {str(err)[:200]}")
+    RESULTS["attn_backends"] = res
+
+
 def section_train(args, base, ours_eager, device) -> None:
     from sdm import train as train_module
     from sdm.train import TrainConfig
@@ -318,8 +404,9 @@ def section_train(args, base, ours_eager, device) -> None:
         stamps: list[float] = []
         loss_fn = train_module.gaussian_cross_entropy
 
-        def timed_loss(*a, **k):  # one call per step: its time stamps give the steady-state step time
-            sync()
+        def timed_loss(*a, **k):  # one call per step; synchronised only at the ends of the timed window, so that
+            if len(stamps) in (args.train_warm, args.train_warm + args.train_steps):  # the loop keeps no host sync
+                sync()
             stamps.append(time.perf_counter())
             return loss_fn(*a, **k)
 
@@ -335,10 +422,10 @@ def section_train(args, base, ours_eager, device) -> None:
             torch.cuda.reset_peak_memory_stats()
         train_module.gaussian_cross_entropy = timed_loss
         try:
-            run(args.train_warm + args.train_steps)
+            run(args.train_warm + args.train_steps + 1)
         finally:
             train_module.gaussian_cross_entropy = loss_fn
-        times = [b - a for a, b in zip(stamps[args.train_warm:], stamps[args.train_warm + 1:])]
+        times = [(stamps[args.train_warm + args.train_steps] - stamps[args.train_warm]) / args.train_steps]  # mean step
         if device.type == "cuda":
             peaks.append(torch.cuda.max_memory_allocated() - base_alloc + param_bytes(ours_eager.unet, ours_eager.text_encoder, ours_eager.vae))
         res[key] = {"ours": {"step_s": statistics.median(times), "steps_per_s": 1 / statistics.median(times),
@@ -449,6 +536,13 @@ def table(peak_tflops: float) -> str:
                          o["flops_per_pair"] / 1e12, r["flops_per_pair"] / 1e12))
             rows.append((f"  SPair test {k} (min)", o["projected_spair_test_s"] / 60, r["projected_spair_test_s"] / 60,
                          float("nan"), float("nan"), float("nan"), float("nan")))
+    for k, v in RESULTS.get("files", {}).items():
+        rows.append((f"eval {k} ens8 from JPEG (pairs/s)", v["ours"]["pairs_per_s"], math.nan, math.nan, math.nan, math.nan, math.nan))
+        rows.append((f"  SPair test {k}, JPEG (min)", v["ours"]["projected_spair_test_s"] / 60, math.nan, math.nan, math.nan, math.nan, math.nan))
+    for k, v in RESULTS.get("attn_backends", {}).items():
+        if "images_per_s" in v:
+            fl = f.get("ens8", {}).get("ours", {}).get("flops_per_image", math.nan)
+            rows.append((f"features ens8, {k} attention (img/s)", v["images_per_s"], math.nan, mfu(fl, 1 / v["images_per_s"]), math.nan, fl / 1e12, math.nan))
     tr = RESULTS.get("train", {})
     for k, v in tr.items():
         o, r = v["ours"], v.get("reference", {})
@@ -476,7 +570,7 @@ def table(peak_tflops: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench.json")
-    ap.add_argument("--sections", default="checks,features,eval,train,attention")
+    ap.add_argument("--sections", default="checks,features,eval,train,attention,files,attn")
     ap.add_argument("--tiny", action="store_true", help="tiny model at 128 px (smoke test)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--compile-mode", default=None)
@@ -516,6 +610,8 @@ def main() -> None:
         "eval": lambda: section_eval(args, base, ours, ours_eager, device),
         "train": lambda: section_train(args, base, ours_eager, device),
         "attention": lambda: section_attention(args, ours_eager, base, device),
+        "files": lambda: section_files(args, ours, device),
+        "attn": lambda: section_attn(args, ours, tokens, device),
     }
     for name in sections:
         start = time.perf_counter()
