@@ -477,7 +477,7 @@ def _train(
                     f"checkpoint ({ckpt_path}, step {saved_step}) is kept: lower the learning rate or "
                     "use mixed_precision='bf16'/'no', then resume."
                 )
-            loss_value = float(loss)  # the whole batch's loss: the same on every process
+            loss_value = float(loss.detach())  # the whole batch's loss: the same on every process
             val_pck = validate(step) if validating else None
             if step % cfg.log_every == 0 or val_pck is not None or step == cfg.steps:
                 rows.append({"step": step, "loss": loss_value, "val_pck": val_pck if val_pck is not None else math.nan})

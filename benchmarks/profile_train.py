@@ -1,0 +1,68 @@
+"""Where a training step's time goes: a torch.profiler trace of `--steps` steady-state steps of `sdm.train.train`
+(Single prompt, SD2-1 architecture with random weights, bf16 `optimize`, 768 px, `--pairs` pairs a step).
+
+    python benchmarks/profile_train.py --pairs 9 --out profile_train.txt
+
+Prints the wall time per step, the GPU's busy time per step (the sum of its kernels' times) and the kernels and
+operators that take the most GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import BenchPairs
+
+import sdm
+from sdm import train as train_module
+from sdm.features import optimize
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=9)
+    ap.add_argument("--warm", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--out", default="profile_train.txt")
+    args = ap.parse_args()
+    sd = optimize(sdm.sd21_architecture(0, device="cuda", dtype=torch.bfloat16))
+    ds = BenchPairs(12, 48, 768, seed=3)
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    calls, marks = [0], {}
+    loss_fn = train_module.gaussian_cross_entropy
+
+    def hooked(*a, **k):
+        if calls[0] in (args.warm, args.warm + args.steps):
+            torch.cuda.synchronize()
+            marks[calls[0]] = time.perf_counter()
+            prof.start() if calls[0] == args.warm else prof.stop()
+        calls[0] += 1
+        return loss_fn(*a, **k)
+
+    train_module.gaussian_cross_entropy = hooked
+    cfg = train_module.TrainConfig(prompt="single", steps=args.warm + args.steps + 1, batch_size=args.pairs, mixed_precision="bf16",
+                                   val_every=0, checkpoint_every=10**9, log_every=10**9, num_workers=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_module.train(cfg, sd, ds, out_dir=tmp, progress=False)
+    wall = (marks[args.warm + args.steps] - marks[args.warm]) / args.steps
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    lines = [f"{args.pairs} pairs a step: wall {wall * 1e3:.1f} ms per step (profiler on), GPU kernels {gpu_us / 1e3 / args.steps:.1f} ms per step",
+             events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)]
+    text = "\n".join(lines)
+    Path(args.out).write_text(text)
+    print(text[:6000])
+
+
+if __name__ == "__main__":
+    main()
