@@ -218,8 +218,18 @@ def gather_rows(local: torch.Tensor, n_images: int, rank: int, world: int) -> to
     """The features of all `n_images` from each process's `image_share` (differentiable; world 1: `local`)."""
     if world == 1:
         return local
-    sizes = [image_share(n_images, r, world).stop - image_share(n_images, r, world).start for r in range(world)]
-    return _GatherRows.apply(local, sizes, rank)
+    shares = [image_share(n_images, r, world) for r in range(world)]
+    return _GatherRows.apply(local, [share.stop - share.start for share in shares], rank)
+
+
+def _encode_rows(featurizer: SDFeaturizer, prompt: Any, rows: slice, b: int) -> torch.Tensor:
+    """Encoder hidden states of `rows` of a batch of b prompts (one prompt broadcast, B prompts sliced first), so
+    a process encodes only the prompts of its image share."""
+    n = rows.stop - rows.start
+    per_item = (isinstance(prompt, torch.Tensor) and prompt.dim() == 3 and prompt.shape[0] == b and b > 1) or (
+        isinstance(prompt, list) and len(prompt) == b and b > 1
+    )
+    return featurizer.encode_prompt(prompt[rows] if per_item else prompt, n)
 
 
 def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
@@ -441,7 +451,8 @@ def _train(
             images = torch.cat([batch.src_image, batch.trg_image])[mine]
             with autocast():
                 p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories, originals)  # type: ignore[arg-type]
-                hidden = torch.cat([featurizer.encode_prompt(p_src, b), featurizer.encode_prompt(p_trg, b)])[mine]
+                src_rows, trg_rows = slice(min(mine.start, b), min(mine.stop, b)), slice(max(mine.start, b) - b, max(mine.stop, b) - b)
+                hidden = torch.cat([_encode_rows(featurizer, p, r, b) for p, r in ((p_src, src_rows), (p_trg, trg_rows)) if r.stop > r.start])
                 # a fresh posterior draw and fresh noise at every step, as the authors' training calls the VAE's
                 # latent_dist.sample() and randn_like each time (sd_feature_extractor.py:76,111)
                 lat = extractor.latents(images, [*batch.src_ids, *batch.trg_ids][mine], generator=draws)
@@ -468,8 +479,10 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
+            logging = step % cfg.log_every == 0 or step == cfg.steps
             validating = bool(val_every) and step % val_every == 0
-            if not (step % cfg.log_every == 0 or validating or step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            saving = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if not (logging or validating or saving):
                 continue
             if int(bad_step) >= 0:
                 raise TrainingDiverged(
@@ -479,13 +492,13 @@ def _train(
                 )
             loss_value = float(loss.detach())  # the whole batch's loss: the same on every process
             val_pck = validate(step) if validating else None
-            if step % cfg.log_every == 0 or val_pck is not None or step == cfg.steps:
+            if logging or val_pck is not None:
                 rows.append({"step": step, "loss": loss_value, "val_pck": val_pck if val_pck is not None else math.nan})
                 val = {"val": f"{val_pck:.1f}" + (" (random weights)" if sd.random_weights else "")} if val_pck is not None else {}
                 bar.set_postfix(loss=f"{loss_value:.3f}", **val)
                 if log_with:
                     accelerator.log({"loss": loss_value, **({"val_pck": val_pck} if val_pck is not None else {})}, step=step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if saving:
                 save(step)
     finally:
         bar.close()
