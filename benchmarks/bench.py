@@ -11,6 +11,7 @@ explains every row. Prints the correctness checks as they run and a table last; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -54,6 +55,41 @@ def log(*args) -> None:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def bench_dino(tiny: bool, device) -> torch.nn.Module:
+    """DINOv2-B/14 of `Dinov2Config()`'s defaults (a toy width with `tiny`), random weights seeded 0, float32, eval."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2) if tiny else Dinov2Config()
+    torch.manual_seed(0)
+    return Dinov2Model(cfg).to(device).eval()
+
+
+@contextlib.contextmanager
+def step_window(warm: int, steps: int, on_start: Callable[[], object] | None = None, on_stop: Callable[[], object] | None = None):
+    """Times training steps `warm + 1 .. warm + steps` of `sdm.train.train` (run it for `warm + steps + 1` steps
+    inside) through its loss calls, one a step, synchronised only at the two ends of the window so that the loop
+    keeps its own lack of host syncs; `on_start` / `on_stop` run there (a profiler). Yields a dict that holds the
+    mean "step_s" after the block."""
+    from sdm import train as train_module
+
+    loss_fn, stamps, out = train_module.gaussian_cross_entropy, [], {}
+
+    def hooked(*a, **k):
+        if len(stamps) in (warm, warm + steps):
+            sync()
+            hook = on_start if len(stamps) == warm else on_stop
+            hook() if hook is not None else None
+        stamps.append(time.perf_counter())
+        return loss_fn(*a, **k)
+
+    train_module.gaussian_cross_entropy = hooked
+    try:
+        yield out
+    finally:
+        train_module.gaussian_cross_entropy = loss_fn
+    out["step_s"] = (stamps[warm + steps] - stamps[warm]) / steps
 
 
 def timeit(fn: Callable[[], object], warmup: int, repeat: int) -> dict:
@@ -250,11 +286,7 @@ def reference_eval(ref: ReferenceFeaturizer, ds: BenchPairs, prompt, n_pairs: in
 def section_eval(args, base, ours, ours_eager, device) -> None:
     res = {}
     size, e = args.size, 8
-    dino_cfg = __import__("transformers").Dinov2Config()  # ViT-B/14 defaults
-    if args.tiny:
-        dino_cfg = __import__("transformers").Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
-    torch.manual_seed(0)
-    dino32 = __import__("transformers").Dinov2Model(dino_cfg).to(device).eval()
+    dino32 = bench_dino(args.tiny, device)
     dino16 = copy.deepcopy(dino32).to(torch.bfloat16)
     for kind in ("single", "cpm"):
         n_img, n_pairs = (args.eval_images, args.eval_pairs) if kind == "single" else (args.cpm_images, args.cpm_pairs)
@@ -349,11 +381,7 @@ def section_files(args, ours, device) -> None:
     from sdm.data import load_dataset
 
     res = {}
-    dino_cfg = __import__("transformers").Dinov2Config()
-    if args.tiny:
-        dino_cfg = __import__("transformers").Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
-    torch.manual_seed(0)
-    dino16 = __import__("transformers").Dinov2Model(dino_cfg).to(device).eval().to(torch.bfloat16)
+    dino16 = bench_dino(args.tiny, device).to(torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("single", "cpm"):
             n_img, n_pairs = (args.eval_images, args.eval_pairs) if kind == "single" else (args.cpm_images, args.cpm_pairs)
@@ -400,15 +428,7 @@ def section_train(args, base, ours_eager, device) -> None:
     ds = BenchPairs(args.train_images, 48, size, seed=3)
     for pairs, ckpt in ((9, False), (3, False), (3, True)):
         key = f"{pairs}pairs" + ("_checkpointing" if ckpt else "")
-        times, peaks = [], []
-        stamps: list[float] = []
-        loss_fn = train_module.gaussian_cross_entropy
-
-        def timed_loss(*a, **k):  # one call per step; synchronised only at the ends of the timed window, so that
-            if len(stamps) in (args.train_warm, args.train_warm + args.train_steps):  # the loop keeps no host sync
-                sync()
-            stamps.append(time.perf_counter())
-            return loss_fn(*a, **k)
+        peaks = []
 
         def run(steps: int, pairs=pairs, ckpt=ckpt) -> None:
             cfg = TrainConfig(prompt="single", steps=steps, batch_size=pairs, image_size=size, mixed_precision="bf16",
@@ -420,12 +440,9 @@ def section_train(args, base, ours_eager, device) -> None:
         base_alloc = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        train_module.gaussian_cross_entropy = timed_loss
-        try:
+        with step_window(args.train_warm, args.train_steps) as window:
             run(args.train_warm + args.train_steps + 1)
-        finally:
-            train_module.gaussian_cross_entropy = loss_fn
-        times = [(stamps[args.train_warm + args.train_steps] - stamps[args.train_warm]) / args.train_steps]  # mean step
+        times = [window["step_s"]]  # the window's mean step
         if device.type == "cuda":
             peaks.append(torch.cuda.max_memory_allocated() - base_alloc + param_bytes(ours_eager.unet, ours_eager.text_encoder, ours_eager.vae))
         res[key] = {"ours": {"step_s": statistics.median(times), "steps_per_s": 1 / statistics.median(times),

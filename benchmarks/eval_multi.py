@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import SPAIR_TEST_PAIRS, BenchPairs
+from bench import SPAIR_TEST_PAIRS, BenchPairs, bench_dino
 
 import sdm
 from sdm.encoders import PromptEncoders
@@ -42,12 +42,10 @@ def main() -> None:
     ap.add_argument("--out", default="eval_multi.json")
     args = ap.parse_args()
     from accelerate import PartialState
-    from transformers import Dinov2Config, Dinov2Model
 
     state = PartialState()
     sd = optimize(sdm.sd21_architecture(0, device=state.device, dtype=torch.bfloat16))
-    torch.manual_seed(0)
-    dino = Dinov2Model(Dinov2Config()).to(state.device, torch.bfloat16).eval()
+    dino = bench_dino(False, state.device).to(torch.bfloat16)
     ds = BenchPairs(args.images, args.pairs, 768, n_categories=1)
     feat = SDFeaturizer(sd, image_size=768, timestep=50, ensemble=8)
     module = build_prompt("cpm", feat, encoders=PromptEncoders(dino=dino)).to(state.device)

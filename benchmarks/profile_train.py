@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import BenchPairs
+from bench import BenchPairs, step_window
 
 import sdm
 from sdm import train as train_module
@@ -38,23 +37,11 @@ def main() -> None:
     sd = optimize(sdm.sd21_architecture(0, device="cuda", dtype=torch.bfloat16))
     ds = BenchPairs(12, 48, 768, seed=3)
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    calls, marks = [0], {}
-    loss_fn = train_module.gaussian_cross_entropy
-
-    def hooked(*a, **k):
-        if calls[0] in (args.warm, args.warm + args.steps):
-            torch.cuda.synchronize()
-            marks[calls[0]] = time.perf_counter()
-            prof.start() if calls[0] == args.warm else prof.stop()
-        calls[0] += 1
-        return loss_fn(*a, **k)
-
-    train_module.gaussian_cross_entropy = hooked
     cfg = train_module.TrainConfig(prompt="single", steps=args.warm + args.steps + 1, batch_size=args.pairs, mixed_precision="bf16",
                                    val_every=0, checkpoint_every=10**9, log_every=10**9, num_workers=2)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, step_window(args.warm, args.steps, prof.start, prof.stop) as window:
         train_module.train(cfg, sd, ds, out_dir=tmp, progress=False)
-    wall = (marks[args.warm + args.steps] - marks[args.warm]) / args.steps
+    wall = window["step_s"]
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     lines = [f"{args.pairs} pairs a step: wall {wall * 1e3:.1f} ms per step (profiler on), GPU kernels {gpu_us / 1e3 / args.steps:.1f} ms per step",

@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import BenchPairs
+from bench import BenchPairs, step_window
 
 import sdm
 from sdm import train as train_module
@@ -40,21 +39,11 @@ def main() -> None:
     state = PartialState()
     sd = optimize(sdm.sd21_architecture(0, device=state.device, dtype=torch.bfloat16))
     ds = BenchPairs(12, 48, 768, seed=3)
-    stamps: list[float] = []
-    loss_fn = train_module.gaussian_cross_entropy
-
-    def timed(*a, **k):  # synchronised only at the ends of the timed window: the loop itself keeps no host sync
-        if len(stamps) in (args.warm, args.warm + args.steps):
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        return loss_fn(*a, **k)
-
-    train_module.gaussian_cross_entropy = timed
     cfg = train_module.TrainConfig(prompt="single", steps=args.warm + args.steps + 1, batch_size=args.pairs, mixed_precision="bf16",
                                    val_every=0, checkpoint_every=10**9, log_every=10**9, num_workers=2)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, step_window(args.warm, args.steps) as window:
         train_module.train(cfg, sd, ds, out_dir=tmp, progress=False)
-    step_s = (stamps[args.warm + args.steps] - stamps[args.warm]) / args.steps  # the mean step of the window
+    step_s = window["step_s"]  # the mean step of the window
     steps = [step_s]
     if state.is_main_process:
         res = {"processes": state.num_processes, "split": "images", "pairs_per_step": args.pairs, "step_s": step_s, "steps_per_s": 1 / step_s,
