@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .base import (
-    AnnotationError,
-    DatasetNotFoundError,
-    ImageReadError,
+    FilePairDataset,
     ImageSet,
     ImageSize,
     OriginalLoader,
@@ -25,6 +23,7 @@ from .base import (
     spread_subset,
 )
 from .cub import CUB200, CUB_LAYOUT, read_cub
+from .errors import AnnotationError, DatasetNotFoundError, ImageReadError
 from .pfpascal import PFPASCAL_CATEGORIES, PFPascal, parse_pfpascal_csv, read_pfpascal_mat
 from .pfwillow import PFWillow, category_label, parse_pfwillow_csv
 from .spair import SPAIR_CATEGORIES, SPair71k, parse_spair_annotation
@@ -110,6 +109,7 @@ __all__ = [
     "AnnotationError",
     "DatasetName",
     "DatasetNotFoundError",
+    "FilePairDataset",
     "ImageReadError",
     "ImageSet",
     "ImageSize",

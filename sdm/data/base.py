@@ -20,20 +20,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .errors import ImageReadError
+
 ImageSize = int | tuple[int, int]
 OriginalLoader = Callable[[str], Image.Image]  # image id -> the image as stored (`PairDataset.original_image`)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset root or one of its split files is missing; the message shows the expected layout."""
-
-
-class AnnotationError(ValueError):
-    """An annotation file is malformed; the message names the file and the field."""
-
-
-class ImageReadError(OSError):
-    """An image is missing, unreadable or corrupt; the message names its path."""
 
 
 def as_hw(image_size: ImageSize) -> tuple[int, int]:
@@ -42,32 +32,6 @@ def as_hw(image_size: ImageSize) -> tuple[int, int]:
     if len(hw) != 2 or min(hw) <= 0:
         raise ValueError(f"image_size must be a positive int or (H, W); got {image_size!r}")
     return hw[0], hw[1]
-
-
-def missing_root_error(what: str, path: Path, layout: str, download_name: str) -> DatasetNotFoundError:
-    """Error for a missing dataset file or folder, with the expected layout and the download command."""
-    return DatasetNotFoundError(
-        f"{what} not found: {path}\nExpected layout:\n{layout.rstrip()}\n"
-        f"Get it with `sdm download {download_name} --root data/` (see data/README.md)."
-    )
-
-
-def check_csv_rows(path: Path) -> None:
-    """Every row of a csv file has as many fields as its header; an AnnotationError names the first row that does
-    not (a truncated or damaged file), rather than letting its missing fields pass as absent keypoints."""
-    import csv
-
-    try:
-        with open(path, newline="") as fh:
-            rows = csv.reader(fh)
-            header = next(rows, None)
-            for line, row in enumerate(rows, start=2):
-                if row and header is not None and len(row) != len(header):
-                    raise AnnotationError(
-                        f"{path}, line {line}: {len(row)} fields where the header has {len(header)} (a truncated or damaged row)"
-                    )
-    except UnicodeDecodeError as err:
-        raise AnnotationError(f"{path}: not a text csv file ({err})") from err
 
 
 def read_image(path: Path) -> Image.Image:
@@ -318,11 +282,35 @@ class PairDataset(Dataset):
         return ImageSet(self.image_ids(), self.load_image)
 
 
-def check_category(category: str | None, valid: Sequence[str]) -> str | None:
-    """Return ``category`` when it is None or one of ``valid``; otherwise a ValueError listing them."""
-    if category is not None and category not in valid:
-        raise ValueError(f"unknown category {category!r}; valid categories: {', '.join(valid)}")
-    return category
+class FilePairDataset(PairDataset):
+    """A PairDataset whose images are files (`image_file`): it reads them, and caches each file's stored size
+    read from its header, which scales the annotations into the resized space."""
+
+    def image_file(self, image_id: str) -> Path:
+        """The file holding image `image_id` as stored."""
+        raise NotImplementedError
+
+    def stored_size(self, image_id: str) -> tuple[int, int]:
+        """Original (W, H) of image `image_id` (its file's header, read once)."""
+        path = self.image_file(image_id)
+        sizes: dict[Path, tuple[int, int]] = self.__dict__.setdefault("_stored_sizes", {})
+        if path not in sizes:
+            sizes[path] = read_size(path)
+        return sizes[path]
+
+    def load_image(self, image_id: str) -> torch.Tensor:
+        return pil_to_tensor(read_image(self.image_file(image_id)), self.image_size)
+
+    def original_image(self, image_id: str) -> Image.Image:
+        return read_image(self.image_file(image_id))
+
+    def resized_points(self, xy: np.ndarray, image_id: str) -> torch.Tensor:
+        """K x 2 (x, y) pixels of the stored image `image_id` -> K x 2 float pixels of the resized one."""
+        return scale_points(torch.from_numpy(xy), self.stored_size(image_id), self.image_size)
+
+    def resized_box(self, box: np.ndarray | torch.Tensor, image_id: str) -> torch.Tensor:
+        """(x1, y1, x2, y2) pixels of the stored image `image_id` -> the same box in the resized image."""
+        return scale_box(torch.as_tensor(box), self.stored_size(image_id), self.image_size)
 
 
 class PairSubset:

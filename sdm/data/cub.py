@@ -18,22 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .base import (
-    AnnotationError,
-    ImageSize,
-    Pair,
-    PairDataset,
-    as_hw,
-    check_category,
-    missing_root_error,
-    pil_to_tensor,
-    read_image,
-    read_size,
-    scale_box,
-    scale_points,
-)
+from .base import FilePairDataset, ImageSize, Pair, as_hw
+from .errors import AnnotationError, check_category, missing_root_error
 
 CUB_LAYOUT = """\
 <root>/                                  (the extracted CUB_200_2011/ folder)
@@ -90,7 +77,7 @@ def read_cub(root: str | Path) -> dict[str, CubImage]:
     return images
 
 
-class CUB200(PairDataset):
+class CUB200(FilePairDataset):
     """CUB-200-2011 test pairs under Hedlin et al.'s protocol (module docstring).
 
     Categories are the class folder names ("001.Black_footed_Albatross"). Ids: src_id/trg_id the image's path
@@ -122,7 +109,6 @@ class CUB200(PairDataset):
             self.pairs = [p for p in self.pairs if p[0].path.split("/")[0] == category]
         self.categories = sorted({p[0].path.split("/")[0] for p in self.pairs})
         self._by_id = {self._id(im.path): im for im in chosen}
-        self._sizes: dict[str, tuple[int, int]] = {}
 
     @staticmethod
     def recognises(root: Path) -> bool:
@@ -135,22 +121,14 @@ class CUB200(PairDataset):
     def _id(rel: str) -> str:
         return str(Path(rel).with_suffix(""))
 
-    def _path(self, image: CubImage) -> Path:
-        return self.root / "images" / image.path
+    def image_file(self, image_id: str) -> Path:
+        return self.root / "images" / self._by_id[image_id].path
 
     def _size(self, image: CubImage) -> tuple[int, int]:
-        if image.image_id not in self._sizes:
-            self._sizes[image.image_id] = read_size(self._path(image))
-        return self._sizes[image.image_id]
+        return self.stored_size(self._id(image.path))
 
     def image_ids(self) -> list[str]:
         return list(dict.fromkeys(self._id(im.path) for pair in self.pairs for im in pair))
-
-    def load_image(self, image_id: str) -> torch.Tensor:
-        return pil_to_tensor(read_image(self._path(self._by_id[image_id])), self.image_size)
-
-    def original_image(self, image_id: str) -> Image.Image:
-        return read_image(self._path(self._by_id[image_id]))
 
     def _points(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         src, trg = self.pairs[i]
@@ -164,8 +142,7 @@ class CUB200(PairDataset):
     def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         src, trg = self.pairs[i]
         s, t, _ = self._points(i)
-        src_kps = scale_points(torch.from_numpy(s), self._size(src), self.image_size)
-        trg_kps = scale_points(torch.from_numpy(t), self._size(trg), self.image_size)
+        src_kps, trg_kps = self.resized_points(s, self._id(src.path)), self.resized_points(t, self._id(trg.path))
         w_orig = self._size(trg)[0]
         threshold = max(trg.bbox[2], trg.bbox[3]) * self.image_size[1] / w_orig  # both sides by the x factor
         return src_kps, trg_kps, float(threshold)
@@ -174,7 +151,7 @@ class CUB200(PairDataset):
         src, trg = self.pairs[i]
         src_kps, trg_kps, threshold = self.keypoints(i)
         src_id, trg_id = self._id(src.path), self._id(trg.path)
-        box = lambda im: scale_box(torch.tensor([im.bbox[0], im.bbox[1], im.bbox[0] + im.bbox[2], im.bbox[1] + im.bbox[3]]), self._size(im), self.image_size)  # noqa: E731
+        box = lambda im: self.resized_box(torch.tensor([im.bbox[0], im.bbox[1], im.bbox[0] + im.bbox[2], im.bbox[1] + im.bbox[3]]), self._id(im.path))  # noqa: E731
         return self.make_pair(
             (src_id, trg_id), (src_kps, trg_kps), (self._size(src), self._size(trg)), category=src.path.split("/")[0],
             threshold=threshold, pair_id=f"{i}:{src_id}->{trg_id}",

@@ -15,22 +15,8 @@ from PIL import Image
 
 from sdm.metrics import pfpascal_threshold
 
-from .base import (
-    AnnotationError,
-    ImageSize,
-    Pair,
-    PairDataset,
-    as_hw,
-    check_category,
-    check_csv_rows,
-    missing_root_error,
-    pil_to_tensor,
-    read_image,
-    read_size,
-    scale_box,
-    scale_points,
-    valid_point_mask,
-)
+from .base import FilePairDataset, ImageSize, Pair, as_hw, valid_point_mask
+from .errors import AnnotationError, check_category, missing_root_error, read_csv
 
 # VOC order; the csv's `class` column is the 1-based index into this tuple.
 PFPASCAL_CATEGORIES: tuple[str, ...] = (
@@ -81,17 +67,7 @@ def parse_pfpascal_csv(csv_path: str | Path) -> list[PascalRecord]:
     Image paths are reduced to their file names (the images all live in PF-dataset-PASCAL/JPEGImages).
     """
     csv_path = Path(csv_path)
-    if Path(csv_path).is_file():
-        check_csv_rows(Path(csv_path))
-    try:
-        df = pd.read_csv(csv_path)
-    except FileNotFoundError:
-        raise
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise AnnotationError(f"{csv_path}: cannot parse csv ({err})") from err
-    missing = [c for c in ("source_image", "target_image", "class") if c not in df.columns]
-    if missing:
-        raise AnnotationError(f"{csv_path}: missing column(s) {missing}")
+    df = read_csv(csv_path, ("source_image", "target_image", "class"))
     kp_cols = ("XA", "YA", "XB", "YB")
     has_kps = all(c in df.columns for c in kp_cols)
     records = []
@@ -149,7 +125,7 @@ def read_pfpascal_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return kps, bbox
 
 
-class PFPascal(PairDataset):
+class PFPascal(FilePairDataset):
     """PF-Pascal pairs of one split as Pair samples.
 
     Keypoints: from the csv's XA/YA/XB/YB columns when present (val, test), otherwise from the two images'
@@ -185,7 +161,6 @@ class PFPascal(PairDataset):
             raise missing_root_error(f"PF-Pascal {split} pair list", csv_path, PFPASCAL_LAYOUT, "pfpascal")
         self.records = [r for r in parse_pfpascal_csv(csv_path) if category is None or r.category == category]
         self.categories = sorted({r.category for r in self.records})
-        self._sizes: dict[str, tuple[int, int]] = {}
         self._files = {Path(n).stem: n for r in self.records for n in (r.src, r.trg)}
 
     @staticmethod
@@ -195,16 +170,11 @@ class PFPascal(PairDataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _image_path(self, name: str) -> Path:
-        return self.root / IMAGE_DIR / "JPEGImages" / name
+    def image_file(self, image_id: str) -> Path:
+        return self.root / IMAGE_DIR / "JPEGImages" / self._files[image_id.removesuffix(FLIP_SUFFIX)]
 
     def _ann_path(self, name: str, category: str) -> Path:
         return self.root / IMAGE_DIR / "Annotations" / category / f"{Path(name).stem}.mat"
-
-    def _size(self, name: str) -> tuple[int, int]:
-        if name not in self._sizes:
-            self._sizes[name] = read_size(self._image_path(name))
-        return self._sizes[name]
 
     @staticmethod
     def _id(name: str, flip: bool) -> str:
@@ -215,13 +185,11 @@ class PFPascal(PairDataset):
         return list(dict.fromkeys(ids))
 
     def load_image(self, image_id: str) -> torch.Tensor:
-        flip = image_id.endswith(FLIP_SUFFIX)
-        stem = image_id.removesuffix(FLIP_SUFFIX)
-        image = pil_to_tensor(read_image(self._image_path(self._files[stem])), self.image_size)
-        return image.flip(-1) if flip else image
+        image = super().load_image(image_id)
+        return image.flip(-1) if image_id.endswith(FLIP_SUFFIX) else image
 
     def original_image(self, image_id: str) -> Image.Image:
-        image = read_image(self._image_path(self._files[image_id.removesuffix(FLIP_SUFFIX)]))
+        image = super().original_image(image_id)
         # flipped before DINOv2's preprocessing, as the authors' pre_compute_dino_feature.py:60-61
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if image_id.endswith(FLIP_SUFFIX) else image
 
@@ -234,15 +202,15 @@ class PFPascal(PairDataset):
     def _annotation(self, i: int) -> dict[str, Any]:
         """Resized (and possibly flipped) points and boxes of pair i."""
         r = self.records[i]
-        src_wh, trg_wh = self._size(r.src), self._size(r.trg)
+        ids = {"src": Path(r.src).stem, "trg": Path(r.trg).stem}  # the unflipped images' ids
         boxes: dict[str, torch.Tensor | None] = {}
         mats: dict[str, np.ndarray] = {}
-        for side, name, wh in (("src", r.src, src_wh), ("trg", r.trg, trg_wh)):
+        for side, name in (("src", r.src), ("trg", r.trg)):
             ann = self._ann_path(name, r.category)
             if r.src_kps is None or ann.is_file():
                 kps, box = read_pfpascal_mat(ann)
                 mats[side] = kps
-                boxes[side] = scale_box(torch.from_numpy(box), wh, self.image_size)
+                boxes[side] = self.resized_box(box, ids[side])
             else:
                 boxes[side] = None
         if r.src_kps is not None and r.trg_kps is not None:
@@ -255,8 +223,7 @@ class PFPascal(PairDataset):
                     f"field 'kps' has {len(src_np)} vs {len(trg_np)} rows"
                 )
         keep = valid_point_mask(src_np, trg_np)
-        src_kps = scale_points(torch.from_numpy(src_np[keep]), src_wh, self.image_size)
-        trg_kps = scale_points(torch.from_numpy(trg_np[keep]), trg_wh, self.image_size)
+        src_kps, trg_kps = self.resized_points(src_np[keep], ids["src"]), self.resized_points(trg_np[keep], ids["trg"])
         if r.flip:
             src_kps, trg_kps = self._flip_x(src_kps, (0,)), self._flip_x(trg_kps, (0,))
             for side, box in boxes.items():
@@ -279,7 +246,7 @@ class PFPascal(PairDataset):
         if len(ann["src_kps"]) == 0:
             raise AnnotationError(f"PF-Pascal pair {r.row} ({r.src} -> {r.trg}): no valid keypoint")
         return self.make_pair(
-            (src_id, trg_id), (ann["src_kps"], ann["trg_kps"]), (self._size(r.src), self._size(r.trg)), category=r.category,
+            (src_id, trg_id), (ann["src_kps"], ann["trg_kps"]), (self.stored_size(src_id), self.stored_size(trg_id)), category=r.category,
             threshold=self._threshold(), pair_id=f"{r.row}:{Path(r.src).stem}->{Path(r.trg).stem}",
             extra={"flipped": r.flip, "src_bbox": ann["src_bbox"], "trg_bbox": ann["trg_bbox"]},
         )  # fmt: skip

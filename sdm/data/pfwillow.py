@@ -7,27 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from PIL import Image
 
 from sdm.metrics import pfwillow_threshold
 
-from .base import (
-    AnnotationError,
-    ImageSize,
-    Pair,
-    PairDataset,
-    as_hw,
-    check_category,
-    check_csv_rows,
-    missing_root_error,
-    pil_to_tensor,
-    read_image,
-    read_size,
-    scale_points,
-    valid_point_mask,
-)
+from .base import FilePairDataset, ImageSize, Pair, as_hw, valid_point_mask
+from .errors import AnnotationError, check_category, missing_root_error, read_csv
 
 PFWILLOW_LAYOUT = """\
 <root>/
@@ -61,19 +46,8 @@ class WillowRecord:
 
 def parse_pfwillow_csv(csv_path: Path) -> list[WillowRecord]:
     """Read PF-Willow's test_pairs.csv into records (original-image pixel coordinates)."""
-    if Path(csv_path).is_file():
-        check_csv_rows(Path(csv_path))
-    try:
-        df = pd.read_csv(csv_path)
-    except FileNotFoundError:
-        raise
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise AnnotationError(f"{csv_path}: cannot parse csv ({err})") from err
     cols = [f"{a}{i}" for a in ("XA", "YA", "XB", "YB") for i in range(1, N_POINTS + 1)]
-    needed = ["imageA", "imageB", *cols]
-    missing = [c for c in needed if c not in df.columns]
-    if missing:
-        raise AnnotationError(f"{csv_path}: missing column(s) {missing}; expected {needed[:3]}...")
+    df = read_csv(csv_path, ["imageA", "imageB", *cols])
     records = []
     for row_no, row in enumerate(df.itertuples(index=False), start=2):  # line 1 is the header
         paths = []
@@ -107,7 +81,7 @@ def parse_pfwillow_csv(csv_path: Path) -> list[WillowRecord]:
     return records
 
 
-class PFWillow(PairDataset):
+class PFWillow(FilePairDataset):
     """PF-Willow test pairs as Pair samples.
 
     ``threshold`` = max(x extent, y extent) of the target keypoints after resizing. Ids: src_id/trg_id
@@ -132,7 +106,6 @@ class PFWillow(PairDataset):
         check_category(category, self.all_categories)
         self.records = [r for r in records if category is None or r.category == category]
         self.categories = sorted({r.category for r in self.records})
-        self._sizes: dict[str, tuple[int, int]] = {}
 
     @staticmethod
     def recognises(root: Path) -> bool:
@@ -141,8 +114,8 @@ class PFWillow(PairDataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _path(self, rel: str) -> Path:
-        return self.root / IMAGE_DIR / rel
+    def image_file(self, image_id: str) -> Path:
+        return self.root / IMAGE_DIR / f"{image_id}.png"
 
     @staticmethod
     def _id(rel: str) -> str:
@@ -152,22 +125,11 @@ class PFWillow(PairDataset):
         ids = [self._id(r.src) for r in self.records] + [self._id(r.trg) for r in self.records]
         return list(dict.fromkeys(ids))
 
-    def load_image(self, image_id: str) -> torch.Tensor:
-        return pil_to_tensor(read_image(self._path(image_id + ".png")), self.image_size)
-
-    def original_image(self, image_id: str) -> Image.Image:
-        return read_image(self._path(image_id + ".png"))
-
-    def _size(self, rel: str) -> tuple[int, int]:
-        if rel not in self._sizes:
-            self._sizes[rel] = read_size(self._path(rel))
-        return self._sizes[rel]
-
     def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         r = self.records[i]
         keep = valid_point_mask(r.src_kps, r.trg_kps)
-        src_kps = scale_points(torch.from_numpy(r.src_kps[keep]), self._size(r.src), self.image_size)
-        trg_kps = scale_points(torch.from_numpy(r.trg_kps[keep]), self._size(r.trg), self.image_size)
+        src_kps = self.resized_points(r.src_kps[keep], self._id(r.src))
+        trg_kps = self.resized_points(r.trg_kps[keep], self._id(r.trg))
         if len(trg_kps) < 2:
             raise AnnotationError(f"PF-Willow pair {i} ({r.src} -> {r.trg}): fewer than 2 valid keypoints")
         return src_kps, trg_kps, float(pfwillow_threshold(trg_kps))
@@ -176,5 +138,5 @@ class PFWillow(PairDataset):
         r = self.records[i]
         src_kps, trg_kps, threshold = self.keypoints(i)
         src_id, trg_id = self._id(r.src), self._id(r.trg)
-        sizes = (self._size(r.src), self._size(r.trg))
+        sizes = (self.stored_size(src_id), self.stored_size(trg_id))
         return self.make_pair((src_id, trg_id), (src_kps, trg_kps), sizes, category=r.category, threshold=threshold, pair_id=f"{r.row}:{src_id}->{trg_id}")

@@ -9,25 +9,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 
 from sdm.metrics import spair_threshold
 
-from .base import (
-    AnnotationError,
-    ImageSize,
-    Pair,
-    PairDataset,
-    as_hw,
-    check_category,
-    missing_root_error,
-    pil_to_tensor,
-    read_image,
-    read_size,
-    scale_box,
-    scale_points,
-    valid_point_mask,
-)
+from .base import FilePairDataset, ImageSize, Pair, as_hw, valid_point_mask
+from .errors import AnnotationError, check_category, missing_root_error
 
 SPAIR_CATEGORIES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -118,7 +104,7 @@ def parse_spair_annotation(path: Path, ann: Any = None) -> SPairRecord:
     )
 
 
-class SPair71k(PairDataset):
+class SPair71k(FilePairDataset):
     """SPair-71k pairs of one split (optionally one category) as Pair samples.
 
     ``threshold`` = max(h, w) of the target bounding box after resizing (per-axis scale).
@@ -163,7 +149,6 @@ class SPair71k(PairDataset):
                 )
             self.records.append(parse_spair_annotation(path))
         self.categories = sorted({r.category for r in self.records})
-        self._sizes: dict[str, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -172,38 +157,26 @@ class SPair71k(PairDataset):
     def recognises(root: Path) -> bool:
         return (root / "Layout").is_dir() or ((root / "PairAnnotation").is_dir() and (root / "JPEGImages").is_dir())
 
-    def _path(self, image_id: str) -> Path:
+    def image_file(self, image_id: str) -> Path:
         return self.image_root / "JPEGImages" / f"{image_id}.jpg"
 
     @staticmethod
     def _ids(r: SPairRecord) -> tuple[str, str]:
         return f"{r.category}/{Path(r.src_imname).stem}", f"{r.category}/{Path(r.trg_imname).stem}"
 
-    def _size(self, image_id: str) -> tuple[int, int]:
-        if image_id not in self._sizes:
-            self._sizes[image_id] = read_size(self._path(image_id))
-        return self._sizes[image_id]
-
     def image_ids(self) -> list[str]:
         ids = [i for r in self.records for i in self._ids(r)]
         return list(dict.fromkeys(ids))
 
-    def load_image(self, image_id: str) -> torch.Tensor:
-        return pil_to_tensor(read_image(self._path(image_id)), self.image_size)
-
-    def original_image(self, image_id: str) -> Image.Image:
-        return read_image(self._path(image_id))
-
     def _scaled(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         r = self.records[i]
         src_id, trg_id = self._ids(r)
-        src_wh, trg_wh = self._size(src_id), self._size(trg_id)
         keep = valid_point_mask(r.src_kps, r.trg_kps)
         return (
-            scale_points(torch.from_numpy(r.src_kps[keep]), src_wh, self.image_size),
-            scale_points(torch.from_numpy(r.trg_kps[keep]), trg_wh, self.image_size),
-            scale_box(torch.from_numpy(r.src_bbox), src_wh, self.image_size),
-            scale_box(torch.from_numpy(r.trg_bbox), trg_wh, self.image_size),
+            self.resized_points(r.src_kps[keep], src_id),
+            self.resized_points(r.trg_kps[keep], trg_id),
+            self.resized_box(r.src_bbox, src_id),
+            self.resized_box(r.trg_bbox, trg_id),
         )
 
     def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -220,6 +193,6 @@ class SPair71k(PairDataset):
                 f"SPair-71k pair {r.name}: field 'trg_bndbox' is empty ({r.trg_bbox.tolist()})"
             )
         return self.make_pair(
-            (src_id, trg_id), (src_kps, trg_kps), (self._size(src_id), self._size(trg_id)), category=r.category,
+            (src_id, trg_id), (src_kps, trg_kps), (self.stored_size(src_id), self.stored_size(trg_id)), category=r.category,
             threshold=threshold, pair_id=r.name, extra={"src_bbox": src_box, "trg_bbox": trg_box, **r.flags},
         )  # fmt: skip

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import AnnotationError, DatasetNotFoundError, ImageSize, as_hw, check_category
+from .base import ImageSize, as_hw
+from .errors import AnnotationError, DatasetNotFoundError, check_category
 from .spair import SPAIR_CATEGORIES, SPair71k, SPairRecord, parse_spair_annotation
 
 SPAIR_U_LAYOUT = """\
@@ -75,7 +76,7 @@ class SPairU(SPair71k):
         images = Path(spair_root) if spair_root is not None else (self.root if (self.root / "JPEGImages").is_dir() else self.root.parent / "SPair-71k")
         if not (images / "JPEGImages").is_dir():
             raise _missing("SPair-71k images for SPair-U (spair_root)", images / "JPEGImages")
-        self.image_root, self._sizes = images, {}
+        self.image_root = images
         paths = sorted(pair_dir.glob("*.json"))
         self.records = [self._record(p) for p in paths if category is None or p.stem.rsplit(":", 1)[-1] == category]
         self.categories = sorted({r.category for r in self.records})

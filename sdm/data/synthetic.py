@@ -28,7 +28,8 @@ from PIL import Image
 
 from sdm.metrics import pfwillow_threshold
 
-from .base import ImageSize, Pair, PairDataset, as_hw, check_category, pil_to_tensor
+from .base import ImageSize, Pair, PairDataset, as_hw, pil_to_tensor
+from .errors import check_category
 
 # Photographs shipped inside the scikit-image wheel (no pooch download): name -> H x W x 3 uint8.
 PHOTOS: dict[str, Callable[[], np.ndarray]] = {
