@@ -139,11 +139,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from sdm.backbones import build_backbone
     from sdm.encoders import load_dino
     from sdm.evaluate import evaluate
     from sdm.extractors import ModuleExtractor, SDExtractor, ViTFeatures
     from sdm.features import SDFeaturizer
+    from sdm.matching import MatchConfig
     from sdm.prompt_files import load_prompt, read_metadata
     from sdm.prompts import LEARNED, PROMPTS, build_prompt
 
@@ -190,10 +193,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             extractor = build_backbone(backbone, encoders, size).extractor(extractor)
             print(f"backbone {backbone} (from the prompt's training config)", file=sys.stderr)
         name = f"{kind}{'' if backbone == 'sd' else '-' + backbone}{'-untrained' if untrained else ''}_t{args.timestep}_e{args.ensemble}"
+    given = {f.name: getattr(args, f.name) for f in fields(MatchConfig) if getattr(args, f.name, None) is not None}
     result = evaluate(
-        extractor, dataset, matcher=args.matcher, batch_size=args.batch_size, num_workers=args.num_workers, max_pairs=args.max_pairs,
-        threshold=args.threshold, frame=args.frame, processes=processes, similarity=args.similarity,
-    )
+        extractor, dataset, matcher=MatchConfig(**given), batch_size=args.batch_size, num_workers=args.num_workers,
+        max_pairs=args.max_pairs, threshold=args.threshold, frame=args.frame, processes=processes,
+    )  # fmt: skip
     if processes is not None and not processes.is_main_process:
         return 0  # the main process writes the gathered result
     if prompt_file:
@@ -485,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--matcher", default="kernel_soft_argmax", choices=[*MATCHERS, "attention"], help="'attention': Hedlin et al.'s training-free matcher"
     )
-    from sdm.matching import SIMILARITIES
+    from sdm.matching import SIMILARITIES, MatchConfig
     from sdm.metrics import THRESHOLDS
 
     e.add_argument("--threshold", default=None, choices=sorted(THRESHOLDS), help="PCK threshold mode (default: the dataset's standard; docs/protocols.md)")
@@ -514,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # every other setting of the matcher (docs/choices.md), e.g. --attention-noise gaussian
     _config_args(e, AttentionMatcherConfig, prefix="attention_", skip=("image_size", "progress"))  # --image-size; no bars in the CLI
+    _config_args(e, MatchConfig)  # --temperature, --sigma of the feature matchers (--matcher, --similarity above)
     e.add_argument("--timestep", type=int, default=50)
     e.add_argument("--ensemble", type=int, default=8)
     e.add_argument("--up-block", type=int, default=1)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import pandas as pd
 import torch
@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from sdm.data import Pair, PairDataset, collate_pairs, decoding, spread_subset
 from sdm.extractors import FeatureExtractor, FeatureStore, ImageBatch, per_image_pair_features, similarity_of
 from sdm.matching import (
+    MatchConfig,
     Matcher,
-    Similarity,
     correlation,
     match,
     sample_features,
@@ -46,6 +46,7 @@ from sdm.records import code_record, extractor_record, protocol_id
 
 if TYPE_CHECKING:
     from accelerate import PartialState
+    from typing_extensions import Unpack
 
 
 @dataclass
@@ -216,65 +217,55 @@ def pair_correlation(
     return maps, pred
 
 
+class Scoring(TypedDict, total=False):
+    """The keywords `evaluate` passes on to `evaluate_predictions` (meanings and defaults there)."""
+
+    batch_size: int
+    num_workers: int
+    alphas: Sequence[float]
+    threshold: str | None
+    frame: Frame
+    progress: bool
+    desc: str
+    processes: PartialState | None
+
+
 def evaluate(
     extractor: FeatureExtractor,
     dataset: PairDataset,
     *,
-    matcher: Matcher = "kernel_soft_argmax",
-    batch_size: int = 8,
-    num_workers: int = 0,
-    alphas: Sequence[float] = ALPHAS,
+    matcher: Matcher | MatchConfig = "kernel_soft_argmax",
     max_pairs: int | None = None,
-    threshold: str | None = None,
-    frame: Frame = "resized",
-    progress: bool = True,
     feature_cache: int = 256,
-    desc: str = "evaluate",
-    temperature: float = 0.04,
-    sigma: float = 7.0,
-    processes: PartialState | None = None,
-    similarity: Similarity | None = None,
     store: FeatureStore | None = None,
+    **scoring: Unpack[Scoring],
 ) -> EvalResult:
     """PCK of features + matcher over a dataset (per image and per point, per category and overall).
 
     Args:
         extractor: `SDExtractor`, `ModuleExtractor` or anything with the `FeatureExtractor` methods.
-        matcher: "nearest", "soft_argmax" or "kernel_soft_argmax" (the paper's).
+        matcher: "nearest", "soft_argmax" or "kernel_soft_argmax" (the paper's) with its default parameters, or a
+            `sdm.matching.MatchConfig` (temperature, sigma, similarity). Its similarity None is the extractor's
+            (`similarity_of`; "dot" for `FusedExtractor`'s default fusion, as the SD4Match code scores it).
+        max_pairs: evaluate this many pairs spread evenly over the split (`spread_subset`); None: all.
         feature_cache: how many images' features to keep (per-image conditioning only).
-        max_pairs, threshold, frame: the protocol (`evaluate_predictions`); the result's info["protocol"]
-            records it with the extractor's settings.
-        processes: `accelerate.PartialState()` to spread the pairs over processes (`evaluate_predictions`);
-            the extractor of each process lives on its own device (`processes.device`).
-        similarity: "cosine" or "dot"; None: the extractor's (`similarity_of`; "dot" for `FusedExtractor`'s
-            default fusion, as the SD4Match code scores it).
         store: per-image features kept between calls (`feature_predictor`): pass one `FeatureStore` to evaluate
             the same extractor under several matchers or protocols and compute its features once.
+        scoring: batch_size, num_workers, alphas, threshold, frame, progress, desc and processes, as
+            `evaluate_predictions` takes them. The result's info["protocol"] records the protocol with the
+            extractor's settings. With `processes` (`accelerate.PartialState()`) the pairs are spread over
+            processes, and the extractor of each process lives on its own device (`processes.device`).
     """
-    similarity = similarity or similarity_of(extractor)
+    config = MatchConfig.of(matcher)
+    config = replace(config, similarity=config.similarity or similarity_of(extractor))
     pairs = spread_subset(dataset, max_pairs)
-    predict = feature_predictor(
-        extractor, dataset, matcher=matcher, feature_cache=feature_cache, temperature=temperature, sigma=sigma, pairs=pairs,
-        similarity=similarity, store=store,
-    )  # fmt: skip
-    result = evaluate_predictions(
-        pairs,
-        predict,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        alphas=alphas,
-        threshold=threshold,
-        frame=frame,
-        progress=progress,
-        desc=desc,
-        decode_images=extractor.conditioning == "pair",  # per-image features load their images through the cache
-        processes=processes,
-    )
-    result.info.update({"matcher": matcher, "conditioning": extractor.conditioning})
-    matcher_params: dict[str, Any] = {"temperature": temperature, "sigma": sigma} if matcher != "nearest" else {}
-    if similarity != "cosine":  # recorded only when it is not the default, so existing protocol ids stay the same
-        matcher_params["similarity"] = similarity
-    result.info["protocol"].update(matcher=matcher, matcher_params=matcher_params, **extractor_record(extractor))
+    predict = feature_predictor(extractor, dataset, matcher=config, feature_cache=feature_cache, pairs=pairs, store=store)
+    # per-image features load their images through the store; pair features need them in the batch
+    result = evaluate_predictions(pairs, predict, decode_images=extractor.conditioning == "pair", **scoring)
+    result.info.update({"matcher": config.matcher, "conditioning": extractor.conditioning})
+    # the similarity is recorded only when it is not the default, so existing protocol ids stay the same
+    protocol = {"matcher": config.matcher, "matcher_params": config.params(), **extractor_record(extractor)}
+    result.info["protocol"].update(protocol)
     return result
 
 

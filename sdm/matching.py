@@ -7,7 +7,8 @@ W-1 is cell w-1. All matchers take and return keypoints as B x N x 2 in feature-
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +188,42 @@ def match(
     if matcher == "kernel_soft_argmax":
         return kernel_soft_argmax(src_feats, trg_feats, query_xy, temperature=temperature, sigma=sigma, similarity=similarity)
     raise ValueError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """How source points are found in target features: one of `MATCHERS` with its parameters. The defaults are the
+    paper's Kernel-Softmax read-out (DESIGN.md; temperature and sigma as SD4Match's config/learnedToken.py)."""
+
+    matcher: Matcher = "kernel_soft_argmax"
+    temperature: float = 0.04  # softmax temperature of both soft matchers
+    sigma: float = 7.0  # std of the Gaussian kernel around the argmax, in feature cells (kernel_soft_argmax)
+    similarity: Similarity | None = None  # None: the extractor's (`sdm.extractors.similarity_of`), else cosine
+
+    def __post_init__(self) -> None:
+        if self.matcher not in MATCHERS:
+            raise ValueError(f"unknown matcher {self.matcher!r}; choose one of {MATCHERS}")
+        if self.similarity is not None and self.similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}")
+
+    @classmethod
+    def of(cls, matcher: Matcher | MatchConfig) -> MatchConfig:
+        """A matcher name with the default parameters, or the config as it is."""
+        return matcher if isinstance(matcher, MatchConfig) else cls(matcher)
+
+    def params(self) -> dict[str, Any]:
+        """The parameters the matcher reads, as a protocol records them (the similarity unless it is cosine)."""
+        out: dict[str, Any] = {"temperature": self.temperature, "sigma": self.sigma} if self.matcher != "nearest" else {}
+        if self.similarity not in (None, "cosine"):
+            out["similarity"] = self.similarity
+        return out
+
+    def __call__(self, src_feats: torch.Tensor, trg_feats: torch.Tensor, query_xy: torch.Tensor) -> torch.Tensor:
+        """`match` under this config. Shapes as `nearest_neighbour`."""
+        return match(
+            src_feats, trg_feats, query_xy, self.matcher, temperature=self.temperature, sigma=self.sigma,
+            similarity=self.similarity or "cosine",
+        )  # fmt: skip
 
 
 def match_points(

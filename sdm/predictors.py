@@ -6,13 +6,14 @@ predictions (`stored_predictor`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sdm.data import PairBatch, PairDataset, decoding
 from sdm.extractors import FeatureExtractor, FeatureStore, ImageBatch, similarity_of
-from sdm.matching import Matcher, Similarity, match, to_feature_coords, to_image_coords
+from sdm.matching import MatchConfig, Matcher, to_feature_coords, to_image_coords
 from sdm.prompts import Conditioning
 
 if TYPE_CHECKING:
@@ -37,13 +38,10 @@ def feature_predictor(
     extractor: FeatureExtractor,
     dataset: PairDataset,
     *,
-    matcher: Matcher = "kernel_soft_argmax",
-    temperature: float = 0.04,
-    sigma: float = 7.0,
+    matcher: Matcher | MatchConfig = "kernel_soft_argmax",
     feature_cache: int = 256,
     pairs: Any = None,
     group: int = 16,
-    similarity: Similarity | None = None,
     store: FeatureStore | None = None,
 ) -> Predictor:
     """A predictor that matches source keypoints into target features.
@@ -57,12 +55,13 @@ def feature_predictor(
             cut into fixed groups of `group`; a miss computes its whole group in one batch. The batches the
             network sees then depend only on the pairs, not on the order or the process that asks first, so a
             sharded evaluation equals a single-process one to the last digit.
-        similarity: how features are scored; None: the extractor's (`similarity_of`).
+        matcher: a matcher name, or a `MatchConfig` (its similarity None: the extractor's, `similarity_of`).
         store: where per-image features are kept; None: a new store of `feature_cache` entries. Pass one store
             to several evaluations of the same extractor (other matchers, protocols) to compute features once;
             `store.reset()` when the extractor changes.
     """
-    similarity = similarity or similarity_of(extractor)
+    config = MatchConfig.of(matcher)
+    config = replace(config, similarity=config.similarity or similarity_of(extractor))
     cache = store if store is not None else FeatureStore(feature_cache)
     size = tuple(dataset.image_size)
     per_image = extractor.conditioning != "pair"
@@ -101,7 +100,7 @@ def feature_predictor(
                 ImageBatch(batch.trg_image, batch.categories, batch.trg_ids, dataset.original_image),
             )
         query = to_feature_coords(batch.src_kps.to(src.device), size, tuple(src.shape[-2:]))
-        cells = match(src.float(), trg.float(), query, matcher, temperature=temperature, sigma=sigma, similarity=similarity)
+        cells = config(src.float(), trg.float(), query)
         return to_image_coords(cells, tuple(trg.shape[-2:]), size)
 
     return predict

@@ -83,6 +83,10 @@ def test_train_then_evaluate_offline(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["evaluate", *common, "--prompt", "empty", "--ensemble", "1", "--max-pairs", "4", "--similarity", "dot", "--out", str(results)]) == 0
     (dot,) = results.glob("synthetic_test_empty_*.json")
     assert json.loads(dot.read_text())["info"]["protocol"]["matcher_params"]["similarity"] == "dot"
+    # the Kernel-Softmax parameters come from MatchConfig's fields: recorded, and a protocol of their own
+    assert main(["evaluate", *common, "--prompt", "empty", "--ensemble", "1", "--max-pairs", "4", "--sigma", "3", "--temperature", "0.1", "--out", str(results)]) == 0
+    params = [json.loads(f.read_text())["info"]["protocol"]["matcher_params"] for f in results.glob("synthetic_test_empty_*.json")]
+    assert sorted(params, key=len) == [{"temperature": 0.1, "sigma": 3.0}, {"temperature": 0.04, "sigma": 7.0, "similarity": "dot"}]
 
 
 def test_evaluate_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:

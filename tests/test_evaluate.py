@@ -177,3 +177,30 @@ def test_pair_correlation_of_a_self_pair_peaks_at_the_query() -> None:
     for j, (x, y) in enumerate(cells.long().tolist()):
         assert maps[j, y, x] == pytest.approx(1.0, abs=1e-5) and maps[j].max() == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(pred, query, rtol=0, atol=1e-4)
+
+
+def test_match_config_reaches_the_matcher() -> None:
+    """MatchConfig's temperature and sigma are the ones the matcher uses: on hand-made features where the source
+    point's feature equals target cells (0, 0) and (3, 0) of a 2 x 4 map and is orthogonal to the others, kernel_soft_argmax gives the Kernel-Softmax written
+    out in the test for each (temperature, sigma): a wide kernel averages the two peaks (x about 1.5); nearest
+    ignores both."""
+    from sdm.matching import MatchConfig
+
+    e = torch.eye(3)  # three orthogonal features; target row 0 = e0 e1 e1 e0, row 1 = e2 everywhere
+    trg = torch.stack([torch.stack([e[0], e[1], e[1], e[0]]), e[2].expand(4, 3)]).permute(2, 0, 1)[None]  # 1 x 3 x 2 x 4
+    src = trg.clone()
+    query = torch.tensor([[[0.0, 0.0]]])
+
+    def expected(t: float, sigma: float) -> torch.Tensor:  # DESIGN.md's Kernel-Softmax, written out for this map
+        ys, xs = torch.meshgrid(torch.arange(2.0), torch.arange(4.0), indexing="ij")
+        score = torch.tensor([[1.0, 0, 0, 1], [0, 0, 0, 0]])  # cosine to the source point
+        weight = torch.exp(score * torch.exp(-(xs**2 + ys**2) / (2 * sigma**2)) / t)  # kernel at the argmax (0, 0)
+        return torch.stack([(weight * xs).sum(), (weight * ys).sum()]).div(weight.sum())[None, None]
+
+    for t, sigma in ((0.05, 100.0), (0.05, 1.0), (0.2, 2.0)):
+        torch.testing.assert_close(MatchConfig(temperature=t, sigma=sigma)(src, trg, query), expected(t, sigma))
+    assert abs(float(MatchConfig(temperature=0.05, sigma=100.0)(src, trg, query)[0, 0, 0]) - 1.5) < 0.01  # both peaks
+    assert float(MatchConfig("nearest", temperature=0.05, sigma=100.0)(src, trg, query)[0, 0, 0]) == 0.0
+    assert MatchConfig("nearest", sigma=100.0).params() == {} and MatchConfig().params() == {"temperature": 0.04, "sigma": 7.0}
+    with pytest.raises(ValueError, match="unknown matcher 'argmax'"):
+        MatchConfig("argmax")  # type: ignore[arg-type]

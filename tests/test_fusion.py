@@ -14,6 +14,7 @@ from sdm.encoders import tiny_dinov2
 from sdm.evaluate import evaluate
 from sdm.extractors import ImageBatch, SDExtractor, ViTFeatures
 from sdm.fusion import FusedExtractor, FusionConfig, fuse_features
+from sdm.matching import MatchConfig
 from sdm.prompts import build_prompt
 
 
@@ -91,8 +92,8 @@ def test_fused_features_are_scored_by_the_inner_product() -> None:
     fused = FusedExtractor(SDExtractor(featurizer, build_prompt("empty", featurizer)), tiny_dinov2())
     ds = SyntheticPairs(n=3, image_size=64, n_kps=6)
     own = evaluate(fused, ds, progress=False)
-    dot = evaluate(fused, ds, progress=False, similarity="dot")
-    cosine = evaluate(fused, ds, progress=False, similarity="cosine")
+    dot = evaluate(fused, ds, progress=False, matcher=MatchConfig(similarity="dot"))
+    cosine = evaluate(fused, ds, progress=False, matcher=MatchConfig(similarity="cosine"))
     pd.testing.assert_frame_equal(own.table, dot.table)
     assert own.info["protocol"]["matcher_params"]["similarity"] == "dot"
     assert own.info["protocol"]["fusion"]["weights"] == [0.5, 0.5]
