@@ -529,13 +529,9 @@ class CPMPrompt(PromptModule):
         return self._prompt(self.descriptors(images, originals))
 
     def pair_prompts(
-        self,
-        featurizer: SDFeaturizer,
-        src: torch.Tensor | None,
-        trg: torch.Tensor | None,
-        categories: list[str],
+        self, featurizer: SDFeaturizer, src: torch.Tensor | None, trg: torch.Tensor | None, categories: list[str],
         originals: tuple[Originals, Originals] | None = None,
-    ) -> tuple[PromptInput, PromptInput]:
+    ) -> tuple[PromptInput, PromptInput]:  # fmt: skip
         if self.cfg.condition == "image":
             return super().pair_prompts(featurizer, src, trg, categories, originals)
         src_o, trg_o = originals if originals is not None else (None, None)

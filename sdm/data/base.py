@@ -13,14 +13,14 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .errors import ImageReadError
+from .errors import DatasetNotFoundError, ImageReadError, check_category, missing_root_error
 
 ImageSize = int | tuple[int, int]
 OriginalLoader = Callable[[str], Image.Image]  # image id -> the image as stored (`PairDataset.original_image`)
@@ -284,7 +284,33 @@ class PairDataset(Dataset):
 
 class FilePairDataset(PairDataset):
     """A PairDataset whose images are files (`image_file`): it reads them, and caches each file's stored size
-    read from its header, which scales the annotations into the resized space."""
+    read from its header, which scales the annotations into the resized space. Its errors name the dataset and
+    show its layout (`title`, `layout`, `download_name`)."""
+
+    title: ClassVar[str]  # the dataset as errors name it, e.g. "SPair-71k"
+    layout: ClassVar[str]  # the expected folder layout, shown when something is missing
+    download_name: ClassVar[str]  # `sdm download <download_name>` fetches it
+    splits: ClassVar[tuple[str, ...]] = ("test",)
+    records: list[Any]  # one per pair, in the split's order
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def open_root(self, root: str | Path, split: str, image_size: ImageSize, category: str | None, categories: Sequence[str]) -> None:
+        """Set `root`, `split` and `image_size`, after checking the split, the category (one of `categories` or
+        None) and that the folder exists."""
+        self.root, self.split, self.image_size = Path(root), split, as_hw(image_size)
+        check_category(category, categories)
+        if split not in self.splits:
+            if len(self.splits) == 1:
+                raise ValueError(f"{self.title} has only the {self.splits[0]!r} split, not {split!r}")
+            raise ValueError(f"unknown {self.title} split {split!r}; valid: {', '.join(self.splits)}")
+        if not self.root.is_dir():
+            raise self.missing("root", self.root)
+
+    def missing(self, what: str, path: Path) -> DatasetNotFoundError:
+        """The error for a missing file or folder of this dataset: `what` it is, the layout, how to get it."""
+        return missing_root_error(f"{self.title} {what}", path, self.layout, self.download_name)
 
     def image_file(self, image_id: str) -> Path:
         """The file holding image `image_id` as stored."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import FilePairDataset, ImageSize, Pair, as_hw
+from .base import FilePairDataset, ImageSize, Pair
 from .errors import AnnotationError, check_category, missing_root_error
 
 CUB_LAYOUT = """\
@@ -85,16 +85,13 @@ class CUB200(FilePairDataset):
     resized pixels) and "parts" (the part ids of the points).
     """
 
+    title, layout, download_name, splits = "CUB-200-2011", CUB_LAYOUT, "cub", ("test", "trn")  # train_test_split.txt
     threshold_mode = "trg-bbox-xscale"  # Hedlin et al.'s (eval/cub2011.py:137-141); "trg-bbox" is the standard
 
     def __init__(
         self, root: str | Path, split: str = "test", image_size: ImageSize = 512, category: str | None = None, num_classes: int = 3
     ) -> None:
-        if split not in ("test", "trn"):
-            raise ValueError(f"CUB-200-2011 has the splits 'test' and 'trn' (train_test_split.txt), not {split!r}")
-        self.root = Path(root)
-        self.split = split
-        self.image_size = as_hw(image_size)
+        self.open_root(root, split, image_size, None, ())  # the categories are the chosen classes' folders
         images = read_cub(self.root)
         flags = {r[0]: r[1] == "1" for r in _rows(self.root / "train_test_split.txt", 2, self.root)}
         chosen = [im for im in images.values() if flags.get(im.image_id) == (split == "trn") and im.class_id <= num_classes]

@@ -64,10 +64,10 @@ class Source:
 
     folder: str
     archives: tuple[Remote, ...]
-    files: tuple[SingleFile, ...]
     required: tuple[str, ...]
     layout: str
     terms: str
+    files: tuple[SingleFile, ...] = ()
 
 
 PROPOSAL_FLOW = "https://www.di.ens.fr/willow/research/proposalflow/dataset"
@@ -78,10 +78,7 @@ SOURCES: dict[str, Source] = {
     "spair": Source(
         folder="SPair-71k",
         # the archive's top-level folder is SPair-71k/, so it is extracted into the download root itself
-        archives=(
-            Remote("http://cvlab.postech.ac.kr/research/SPair-71k/data/SPair-71k.tar.gz", "SPair-71k.tar.gz"),
-        ),
-        files=(),
+        archives=(Remote("http://cvlab.postech.ac.kr/research/SPair-71k/data/SPair-71k.tar.gz", "SPair-71k.tar.gz"),),
         required=("JPEGImages", "PairAnnotation/test", "Layout/large/test.txt"),
         layout=SPAIR_LAYOUT,
         terms="SPair-71k (Min et al. 2019): images from PASCAL VOC 2012 (Flickr terms); annotations for research use.",
@@ -115,9 +112,7 @@ SOURCES: dict[str, Source] = {
     "pfwillow": Source(
         folder="PF-Willow",
         archives=(Remote(f"{PROPOSAL_FLOW}/PF-dataset.zip", "PF-dataset.zip"),),
-        files=(
-            SingleFile(Remote(f"{CNNGEOMETRIC}/test_pairs_pf.csv", "test_pairs_pf.csv"), "test_pairs.csv"),
-        ),
+        files=(SingleFile(Remote(f"{CNNGEOMETRIC}/test_pairs_pf.csv", "test_pairs_pf.csv"), "test_pairs.csv"),),
         required=("PF-dataset",),
         layout=PFWILLOW_LAYOUT,
         terms="PF-Willow (Ham et al. 2016): for research use.",
@@ -126,7 +121,6 @@ SOURCES: dict[str, Source] = {
         folder="CUB_200_2011",
         # the archive's top-level folder is CUB_200_2011/, so it is extracted into the download root itself
         archives=(Remote("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", "CUB_200_2011.tgz"),),
-        files=(),
         required=("images", "images.txt", "parts/part_locs.txt", "bounding_boxes.txt"),
         layout=CUB_LAYOUT,
         terms="CUB-200-2011 (Wah et al. 2011, Caltech): for non-commercial research and educational use; images from Flickr.",

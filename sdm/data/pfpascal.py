@@ -15,8 +15,8 @@ from PIL import Image
 
 from sdm.metrics import pfpascal_threshold
 
-from .base import FilePairDataset, ImageSize, Pair, as_hw, valid_point_mask
-from .errors import AnnotationError, check_category, missing_root_error, read_csv
+from .base import FilePairDataset, ImageSize, Pair, valid_point_mask
+from .errors import AnnotationError, missing_root_error, read_csv
 
 # VOC order; the csv's `class` column is the 1-based index into this tuple.
 PFPASCAL_CATEGORIES: tuple[str, ...] = (
@@ -140,25 +140,13 @@ class PFPascal(FilePairDataset):
     """
 
     threshold_mode = "image"  # the standard PCK threshold (sdm.metrics.THRESHOLDS)
+    title, layout, download_name, splits = "PF-Pascal", PFPASCAL_LAYOUT, "pfpascal", ("trn", "val", "test")
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: PFPascalSplit = "test",
-        image_size: ImageSize = 768,
-        category: str | None = None,
-    ) -> None:
-        self.root = Path(root)
-        self.split = split
-        self.image_size = as_hw(image_size)
-        check_category(category, PFPASCAL_CATEGORIES)
-        if split not in ("trn", "val", "test"):
-            raise ValueError(f"unknown PF-Pascal split {split!r}; valid: trn, val, test")
-        if not self.root.is_dir():
-            raise missing_root_error("PF-Pascal root", self.root, PFPASCAL_LAYOUT, "pfpascal")
+    def __init__(self, root: str | Path, split: PFPascalSplit = "test", image_size: ImageSize = 768, category: str | None = None) -> None:
+        self.open_root(root, split, image_size, category, PFPASCAL_CATEGORIES)
         csv_path = self.root / f"{split}_pairs.csv"
         if not csv_path.is_file():
-            raise missing_root_error(f"PF-Pascal {split} pair list", csv_path, PFPASCAL_LAYOUT, "pfpascal")
+            raise self.missing(f"{split} pair list", csv_path)
         self.records = [r for r in parse_pfpascal_csv(csv_path) if category is None or r.category == category]
         self.categories = sorted({r.category for r in self.records})
         self._files = {Path(n).stem: n for r in self.records for n in (r.src, r.trg)}
@@ -166,9 +154,6 @@ class PFPascal(FilePairDataset):
     @staticmethod
     def recognises(root: Path) -> bool:
         return (root / "PF-dataset-PASCAL").is_dir()
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def image_file(self, image_id: str) -> Path:
         return self.root / IMAGE_DIR / "JPEGImages" / self._files[image_id.removesuffix(FLIP_SUFFIX)]

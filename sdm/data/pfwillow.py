@@ -11,8 +11,8 @@ import torch
 
 from sdm.metrics import pfwillow_threshold
 
-from .base import FilePairDataset, ImageSize, Pair, as_hw, valid_point_mask
-from .errors import AnnotationError, check_category, missing_root_error, read_csv
+from .base import FilePairDataset, ImageSize, Pair, valid_point_mask
+from .errors import AnnotationError, check_category, read_csv
 
 PFWILLOW_LAYOUT = """\
 <root>/
@@ -89,18 +89,14 @@ class PFWillow(FilePairDataset):
     """
 
     threshold_mode = "kps-extent"  # the standard PCK threshold (sdm.metrics.THRESHOLDS)
+    title, layout, download_name = "PF-Willow", PFWILLOW_LAYOUT, "pfwillow"
     split = "test"  # PF-Willow has no other split
 
     def __init__(self, root: str | Path, image_size: ImageSize = 768, category: str | None = None, *, split: str = "test") -> None:
-        if split != "test":
-            raise ValueError(f"PF-Willow has only the 'test' split, not {split!r}")
-        self.root = Path(root)
-        self.image_size = as_hw(image_size)
+        self.open_root(root, split, image_size, None, ())  # the categories are the csv's
         csv_path = self.root / "test_pairs.csv"
-        if not self.root.is_dir():
-            raise missing_root_error("PF-Willow root", self.root, PFWILLOW_LAYOUT, "pfwillow")
         if not csv_path.is_file():
-            raise missing_root_error("PF-Willow pair list", csv_path, PFWILLOW_LAYOUT, "pfwillow")
+            raise self.missing("pair list", csv_path)
         records = parse_pfwillow_csv(csv_path)
         self.all_categories = sorted({r.category for r in records})
         check_category(category, self.all_categories)
@@ -110,9 +106,6 @@ class PFWillow(FilePairDataset):
     @staticmethod
     def recognises(root: Path) -> bool:
         return (root / "PF-dataset").is_dir()
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def image_file(self, image_id: str) -> Path:
         return self.root / IMAGE_DIR / f"{image_id}.png"

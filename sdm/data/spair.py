@@ -12,8 +12,8 @@ import torch
 
 from sdm.metrics import spair_threshold
 
-from .base import FilePairDataset, ImageSize, Pair, as_hw, valid_point_mask
-from .errors import AnnotationError, check_category, missing_root_error
+from .base import FilePairDataset, ImageSize, Pair, valid_point_mask
+from .errors import AnnotationError
 
 SPAIR_CATEGORIES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -115,26 +115,14 @@ class SPair71k(FilePairDataset):
     """
 
     threshold_mode = "trg-bbox"  # the standard PCK threshold (sdm.metrics.THRESHOLDS)
+    title, layout, download_name, splits = "SPair-71k", SPAIR_LAYOUT, "spair", ("trn", "val", "test")
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: SPairSplit = "test",
-        category: str | None = None,
-        image_size: ImageSize = 768,
-    ) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path, split: SPairSplit = "test", category: str | None = None, image_size: ImageSize = 768) -> None:
+        self.open_root(root, split, image_size, category, SPAIR_CATEGORIES)
         self.image_root = self.root  # the folder holding JPEGImages/
-        self.split = split
-        self.image_size = as_hw(image_size)
-        check_category(category, SPAIR_CATEGORIES)
-        if split not in ("trn", "val", "test"):
-            raise ValueError(f"unknown SPair-71k split {split!r}; valid: trn, val, test")
-        if not self.root.is_dir():
-            raise missing_root_error("SPair-71k root", self.root, SPAIR_LAYOUT, "spair")
         list_path = self.root / "Layout" / "large" / f"{split}.txt"
         if not list_path.is_file():
-            raise missing_root_error(f"SPair-71k {split} pair list", list_path, SPAIR_LAYOUT, "spair")
+            raise self.missing(f"{split} pair list", list_path)
         names = [ln.strip() for ln in list_path.read_text().splitlines() if ln.strip()]
         ann_dir = self.root / "PairAnnotation" / split
         self.records: list[SPairRecord] = []
@@ -144,14 +132,9 @@ class SPair71k(FilePairDataset):
                 continue
             path = ann_dir / f"{name}.json"
             if not path.is_file():
-                raise missing_root_error(
-                    f"SPair-71k annotation listed in {list_path}", path, SPAIR_LAYOUT, "spair"
-                )
+                raise self.missing(f"annotation listed in {list_path}", path)
             self.records.append(parse_spair_annotation(path))
         self.categories = sorted({r.category for r in self.records})
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     @staticmethod
     def recognises(root: Path) -> bool:

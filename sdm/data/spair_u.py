@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ImageSize, as_hw
-from .errors import AnnotationError, DatasetNotFoundError, check_category
+from .base import ImageSize
+from .errors import AnnotationError, DatasetNotFoundError
 from .spair import SPAIR_CATEGORIES, SPair71k, SPairRecord, parse_spair_annotation
 
 SPAIR_U_LAYOUT = """\
@@ -34,13 +34,6 @@ or <root> itself when it holds JPEGImages/)
 SPAIR_U_URL = "https://groups.inf.ed.ac.uk/hbilen-data/data/JamaisVuData/SPair-U.zip"
 
 
-def _missing(what: str, path: Path) -> DatasetNotFoundError:
-    return DatasetNotFoundError(
-        f"{what} not found: {path}\nExpected layout:\n{SPAIR_U_LAYOUT.rstrip()}\nGet the annotations from {SPAIR_U_URL} "
-        "(github VICO-UoE/JamaisVu, terms as SPair-71k's) and the images with `sdm download spair --root data/`."
-    )
-
-
 def _image_points(path: Path) -> dict[int, tuple[float, float]]:
     """Keypoint id -> (x, y) of one image annotation's "kps" (null entries are invisible points)."""
     try:
@@ -54,28 +47,27 @@ class SPairU(SPair71k):
     """SPair-U's test pairs (optionally one category) as Pair samples, with SPair-71k's images, ids, boxes and
     threshold (max side of the target box)."""
 
+    title, layout, splits = "SPair-U", SPAIR_U_LAYOUT, ("test",)
+
+    def missing(self, what: str, path: Path) -> DatasetNotFoundError:
+        return DatasetNotFoundError(
+            f"{self.title} {what} not found: {path}\nExpected layout:\n{self.layout.rstrip()}\nGet the annotations from "
+            f"{SPAIR_U_URL} (github VICO-UoE/JamaisVu, terms as SPair-71k's) and the images with `sdm download spair --root data/`."
+        )
+
     def __init__(
-        self,
-        root: str | Path,
-        split: str = "test",
-        image_size: ImageSize = 768,
-        category: str | None = None,
+        self, root: str | Path, split: str = "test", image_size: ImageSize = 768, category: str | None = None,
         spair_root: str | Path | None = None,
-    ) -> None:
-        if split != "test":
-            raise ValueError(f"SPair-U has only the 'test' split, not {split!r}")
-        self.root, self.split, self.image_size = Path(root), split, as_hw(image_size)
-        check_category(category, SPAIR_CATEGORIES)
-        if not self.root.is_dir():
-            raise _missing("SPair-U root", self.root)
+    ) -> None:  # fmt: skip
+        self.open_root(root, split, image_size, category, SPAIR_CATEGORIES)
         found = [(p, i) for p, i in (("PairAnnotation", "ImageAnnotation"), ("ExtraPairAnnotation", "ExtraImageAnnotation"))
                  if (self.root / p / split).is_dir()]  # fmt: skip
         if not found:
-            raise _missing("SPair-U test annotations", self.root / "PairAnnotation" / split)
+            raise self.missing("test annotations", self.root / "PairAnnotation" / split)
         pair_dir, self._image_ann = self.root / found[0][0] / split, self.root / found[0][1]
         images = Path(spair_root) if spair_root is not None else (self.root if (self.root / "JPEGImages").is_dir() else self.root.parent / "SPair-71k")
         if not (images / "JPEGImages").is_dir():
-            raise _missing("SPair-71k images for SPair-U (spair_root)", images / "JPEGImages")
+            raise self.missing("images: SPair-71k's (spair_root)", images / "JPEGImages")
         self.image_root = images
         paths = sorted(pair_dir.glob("*.json"))
         self.records = [self._record(p) for p in paths if category is None or p.stem.rsplit(":", 1)[-1] == category]
