@@ -9,19 +9,25 @@ on the features it was trained on.
   through the SD half (with the cosine loss of DESIGN.md, which the weights do not change), so it learns what
   DINOv2 does not already give. The code fuses only in evaluation; training on fused features is sdm's own.
 
-A new backbone is a class with `needs_images`, `features` and `extractor`, plus one line in `BACKBONES`.
+A new backbone is a class with `needs_images`, `featurizer`, `features` and `extractor`, plus one line in
+`BACKBONES`; one on another diffusion model (SDXL, say) returns its own featurizer from `featurizer`, which
+`train` and `evaluate` then use.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from sdm.encoders import PromptEncoders
 from sdm.extractors import FeatureExtractor
+from sdm.features import SDFeaturizer
 from sdm.fusion import DinoFusion, FusedExtractor, FusionConfig
+
+if TYPE_CHECKING:
+    from sdm.models import StableDiffusion
 
 
 class Backbone(Protocol):
@@ -31,6 +37,11 @@ class Backbone(Protocol):
     @classmethod
     def build(cls, encoders: PromptEncoders | None, image_size: int) -> Backbone:
         """The backbone for SD inputs of `image_size` pixels, taking frozen encoders from `encoders`."""
+        ...
+
+    def featurizer(self, sd: StableDiffusion, **settings: Any) -> SDFeaturizer:
+        """The featurizer under the prompt, from the loaded model and `SDFeaturizer`'s settings (image_size,
+        timestep, up_block, ensemble, seed); training builds its training and validation featurizers here."""
         ...
 
     def features(self, sd_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -51,6 +62,9 @@ class StableDiffusionOnly:
     def build(cls, encoders: PromptEncoders | None, image_size: int) -> StableDiffusionOnly:
         return cls()
 
+    def featurizer(self, sd: StableDiffusion, **settings: Any) -> SDFeaturizer:
+        return SDFeaturizer(sd, **settings)
+
     def features(self, sd_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         return sd_features
 
@@ -58,7 +72,7 @@ class StableDiffusionOnly:
         return sd_extractor
 
 
-class StableDiffusionDino:
+class StableDiffusionDino(StableDiffusionOnly):
     needs_images = True
     needs_dino = True
 

@@ -359,11 +359,11 @@ def _train(
 ) -> TrainResult:
     device = accelerator.device
     autocast, scaler = _precision(cfg.mixed_precision, device)
-    featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, seed=cfg.seed)
+    backbone = build_backbone(cfg.backbone, encoders, cfg.image_size)
+    featurizer = backbone.featurizer(sd, image_size=cfg.image_size, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, seed=cfg.seed)
     module = build_prompt(cfg.prompt, featurizer, categories=train_set.categories, encoders=encoders, cpm=cfg.cpm, seed=cfg.seed)
     # the fused kernel on GPUs: one launch for all tensors, and with fp16 the scaler's inf check stays on the device
     optimizer = torch.optim.Adam(module.parameter_groups(cfg.lr, cfg.lr_linear), fused=device.type == "cuda")
-    backbone = build_backbone(cfg.backbone, encoders, cfg.image_size)
 
     start, rows, best_pck, best_step, saved_step = 0, [], None, None, None
     run_id = uuid.uuid4().hex[:12]
@@ -384,7 +384,7 @@ def _train(
     elif resume:
         accelerator.print(f"no checkpoint at {ckpt_path}; starting from step 0")
 
-    val_featurizer = SDFeaturizer(sd, image_size=cfg.image_size, timestep=cfg.val_timestep, up_block=cfg.up_block, ensemble=cfg.val_ensemble, seed=cfg.seed)
+    val_featurizer = backbone.featurizer(sd, image_size=cfg.image_size, timestep=cfg.val_timestep, up_block=cfg.up_block, ensemble=cfg.val_ensemble, seed=cfg.seed)
     extractor = SDExtractor(featurizer, module)  # its latent cache also serves training
     # Prompts that never look at the images (Single, Class) need only the images' latents: encode every training
     # image once up front, then load keypoints alone (no image decoding or transfer per step).

@@ -91,3 +91,34 @@ def test_cli_evaluates_a_fused_prompt_on_fused_features(tmp_path: Path) -> None:
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert "backbone sd+dino" in scored.stderr
     assert any("sd+dino" in p.name for p in (tmp_path / "eval").iterdir())
+
+
+def test_a_backbone_brings_its_own_featurizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backbone on another model is one class and one registry line: `train` takes both its training and its
+    validation featurizers from `Backbone.featurizer` (here an SDFeaturizer that counts its UNet passes) and computes every feature
+    there."""
+    from sdm.backbones import StableDiffusionOnly
+
+    calls: list[dict] = []
+
+    class Counting(sdm.SDFeaturizer):
+        used = 0
+
+        def features_from_latents(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            Counting.used += 1
+            return super().features_from_latents(*args, **kwargs)
+
+    class Own(StableDiffusionOnly):
+        def featurizer(self, sd, **settings):  # type: ignore[no-untyped-def]
+            calls.append(settings)
+            return Counting(sd, **settings)
+
+    monkeypatch.setitem(BACKBONES, "own", Own)
+    data = SyntheticPairs(n=4, image_size=SIZE, seed=4)
+    cfg = TrainConfig(
+        prompt="single", backbone="own", steps=2, batch_size=2, image_size=SIZE, mixed_precision="no", val_every=2,
+        val_pairs=2, val_timestep=30, log_every=1, num_workers=0,
+    )  # fmt: skip
+    train(cfg, sdm.tiny_stable_diffusion(0), data, data, out_dir=tmp_path, progress=False)
+    assert [c["timestep"] for c in calls] == [cfg.timestep, 30] and all(c["image_size"] == SIZE for c in calls)
+    assert Counting.used >= 3  # both training steps and the validation ran through it
