@@ -129,6 +129,27 @@ def test_noise_is_independent_per_image_and_seeded_by_its_id(sd: sdm.StableDiffu
     assert not torch.allclose(SDFeaturizer(sd, image_size=64, ensemble=2, seed=4).add_noise(lat, keys=["src", "trg"]), noisy)
 
 
+def test_keyless_calls_seed_each_image_by_its_exact_values(sd: sdm.StableDiffusion) -> None:
+    """Without ids, an image's draws are keyed by its values: the same features alone or beside other images, in
+    any position; a one-ulp change of one pixel gives another key. The key's first half is written out here as
+    the modular sum it is (sum of bit pattern x position weight, mod 2^31 - 1), in Python integers."""
+    from sdm.features import content_keys
+
+    f = SDFeaturizer(sd, image_size=64, ensemble=2, seed=3)
+    x = torch.rand(3, 3, 64, 64)
+    both = f(x, "")
+    torch.testing.assert_close(f(x[2:], ""), both[2:])
+    torch.testing.assert_close(f(x.flip(0), "")[0], both[2])
+    nudged = x[:1].clone()
+    nudged[0, 1, 5, 7] = torch.nextafter(nudged[0, 1, 5, 7], torch.tensor(2.0))
+    assert content_keys(nudged) != content_keys(x[:1]) and len(set(content_keys(x))) == 3
+    item = torch.tensor([[0.5, -1.25, 3.0]])
+    bits = [int(v) & 0xFFFFFFFF for v in item.view(torch.int32)[0].tolist()]
+    p = 2**31 - 1
+    weights = [(((i * 0x9E3779B1) ^ (i >> 7) ^ 0x5BD1E995) % p) + 1 for i in range(3)]
+    assert content_keys(item)[0].split(":")[1][:8] == f"{sum(b * w for b, w in zip(bits, weights)) % p:08x}"
+
+
 def test_latent_is_a_seeded_posterior_sample_or_the_mean(sd: sdm.StableDiffusion) -> None:
     x = torch.rand(2, 3, 64, 64)
     dist = sd.vae.encode(x * 2 - 1).latent_dist  # diffusers' own posterior, computed here
