@@ -150,6 +150,20 @@ def test_keyless_calls_seed_each_image_by_its_exact_values(sd: sdm.StableDiffusi
     assert content_keys(item)[0].split(":")[1][:8] == f"{sum(b * w for b, w in zip(bits, weights)) % p:08x}"
 
 
+def test_keyed_draws_are_each_keys_own_generator() -> None:
+    """keyed_normal row i is what a generator seeded with blake2b(seed | purpose | key) alone draws."""
+    import hashlib
+
+    from sdm.features import keyed_normal
+
+    def alone(key: str) -> torch.Tensor:
+        digest = hashlib.blake2b(f"7|noise|{key}".encode(), digest_size=8).digest()
+        return torch.randn((2, 3), generator=torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1)))
+
+    got = keyed_normal(["a", "b", "a"], (2, 3), 7, "noise")
+    torch.testing.assert_close(got, torch.stack([alone("a"), alone("b"), alone("a")]), rtol=0, atol=0)
+
+
 def test_latent_is_a_seeded_posterior_sample_or_the_mean(sd: sdm.StableDiffusion) -> None:
     x = torch.rand(2, 3, 64, 64)
     dist = sd.vae.encode(x * 2 - 1).latent_dist  # diffusers' own posterior, computed here
