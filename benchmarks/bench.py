@@ -92,6 +92,15 @@ def step_window(warm: int, steps: int, on_start: Callable[[], object] | None = N
     out["step_s"] = (stamps[warm + steps] - stamps[warm]) / steps
 
 
+def profile_table(prof, steps: int, header: str) -> str:
+    """A finished torch.profiler run over `steps` training steps as text: `header`, the GPU's busy time per step
+    (the sum of its kernels' times) and the 30 kernels and operators that took the most GPU time."""
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    table = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    return f"{header}, GPU kernels {gpu_us / 1e3 / steps:.1f} ms per step\n{table}"
+
+
 def timeit(fn: Callable[[], object], warmup: int, repeat: int) -> dict:
     """Median wall time of fn (synchronised) after warm-up."""
     for _ in range(warmup):

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import BenchPairs, step_window
+from bench import BenchPairs, profile_table, step_window
 
 import sdm
 from sdm import train as train_module
@@ -54,11 +54,7 @@ def main() -> None:
         Path(args.out).write_text(line + "\n")
         print(line)
         return
-    events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    lines = [f"{args.pairs} pairs a step, {variant}: wall {wall * 1e3:.1f} ms per step (profiler on), GPU kernels {gpu_us / 1e3 / args.steps:.1f} ms per step",
-             events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)]
-    text = "\n".join(lines)
+    text = profile_table(prof, args.steps, f"{args.pairs} pairs a step, {variant}: wall {wall * 1e3:.1f} ms per step (profiler on)")
     Path(args.out).write_text(text)
     print(text[:6000])
 
