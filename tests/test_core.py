@@ -489,3 +489,48 @@ def test_sd21_architecture_has_the_published_sizes() -> None:
     assert counts == [865_910_724, 83_653_863, 340_387_840]
     assert sd.unet.config.cross_attention_dim == 1024 and sd.embed_dim == 1024
     assert len(sd.unet.up_blocks[1].resnets) == 3 and sd.unet.up_blocks[1].upsamplers is not None
+
+
+def test_import_graph_is_layered() -> None:
+    """sdm's modules import each other without cycles at module level (imports inside functions are deferred on
+    purpose and not counted), and nothing but the CLI's entry points imports the CLI."""
+    import ast
+    from pathlib import Path
+
+    root = Path(sdm.__file__).parent
+    names = {p: ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__") for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    cli_users = set()
+    for path, name in names.items():
+        tree = ast.parse(path.read_text())
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [base]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            if any(t == "sdm.cli" for t in targets):
+                cli_users.add(name)
+            if node in tree.body or any(node in getattr(top, "body", []) for top in tree.body if isinstance(top, ast.If)):
+                found |= {t for t in targets if t.startswith("sdm") and t != name}
+        graph[name] = found
+    assert cli_users <= {"sdm.__main__"}, f"modules importing the CLI: {sorted(cli_users)}"
+
+    def visit(node: str, stack: list[str], done: set[str]) -> None:
+        if node in stack:
+            raise AssertionError(f"import cycle: {' -> '.join([*stack[stack.index(node):], node])}")
+        if node in done or node not in graph:
+            return
+        for nxt in sorted(graph[node]):
+            visit(nxt, [*stack, node], done)
+        done.add(node)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        visit(module, [], done)
