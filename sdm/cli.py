@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _open_image(path: str):  # -> PIL.Image.Image
@@ -107,7 +108,6 @@ def _encoders(kind: str, dino: str, device: str | None, tiny: bool, backbone: st
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dataclasses import fields
 
     from sdm.prompts import CPM_ABLATIONS, CPMConfig
     from sdm.train import TrainConfig, existing_run, recipe, train
@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     size = args.image_size or (128 if args.model == "tiny" else 768)
     train_set = _dataset(args, args.split, size)
     overrides = recipe(args.recipe, len(train_set), args.dataset)
-    overrides.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None})
+    overrides.update(_given(args, TrainConfig))
     cpm = {**CPM_ABLATIONS[args.cpm_ablation], "form": args.cpm_form, "dino_input": args.dino_input}
     overrides.update(image_size=size, cpm=CPMConfig(**cpm))
     cfg = TrainConfig(**overrides)
@@ -139,7 +139,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dataclasses import fields
 
     from sdm.backbones import build_backbone
     from sdm.encoders import load_dino
@@ -193,9 +192,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             extractor = build_backbone(backbone, encoders, size).extractor(extractor)
             print(f"backbone {backbone} (from the prompt's training config)", file=sys.stderr)
         name = f"{kind}{'' if backbone == 'sd' else '-' + backbone}{'-untrained' if untrained else ''}_t{args.timestep}_e{args.ensemble}"
-    given = {f.name: getattr(args, f.name) for f in fields(MatchConfig) if getattr(args, f.name, None) is not None}
     result = evaluate(
-        extractor, dataset, matcher=MatchConfig(**given), batch_size=args.batch_size, num_workers=args.num_workers,
+        extractor, dataset, matcher=MatchConfig(**_given(args, MatchConfig)), batch_size=args.batch_size, num_workers=args.num_workers,
         max_pairs=args.max_pairs, threshold=args.threshold, frame=args.frame, processes=processes,
     )  # fmt: skip
     if processes is not None and not processes.is_main_process:
@@ -338,7 +336,6 @@ def cmd_import_prompt(args: argparse.Namespace) -> int:
 
 
 def _evaluate_attention(args: argparse.Namespace) -> int:
-    from dataclasses import fields
 
     import torch
 
@@ -351,8 +348,7 @@ def _evaluate_attention(args: argparse.Namespace) -> int:
     dataset = _dataset(args, args.split, size)
     _check_threshold(dataset, args.threshold, args.frame)
     # every --attention-<field> (dest attention_<field>) that was given; the config's defaults otherwise
-    chosen = {f.name: getattr(args, f"attention_{f.name}", None) for f in fields(AttentionMatcherConfig)}
-    config = AttentionMatcherConfig(**{k: v for k, v in chosen.items() if v is not None}, image_size=size, progress=False)
+    config = AttentionMatcherConfig(**_given(args, AttentionMatcherConfig, "attention_"), image_size=size, progress=False)
     # the authors ran SD1.4 in float32 (eval/eval.py:62-63); bfloat16 with --attention-batch 50 --attention-compile
     # is 5.4x faster on an H100 (benchmarks/README.md)
     sd = _load_sd(args.model, args.device, getattr(torch, args.attention_dtype))
@@ -388,6 +384,14 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("--dino", default="facebook/dinov2-base", help="DINOv2 for CPM and the sd+dino backbone (hub id or folder)")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default 768; 128 for tiny)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
+def _given(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:
+    """The fields of the config dataclass `cls` given on the command line (dest ``<prefix><field>``, not None)."""
+    import dataclasses
+
+    values = {f.name: getattr(args, prefix + f.name, None) for f in dataclasses.fields(cls)}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _config_args(p: argparse.ArgumentParser, cls: type, *, prefix: str = "", skip: Sequence[str] = ()) -> None:

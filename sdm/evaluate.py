@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -26,7 +26,6 @@ from sdm.matching import (
     MatchConfig,
     Matcher,
     correlation,
-    match,
     sample_features,
     to_feature_coords,
     to_image_coords,
@@ -196,10 +195,10 @@ def _evaluate_loop(
 
 
 def pair_correlation(
-    extractor: FeatureExtractor, pair: Pair, k: int, matcher: Matcher = "kernel_soft_argmax"
+    extractor: FeatureExtractor, pair: Pair, k: int, matcher: Matcher | MatchConfig = "kernel_soft_argmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the first `k` source points of one pair land: their similarity maps over the target's features
-    (k x h x w, CPU; cosine in [-1, 1] unless the extractor scores by "dot", `similarity_of`) and their matches
+    (k x h x w, CPU; cosine in [-1, 1] unless the features are scored by "dot", `MatchConfig.of`) and their matches
     (k x 2 target pixels in the pair's resized frame, CPU)."""
     src = ImageBatch(pair.src_image[None], [pair.category], [pair.src_id])
     trg = ImageBatch(pair.trg_image[None], [pair.category], [pair.trg_id])
@@ -210,9 +209,9 @@ def pair_correlation(
     src_f, trg_f = src_f.float(), trg_f.float()
     size, fsize = tuple(pair.src_image.shape[-2:]), tuple(src_f.shape[-2:])
     query = to_feature_coords(pair.src_kps[:k].to(src_f.device), size, fsize)[None]
-    similarity = similarity_of(extractor)
-    maps = correlation(sample_features(src_f, query), trg_f, similarity)[0].cpu()
-    cells = match(src_f, trg_f, query, matcher, similarity=similarity)[0].cpu()
+    config = MatchConfig.of(matcher, similarity_of(extractor))
+    maps = correlation(sample_features(src_f, query), trg_f, config.similarity)[0].cpu()
+    cells = config(src_f, trg_f, query)[0].cpu()
     pred = to_image_coords(cells, fsize, tuple(pair.trg_image.shape[-2:]))
     return maps, pred
 
@@ -256,16 +255,13 @@ def evaluate(
             extractor's settings. With `processes` (`accelerate.PartialState()`) the pairs are spread over
             processes, and the extractor of each process lives on its own device (`processes.device`).
     """
-    config = MatchConfig.of(matcher)
-    config = replace(config, similarity=config.similarity or similarity_of(extractor))
+    config = MatchConfig.of(matcher, similarity_of(extractor))
     pairs = spread_subset(dataset, max_pairs)
     predict = feature_predictor(extractor, dataset, matcher=config, feature_cache=feature_cache, pairs=pairs, store=store)
     # per-image features load their images through the store; pair features need them in the batch
     result = evaluate_predictions(pairs, predict, decode_images=extractor.conditioning == "pair", **scoring)
     result.info.update({"matcher": config.matcher, "conditioning": extractor.conditioning})
-    # the similarity is recorded only when it is not the default, so existing protocol ids stay the same
-    protocol = {"matcher": config.matcher, "matcher_params": config.params(), **extractor_record(extractor)}
-    result.info["protocol"].update(protocol)
+    result.info["protocol"].update(matcher=config.matcher, matcher_params=config.params(), **extractor_record(extractor))
     return result
 
 

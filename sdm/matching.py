@@ -7,7 +7,7 @@ W-1 is cell w-1. All matchers take and return keypoints as B x N x 2 in feature-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -193,7 +193,8 @@ def match(
 @dataclass(frozen=True)
 class MatchConfig:
     """How source points are found in target features: one of `MATCHERS` with its parameters. The defaults are the
-    paper's Kernel-Softmax read-out (DESIGN.md; temperature and sigma as SD4Match's config/learnedToken.py)."""
+    SD4Match code's read-out: Kernel-Softmax with softmax_temp 0.04 and gaussian_suppression_sigma 7
+    (`utils/evaluator.py:64, 102`, called with these defaults by `test.py:133`; `utils/matching.py:174-233`)."""
 
     matcher: Matcher = "kernel_soft_argmax"
     temperature: float = 0.04  # softmax temperature of both soft matchers
@@ -207,12 +208,15 @@ class MatchConfig:
             raise ValueError(f"unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}")
 
     @classmethod
-    def of(cls, matcher: Matcher | MatchConfig) -> MatchConfig:
-        """A matcher name with the default parameters, or the config as it is."""
-        return matcher if isinstance(matcher, MatchConfig) else cls(matcher)
+    def of(cls, matcher: Matcher | MatchConfig, similarity: Similarity = "cosine") -> MatchConfig:
+        """A matcher name with the default parameters, or the config as it is; a similarity left None becomes
+        `similarity` (the features' own, `sdm.extractors.similarity_of`)."""
+        config = matcher if isinstance(matcher, MatchConfig) else cls(matcher)
+        return config if config.similarity is not None else replace(config, similarity=similarity)
 
     def params(self) -> dict[str, Any]:
-        """The parameters the matcher reads, as a protocol records them (the similarity unless it is cosine)."""
+        """The parameters the matcher reads, as a protocol records them: the similarity only when it is not cosine,
+        so that the protocol ids of cosine evaluations stay what they were before it was recorded."""
         out: dict[str, Any] = {"temperature": self.temperature, "sigma": self.sigma} if self.matcher != "nearest" else {}
         if self.similarity not in (None, "cosine"):
             out["similarity"] = self.similarity

@@ -6,7 +6,6 @@ predictions (`stored_predictor`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -60,8 +59,7 @@ def feature_predictor(
             to several evaluations of the same extractor (other matchers, protocols) to compute features once;
             `store.reset()` when the extractor changes.
     """
-    config = MatchConfig.of(matcher)
-    config = replace(config, similarity=config.similarity or similarity_of(extractor))
+    config = MatchConfig.of(matcher, similarity_of(extractor))
     cache = store if store is not None else FeatureStore(feature_cache)
     size = tuple(dataset.image_size)
     per_image = extractor.conditioning != "pair"

@@ -12,6 +12,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .errors import DatasetNotFoundError, ImageReadError, check_category, missing_root_error
+from .errors import DatasetNotFoundError, ImageReadError, check_category, download_hint, missing_error
 
 ImageSize = int | tuple[int, int]
 OriginalLoader = Callable[[str], Image.Image]  # image id -> the image as stored (`PairDataset.original_image`)
@@ -308,9 +309,13 @@ class FilePairDataset(PairDataset):
         if not self.root.is_dir():
             raise self.missing("root", self.root)
 
+    def download_hint(self) -> str:
+        """How to get the dataset, as errors say it."""
+        return download_hint(self.download_name)
+
     def missing(self, what: str, path: Path) -> DatasetNotFoundError:
         """The error for a missing file or folder of this dataset: `what` it is, the layout, how to get it."""
-        return missing_root_error(f"{self.title} {what}", path, self.layout, self.download_name)
+        return missing_error(f"{self.title} {what}", path, self.layout, self.download_hint())
 
     def image_file(self, image_id: str) -> Path:
         """The file holding image `image_id` as stored."""
@@ -319,10 +324,13 @@ class FilePairDataset(PairDataset):
     def stored_size(self, image_id: str) -> tuple[int, int]:
         """Original (W, H) of image `image_id` (its file's header, read once)."""
         path = self.image_file(image_id)
-        sizes: dict[Path, tuple[int, int]] = self.__dict__.setdefault("_stored_sizes", {})
-        if path not in sizes:
-            sizes[path] = read_size(path)
-        return sizes[path]
+        if path not in self._stored_sizes:
+            self._stored_sizes[path] = read_size(path)
+        return self._stored_sizes[path]
+
+    @cached_property
+    def _stored_sizes(self) -> dict[Path, tuple[int, int]]:  # made on first use: subclasses call no base __init__
+        return {}
 
     def load_image(self, image_id: str) -> torch.Tensor:
         return pil_to_tensor(read_image(self.image_file(image_id)), self.image_size)

@@ -25,12 +25,19 @@ class ImageReadError(OSError):
     """An image is missing, unreadable or corrupt; the message names its path."""
 
 
+def download_hint(download_name: str) -> str:
+    """How to get a dataset that `sdm download` fetches."""
+    return f"Get it with `sdm download {download_name} --root data/` (see data/README.md)."
+
+
+def missing_error(what: str, path: Path, layout: str, hint: str) -> DatasetNotFoundError:
+    """Error for a missing dataset file or folder, with the expected layout and how to get it (`hint`)."""
+    return DatasetNotFoundError(f"{what} not found: {path}\nExpected layout:\n{layout.rstrip()}\n{hint}")
+
+
 def missing_root_error(what: str, path: Path, layout: str, download_name: str) -> DatasetNotFoundError:
     """Error for a missing dataset file or folder, with the expected layout and the download command."""
-    return DatasetNotFoundError(
-        f"{what} not found: {path}\nExpected layout:\n{layout.rstrip()}\n"
-        f"Get it with `sdm download {download_name} --root data/` (see data/README.md)."
-    )
+    return missing_error(what, path, layout, download_hint(download_name))
 
 
 def read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:

@@ -187,7 +187,7 @@ class PFPascal(FilePairDataset):
     def _annotation(self, i: int) -> dict[str, Any]:
         """Resized (and possibly flipped) points and boxes of pair i."""
         r = self.records[i]
-        ids = {"src": Path(r.src).stem, "trg": Path(r.trg).stem}  # the unflipped images' ids
+        ids = {"src": self._id(r.src, False), "trg": self._id(r.trg, False)}  # the unflipped images' (stored sizes)
         boxes: dict[str, torch.Tensor | None] = {}
         mats: dict[str, np.ndarray] = {}
         for side, name in (("src", r.src), ("trg", r.trg)):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import ImageSize
-from .errors import AnnotationError, DatasetNotFoundError
+from .errors import AnnotationError
 from .spair import SPAIR_CATEGORIES, SPair71k, SPairRecord, parse_spair_annotation
 
 SPAIR_U_LAYOUT = """\
@@ -49,11 +49,9 @@ class SPairU(SPair71k):
 
     title, layout, splits = "SPair-U", SPAIR_U_LAYOUT, ("test",)
 
-    def missing(self, what: str, path: Path) -> DatasetNotFoundError:
-        return DatasetNotFoundError(
-            f"{self.title} {what} not found: {path}\nExpected layout:\n{self.layout.rstrip()}\nGet the annotations from "
-            f"{SPAIR_U_URL} (github VICO-UoE/JamaisVu, terms as SPair-71k's) and the images with `sdm download spair --root data/`."
-        )
+    def download_hint(self) -> str:
+        return (f"Get the annotations from {SPAIR_U_URL} (github VICO-UoE/JamaisVu, terms as SPair-71k's) and the images "
+                "with `sdm download spair --root data/`.")  # fmt: skip
 
     def __init__(
         self, root: str | Path, split: str = "test", image_size: ImageSize = 768, category: str | None = None,
@@ -67,7 +65,7 @@ class SPairU(SPair71k):
         pair_dir, self._image_ann = self.root / found[0][0] / split, self.root / found[0][1]
         images = Path(spair_root) if spair_root is not None else (self.root if (self.root / "JPEGImages").is_dir() else self.root.parent / "SPair-71k")
         if not (images / "JPEGImages").is_dir():
-            raise self.missing("images: SPair-71k's (spair_root)", images / "JPEGImages")
+            raise self.missing("images (SPair-71k's JPEGImages/, spair_root)", images / "JPEGImages")
         self.image_root = images
         paths = sorted(pair_dir.glob("*.json"))
         self.records = [self._record(p) for p in paths if category is None or p.stem.rsplit(":", 1)[-1] == category]
