@@ -92,6 +92,28 @@ def step_window(warm: int, steps: int, on_start: Callable[[], object] | None = N
     out["step_s"] = (stamps[warm + steps] - stamps[warm]) / steps
 
 
+def add_train_args(ap, warm: int, steps: int) -> None:
+    """The options of a timed training run (`timed_training`): batch, window and the `optimize` variant."""
+    ap.add_argument("--pairs", type=int, default=9)
+    ap.add_argument("--warm", type=int, default=warm)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    ap.add_argument("--compile", action="store_true", help="optimize(compile=True): the UNet's blocks compiled")
+
+
+def timed_training(args, device, on_start: Callable[[], object] | None = None, on_stop: Callable[[], object] | None = None) -> float:
+    """Mean step time (s) of the window of `sdm.train.train` that `add_train_args`' options describe: Single prompt,
+    SD2-1 architecture with random weights, bf16 `optimize` (with the chosen variant), 768 px, on `device`."""
+    from sdm import train as train_module
+
+    sd = optimize(sdm.sd21_architecture(0, device=device, dtype=torch.bfloat16), channels_last=args.channels_last, compile=args.compile)
+    cfg = train_module.TrainConfig(prompt="single", steps=args.warm + args.steps + 1, batch_size=args.pairs, mixed_precision="bf16",
+                                   val_every=0, checkpoint_every=10**9, log_every=10**9, num_workers=2)
+    with tempfile.TemporaryDirectory() as tmp, step_window(args.warm, args.steps, on_start, on_stop) as window:
+        train_module.train(cfg, sd, BenchPairs(12, 48, 768, seed=3), out_dir=tmp, progress=False)
+    return window["step_s"]
+
+
 def profile_table(prof, steps: int, header: str) -> str:
     """A finished torch.profiler run over `steps` training steps as text: `header`, the GPU's busy time per step
     (the sum of its kernels' times) and the 30 kernels and operators that took the most GPU time."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,36 +19,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import BenchPairs, profile_table, step_window
-
-import sdm
-from sdm import train as train_module
-from sdm.features import optimize
+from bench import add_train_args, profile_table, timed_training
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=9)
-    ap.add_argument("--warm", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=16)
+    add_train_args(ap, warm=4, steps=16)
     ap.add_argument("--out", default="multi.json")
-    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    ap.add_argument("--compile", action="store_true", help="optimize(compile=True): the UNet's blocks compiled")
     ap.add_argument("--profile", default=None, help="write rank 0's torch.profiler table of the window to this file")
     args = ap.parse_args()
     from accelerate import PartialState
     from torch.profiler import ProfilerActivity, profile
 
     state = PartialState()
-    sd = optimize(sdm.sd21_architecture(0, device=state.device, dtype=torch.bfloat16), channels_last=args.channels_last, compile=args.compile)
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if args.profile and state.is_main_process else None
-    hooks = (prof.start, prof.stop) if prof is not None else (None, None)
-    ds = BenchPairs(12, 48, 768, seed=3)
-    cfg = train_module.TrainConfig(prompt="single", steps=args.warm + args.steps + 1, batch_size=args.pairs, mixed_precision="bf16",
-                                   val_every=0, checkpoint_every=10**9, log_every=10**9, num_workers=2)
-    with tempfile.TemporaryDirectory() as tmp, step_window(args.warm, args.steps, *hooks) as window:
-        train_module.train(cfg, sd, ds, out_dir=tmp, progress=False)
-    step_s = window["step_s"]  # the mean step of the window
+    step_s = timed_training(args, state.device, *((prof.start, prof.stop) if prof is not None else (None, None)))  # the window's mean step
     steps = [step_s]
     if state.is_main_process:
         res = {"processes": state.num_processes, "channels_last": args.channels_last, "compile": args.compile, "profiled": prof is not None, "split": "images", "pairs_per_step": args.pairs, "step_s": step_s, "steps_per_s": 1 / step_s,
