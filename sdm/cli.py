@@ -152,6 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.matcher == "attention":
         return _evaluate_attention(args)
+    matcher = MatchConfig(**_given(args, MatchConfig))  # checked before anything loads
     untrained, backbone = False, "sd"
     size = args.image_size or (128 if args.model == "tiny" else 768)
     prompt_file = _prompt_source(args.prompt)
@@ -193,7 +194,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"backbone {backbone} (from the prompt's training config)", file=sys.stderr)
         name = f"{kind}{'' if backbone == 'sd' else '-' + backbone}{'-untrained' if untrained else ''}_t{args.timestep}_e{args.ensemble}"
     result = evaluate(
-        extractor, dataset, matcher=MatchConfig(**_given(args, MatchConfig)), batch_size=args.batch_size, num_workers=args.num_workers,
+        extractor, dataset, matcher=matcher, batch_size=args.batch_size, num_workers=args.num_workers,
         max_pairs=args.max_pairs, threshold=args.threshold, frame=args.frame, processes=processes,
     )  # fmt: skip
     if processes is not None and not processes.is_main_process:

@@ -206,6 +206,8 @@ class MatchConfig:
             raise ValueError(f"unknown matcher {self.matcher!r}; choose one of {MATCHERS}")
         if self.similarity is not None and self.similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}")
+        if not (self.temperature > 0 and self.sigma > 0):
+            raise ValueError(f"temperature and sigma must be positive; got temperature {self.temperature}, sigma {self.sigma}")
 
     @classmethod
     def of(cls, matcher: Matcher | MatchConfig, similarity: Similarity = "cosine") -> MatchConfig:

@@ -89,6 +89,11 @@ def test_train_then_evaluate_offline(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert sorted(params, key=len) == [{"temperature": 0.1, "sigma": 3.0}, {"temperature": 0.04, "sigma": 7.0, "similarity": "dot"}]
 
 
+def test_evaluate_bad_matcher_setting_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"^error: temperature and sigma must be positive; got temperature 0.04, sigma -1.0 \(--debug"):
+        main(["evaluate", "--model", "tiny", "--dataset", "synthetic", "--image-size", "64", "--sigma", "-1", "--out", str(tmp_path)])
+
+
 def test_evaluate_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="sdm download pfwillow"):
         main(["evaluate", "--model", "tiny", "--dataset", "pfwillow", "--root", str(tmp_path / "nope")])

@@ -204,3 +204,5 @@ def test_match_config_reaches_the_matcher() -> None:
     assert MatchConfig("nearest", sigma=100.0).params() == {} and MatchConfig().params() == {"temperature": 0.04, "sigma": 7.0}
     with pytest.raises(ValueError, match="unknown matcher 'argmax'"):
         MatchConfig("argmax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be positive; got temperature 0"):
+        MatchConfig(temperature=0)
