@@ -99,6 +99,7 @@ def add_train_args(ap, warm: int, steps: int) -> None:
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     ap.add_argument("--compile", action="store_true", help="optimize(compile=True): the UNet's blocks compiled")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs)")
 
 
 def timed_training(args, device, on_start: Callable[[], object] | None = None, on_stop: Callable[[], object] | None = None) -> float:
@@ -106,7 +107,8 @@ def timed_training(args, device, on_start: Callable[[], object] | None = None, o
     SD2-1 architecture with random weights, bf16 `optimize` (with the chosen variant), 768 px, on `device`."""
     from sdm import train as train_module
 
-    sd = optimize(sdm.sd21_architecture(0, device=device, dtype=torch.bfloat16), channels_last=args.channels_last, compile=args.compile)
+    sd = optimize(sdm.sd21_architecture(0, device=device, dtype=torch.bfloat16), channels_last=args.channels_last, compile=args.compile,
+                  compile_mode=args.compile_mode)
     cfg = train_module.TrainConfig(prompt="single", steps=args.warm + args.steps + 1, batch_size=args.pairs, mixed_precision="bf16",
                                    val_every=0, checkpoint_every=10**9, log_every=10**9, num_workers=2)
     with tempfile.TemporaryDirectory() as tmp, step_window(args.warm, args.steps, on_start, on_stop) as window:
@@ -114,13 +116,14 @@ def timed_training(args, device, on_start: Callable[[], object] | None = None, o
     return window["step_s"]
 
 
-def profile_table(prof, steps: int, header: str) -> str:
-    """A finished torch.profiler run over `steps` training steps as text: `header`, the GPU's busy time per step
-    (the sum of its kernels' times) and the 30 kernels and operators that took the most GPU time."""
+def profile_table(prof, steps: int, header: str, unit: str = "step") -> str:
+    """A finished torch.profiler run over `steps` training steps (or other units of work) as text: `header`, the
+    GPU's busy time per unit (the sum of its kernels' times) and the 30 kernels and operators that took the most
+    GPU time."""
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     table = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
-    return f"{header}, GPU kernels {gpu_us / 1e3 / steps:.1f} ms per step\n{table}"
+    return f"{header}, GPU kernels {gpu_us / 1e3 / steps:.1f} ms per {unit}\n{table}"
 
 
 def timeit(fn: Callable[[], object], warmup: int, repeat: int) -> dict:
@@ -295,6 +298,14 @@ def section_features(args, base, ours, tokens, device) -> None:
     RESULTS["features"] = res
 
 
+def ours_extractor(kind: str, model, size: int, dino16: torch.nn.Module, device) -> SDExtractor:
+    """Our evaluation extractor at ensemble 8, t = 50: a Single prompt, or CPM with the bf16 DINOv2 (conditioned
+    from the start, the authors' initialisation)."""
+    feat = SDFeaturizer(model, image_size=size, timestep=50, ensemble=8)
+    enc = PromptEncoders(dino=dino16) if kind == "cpm" else None
+    return SDExtractor(feat, build_prompt(kind, feat, encoders=enc).to(device))
+
+
 def reference_eval(ref: ReferenceFeaturizer, ds: BenchPairs, prompt, n_pairs: int, device, dino_prompt=None) -> Callable[[], None]:
     """The reference evaluation: pair by pair, both images through the reference path, Kernel-Softmax."""
 
@@ -322,11 +333,9 @@ def section_eval(args, base, ours, ours_eager, device) -> None:
     for kind in ("single", "cpm"):
         n_img, n_pairs = (args.eval_images, args.eval_pairs) if kind == "single" else (args.cpm_images, args.cpm_pairs)
         ds = BenchPairs(n_img, n_pairs, size, n_categories=2 if kind == "single" else 1)
-        feat = SDFeaturizer(ours, image_size=size, timestep=50, ensemble=e)
-        enc = PromptEncoders(dino=dino16) if kind == "cpm" else None
-        module = build_prompt(kind, feat, encoders=enc).to(device)  # CPM starts conditioned (the authors' init)
+        extractor = ours_extractor(kind, ours, size, dino16, device)
         workers = args.eval_workers if kind == "cpm" else 0  # Single loads images through its cache
-        run_ours = lambda m=module, d=ds, f=feat, w=workers: evaluate(SDExtractor(f, m), d, batch_size=8, progress=False, num_workers=w)  # noqa: E731
+        run_ours = lambda x=extractor, d=ds, w=workers: evaluate(x, d, batch_size=8, progress=False, num_workers=w)  # noqa: E731
         t = timeit(run_ours, warmup=1, repeat=args.eval_repeat)
         pairs_s = n_pairs / t["median_s"]
         # Projection: Single's cost is per image + per pair; the bench set has SPair's images-per-pair ratio.
@@ -336,9 +345,8 @@ def section_eval(args, base, ours, ours_eager, device) -> None:
             scale = SPAIR_TEST_PAIRS / n_pairs
         projected = t["median_s"] * scale
         # FLOPs counted on the eager twin of our model (the same operations; compiled code cannot be counted).
-        f_e = SDFeaturizer(ours_eager, image_size=size, timestep=50, ensemble=e)
-        m_e = build_prompt(kind, f_e, encoders=enc).to(device)
-        fl_total = count_flops(lambda m=m_e, d=ds, f=f_e: evaluate(SDExtractor(f, m), d, batch_size=8, progress=False))
+        eager_extractor = ours_extractor(kind, ours_eager, size, dino16, device)
+        fl_total = count_flops(lambda x=eager_extractor, d=ds: evaluate(x, d, batch_size=8, progress=False))
         # Reference: pair by pair.
         ref = ReferenceFeaturizer(base, timestep=50, ensemble=e)
         if kind == "cpm":
@@ -419,10 +427,8 @@ def section_files(args, ours, device) -> None:
             root = Path(tmp) / kind
             write_spair_like(root, n_img, n_pairs, 2 if kind == "single" else 1)
             ds = load_dataset("spair", root, split="test", image_size=args.size)
-            feat = SDFeaturizer(ours, image_size=args.size, timestep=50, ensemble=8)
-            enc = PromptEncoders(dino=dino16) if kind == "cpm" else None
-            module = build_prompt(kind, feat, encoders=enc).to(device)
-            run = lambda m=module, d=ds, f=feat: evaluate(SDExtractor(f, m), d, batch_size=8, progress=False, num_workers=args.eval_workers)  # noqa: E731
+            extractor = ours_extractor(kind, ours, args.size, dino16, device)
+            run = lambda x=extractor, d=ds: evaluate(x, d, batch_size=8, progress=False, num_workers=args.eval_workers)  # noqa: E731
             t = timeit(run, warmup=1, repeat=args.eval_repeat)
             scale = max(SPAIR_TEST_IMAGES / n_img, SPAIR_TEST_PAIRS / n_pairs) if kind == "single" else SPAIR_TEST_PAIRS / n_pairs
             res[kind] = {"bench_images": n_img, "bench_pairs": n_pairs, "workers": args.eval_workers,
@@ -450,23 +456,102 @@ def section_attn(args, ours, tokens, device) -> None:
     RESULTS["attn_backends"] = res
 
 
-def section_train(args, base, ours_eager, device) -> None:
+def section_profile(args, ours, tokens, device, out: Path) -> None:
+    """Where the time of the rows furthest from their targets goes: torch.profiler over one featurizer call at
+    ensemble 8 (`--batch-ens8` images) and over a CPM evaluation (`--profile-pairs` pairs, in-memory images, the
+    `eval` row's settings), each after a warm-up run. Records the wall time with and without the profiler and the
+    GPU's busy time (the sum of its kernels' times; the rest of the wall time the GPU waits on the host); the
+    top kernels go to `<out>_profile_<row>.txt`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dino16 = bench_dino(args.tiny, device).to(torch.bfloat16)
+    images = smooth_images(args.batch_ens8, args.size, 7, device)
+    feat = SDFeaturizer(ours, image_size=args.size, timestep=50, ensemble=8)
+    ds = BenchPairs(args.cpm_images, args.profile_pairs, args.size, n_categories=1)
+    cpm = ours_extractor("cpm", ours, args.size, dino16, device)
+    rows = {
+        "features_ens8": (lambda: feat(images, tokens), args.batch_ens8, "images"),
+        "eval_cpm_ens8": (lambda: evaluate(cpm, ds, batch_size=8, progress=False, num_workers=args.eval_workers), args.profile_pairs, "pairs"),
+    }
+    res = {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, (fn, items, unit) in rows.items():
+        with torch.no_grad():
+            plain = timeit(fn, warmup=1, repeat=1)["median_s"]
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                fn()
+                sync()
+                wall = time.perf_counter() - start
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+        header = (f"{name}, {items} {unit}, random weights: wall {plain * 1e3:.1f} ms without the profiler, "
+                  f"{wall * 1e3:.1f} ms with it")
+        text = profile_table(prof, items, header, unit[:-1])
+        path = out.with_name(f"{out.stem}_profile_{name}.txt")
+        path.write_text(text)
+        res[name] = {"items": items, "unit": unit, "wall_s": plain, "profiled_wall_s": wall, "gpu_busy_s": busy,
+                     "gpu_busy_share_of_wall": busy / plain if plain else math.nan, "table_file": path.name}
+        log(f"profile {name}: wall {plain * 1e3:.0f} ms, GPU busy {busy * 1e3:.0f} ms ({100 * busy / plain:.0f} %); {path}")
+    RESULTS["profile"] = res
+
+
+def section_multi(args, device) -> None:
+    """The scaling rows, on 1 GPU and on all `--gpus` GPUs of this machine, one `accelerate launch` after another:
+    training (`train_multi.py`, 9 pairs a step, contiguous, eager and with the UNet's blocks compiled) and CPM
+    evaluation (`eval_multi.py`). Needs 2 GPUs or more; skipped otherwise."""
+    import subprocess
+
+    n = args.gpus or (torch.cuda.device_count() if device.type == "cuda" else 0)
+    if n < 2:
+        RESULTS["multi"] = {"skipped": f"{n} GPU(s): the scaling rows need 2 or more"}
+        log("multi: skipped,", RESULTS["multi"]["skipped"])
+        return
+    here = Path(__file__).resolve().parent
+    runs = {"train_eager": ("train_multi.py", ["--no-channels-last"]),
+            "train_compiled": ("train_multi.py", ["--no-channels-last", "--compile"]),
+            "eval_cpm": ("eval_multi.py", [])}
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (script, extra) in runs.items():
+            for procs in (1, n):
+                target = Path(tmp) / f"{name}_{procs}.json"
+                launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs),
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *(["--multi_gpu"] if procs > 1 else [])]
+                log(f"multi: {name} on {procs} GPU(s)")
+                subprocess.run([*launch, str(here / script), *extra, "--out", str(target)], check=True)
+                res.setdefault(name, {})[str(procs)] = json.loads(target.read_text())
+            one, many = res[name]["1"], res[name][str(n)]
+            rate = "steps_per_s" if name.startswith("train") else "pairs_per_s"
+            res[name]["scaling"] = many[rate] / one[rate]
+            log(f"multi {name}: {one[rate]:.2f} on 1 GPU, {many[rate]:.2f} on {n} ({res[name]['scaling']:.2f}x)")
+    RESULTS["multi"] = {"gpus": n, **res}
+
+
+def section_train(args, base, device) -> None:
+    """`sdm.train.train` with the settings that trained fastest in issue 15's third round: bf16, contiguous tensors
+    (`channels_last=False`), fused QKV, and the UNet's blocks compiled (`--no-compile`: eager). Rows: 9 and 3 pairs
+    a step, 9 pairs eager, 3 pairs with gradient checkpointing (eager); the reference beside 9 and 3 pairs."""
     from sdm import train as train_module
     from sdm.train import TrainConfig
 
     res = {}
     size = args.size
     ds = BenchPairs(args.train_images, 48, size, seed=3)
-    for pairs, ckpt in ((9, False), (3, False), (3, True)):
-        key = f"{pairs}pairs" + ("_checkpointing" if ckpt else "")
+    eager = optimize(copy.deepcopy(base), dtype=torch.bfloat16, channels_last=False, fuse_qkv=True)
+    fast = optimize(copy.deepcopy(eager), compile=True, channels_last=False, fuse_qkv=False) if args.compile else eager
+    for key, pairs, ckpt, model in (("9pairs", 9, False, fast), ("9pairs_eager", 9, False, eager), ("3pairs", 3, False, fast),
+                                    ("3pairs_checkpointing", 3, True, eager)):
+        if key == "9pairs_eager" and not args.compile:  # the same as "9pairs" then
+            continue
         peaks = []
 
-        def run(steps: int, pairs=pairs, ckpt=ckpt) -> None:
+        def run(steps: int, pairs=pairs, ckpt=ckpt, model=model) -> None:
             cfg = TrainConfig(prompt="single", steps=steps, batch_size=pairs, image_size=size, mixed_precision="bf16",
                               gradient_checkpointing=ckpt, val_every=0, checkpoint_every=10**9, log_every=10**9,
                               num_workers=2, timestep=261)
             with tempfile.TemporaryDirectory() as tmp:
-                train_module.train(cfg, ours_eager, ds, out_dir=tmp, progress=False)
+                train_module.train(cfg, model, ds, out_dir=tmp, progress=False)
 
         base_alloc = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         if device.type == "cuda":
@@ -475,8 +560,9 @@ def section_train(args, base, ours_eager, device) -> None:
             run(args.train_warm + args.train_steps + 1)
         times = [window["step_s"]]  # the window's mean step
         if device.type == "cuda":
-            peaks.append(torch.cuda.max_memory_allocated() - base_alloc + param_bytes(ours_eager.unet, ours_eager.text_encoder, ours_eager.vae))
-        res[key] = {"ours": {"step_s": statistics.median(times), "steps_per_s": 1 / statistics.median(times),
+            peaks.append(torch.cuda.max_memory_allocated() - base_alloc + param_bytes(model.unet, model.text_encoder, model.vae))
+        res[key] = {"ours": {"compiled": model is fast and args.compile, "channels_last": False,
+                             "step_s": statistics.median(times), "steps_per_s": 1 / statistics.median(times),
                              "step_s_runs": times, "peak_gb": max(peaks) / 1e9 if peaks else None}}
         log(f"train {key}: ours {1 / statistics.median(times):.2f} steps/s, peak {res[key]['ours']['peak_gb']} GB")
     # FLOPs per step (ours: latents cached, so no VAE; fwd to up_blocks[1] + backward to the prompt).
@@ -604,6 +690,14 @@ def table(peak_tflops: float) -> str:
         rows.append(("attention matcher (s/point)", o["seconds_per_point"], r["seconds_per_point"],
                      mfu(o["flops_per_point"], o["seconds_per_point"]), mfu(r["flops_per_point"], r["seconds_per_point"]),
                      o["flops_per_point"] / 1e12, r["flops_per_point"] / 1e12))
+    mu = RESULTS.get("multi", {})
+    for name, label, rate in (("train_eager", "train 9pairs eager", "steps_per_s"), ("train_compiled", "train 9pairs", "steps_per_s"),
+                              ("eval_cpm", "eval cpm ens8 no compile", "pairs_per_s")):
+        if name in mu:
+            n = mu["gpus"]
+            rows.append((f"{label}, {n} GPUs (1 GPU as ref)", mu[name][str(n)][rate], mu[name]["1"][rate], math.nan, math.nan, math.nan, math.nan))
+    for name, v in RESULTS.get("profile", {}).items():
+        rows.append((f"  GPU busy {name} (%)", 100 * v["gpu_busy_share_of_wall"], math.nan, math.nan, math.nan, math.nan, math.nan))
     head = f"{'row':34s} {'ours':>10s} {'ref':>10s} {'ours/ref':>9s} {'MFU ours':>9s} {'MFU ref':>8s} {'TF ours':>8s} {'TF ref':>8s}"
     lines = [head]
     for name, o, r, mo, mr, fo, fr in rows:
@@ -618,7 +712,7 @@ def table(peak_tflops: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench.json")
-    ap.add_argument("--sections", default="checks,features,eval,train,attention,files,attn")
+    ap.add_argument("--sections", default="checks,features,eval,train,attention,files,attn,profile,multi")
     ap.add_argument("--tiny", action="store_true", help="tiny model at 128 px (smoke test)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--compile-mode", default=None)
@@ -637,6 +731,8 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=12)
     ap.add_argument("--train-warm", type=int, default=4)
     ap.add_argument("--train-steps", type=int, default=16)
+    ap.add_argument("--profile-pairs", type=int, default=16, help="CPM pairs evaluated under the profiler")
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs of the multi section (default: all visible)")
     ap.add_argument("--attn-steps", type=int, default=10)
     ap.add_argument("--attn-repeat", type=int, default=2)
     args = ap.parse_args()
@@ -644,9 +740,10 @@ def main() -> None:
     device = sdm.models.default_device()
     sections = args.sections.split(",")
     section_env(args, device)
-    base, ours, ours_eager = build_models(args, device)
-    tokens = build_prompt("single", SDFeaturizer(base, image_size=args.size)).tokens.detach()
     out = Path(args.out)
+    if set(sections) - {"multi"}:  # the multi section starts its own processes
+        base, ours, ours_eager = build_models(args, device)
+        tokens = build_prompt("single", SDFeaturizer(base, image_size=args.size)).tokens.detach()
 
     def dump() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -656,10 +753,12 @@ def main() -> None:
         "checks": lambda: section_checks(args, base, ours, ours_eager, tokens, device),
         "features": lambda: section_features(args, base, ours, tokens, device),
         "eval": lambda: section_eval(args, base, ours, ours_eager, device),
-        "train": lambda: section_train(args, base, ours_eager, device),
+        "train": lambda: section_train(args, base, device),
         "attention": lambda: section_attention(args, ours_eager, base, device),
         "files": lambda: section_files(args, ours, device),
         "attn": lambda: section_attn(args, ours, tokens, device),
+        "profile": lambda: section_profile(args, ours, tokens, device, out),
+        "multi": lambda: section_multi(args, device),
     }
     for name in sections:
         start = time.perf_counter()

@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     wall = timed_training(args, "cuda", *((prof.start, prof.stop) if args.profile else (None, None)))
-    variant = f"random weights, channels_last={args.channels_last} compile={args.compile}"
+    variant = f"random weights, channels_last={args.channels_last} compile={args.compile} compile_mode={args.compile_mode}"
     if not args.profile:
         line = f"{args.pairs} pairs a step, {variant}: {1 / wall:.2f} steps/s ({wall * 1e3:.1f} ms per step, {args.steps} steps)"
         Path(args.out).write_text(line + "\n")

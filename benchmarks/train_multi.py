@@ -36,7 +36,7 @@ def main() -> None:
     step_s = timed_training(args, state.device, *((prof.start, prof.stop) if prof is not None else (None, None)))  # the window's mean step
     steps = [step_s]
     if state.is_main_process:
-        res = {"weights": "random (sdm.sd21_architecture)", "processes": state.num_processes, "channels_last": args.channels_last, "compile": args.compile, "profiled": prof is not None, "split": "images", "pairs_per_step": args.pairs, "step_s": step_s, "steps_per_s": 1 / step_s,
+        res = {"weights": "random (sdm.sd21_architecture)", "processes": state.num_processes, "channels_last": args.channels_last, "compile": args.compile, "compile_mode": args.compile_mode, "profiled": prof is not None, "split": "images", "pairs_per_step": args.pairs, "step_s": step_s, "steps_per_s": 1 / step_s,
                "step_s_runs": steps, "gpu": torch.cuda.get_device_name(), "peak_gb_rank0": torch.cuda.max_memory_allocated() / 1e9}
         Path(args.out).write_text(json.dumps(res, indent=2))
         print(json.dumps({k: v for k, v in res.items() if k != "step_s_runs"}), flush=True)
