@@ -1,5 +1,5 @@
 """Feature extractors: what turns images (and a prompt) into feature maps for `sdm.evaluate.evaluate`, and the
-explicit per-image store they and the evaluation keep their tensors in.
+explicit per-image store they and the evaluation keep their tensors in (`FeatureStore`, from `sdm.storage`).
 
 - `SDExtractor`: Stable Diffusion features under a prompt module (any conditioning);
 - `ModuleExtractor` around `ViTFeatures`: a transformers ViT's patch features (DINO, DINOv2), no prompt;
@@ -9,9 +9,7 @@ explicit per-image store they and the evaluation keep their tensors in.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -22,7 +20,8 @@ from torch import nn
 from sdm.data import OriginalLoader
 from sdm.features import Draws, SDFeaturizer
 from sdm.matching import Similarity
-from sdm.prompts import Conditioning, PromptModule, originals_for
+from sdm.prompts import Conditioning, PromptModule, StoredImages, originals_for
+from sdm.storage import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class ImageBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def originals_for(self, prompt: PromptModule) -> list[Any] | None:
+    def originals_for(self, prompt: PromptModule) -> StoredImages | None:
         """The originals a prompt reads (None for prompts that read none)."""
         return originals_for(prompt, self.ids, self.originals)
 
@@ -77,65 +76,6 @@ class FeatureExtractor(Protocol):
 def similarity_of(extractor: object) -> Similarity:
     """How an extractor's features are scored: its `similarity` attribute, "cosine" when it has none."""
     return getattr(extractor, "similarity", "cosine")
-
-
-class FeatureStore:
-    """Per-image tensors (features, VAE posteriors, optimised embeddings), computed once and reused: an explicit,
-    bounded store, in the spirit of segment-anything's `set_image` / `reset_image`.
-
-    `put(key, value)` stores, `get(key)` returns the stored tensor or None, `reset()` forgets everything (call it
-    when the model or the prompt behind the values changes). Beyond `capacity` entries the least recently used
-    are dropped, except the keys held by `hold(keys)` (the current batch's): a store smaller than a batch keeps
-    what that batch needs until it is done.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"a FeatureStore holds at least 1 entry; got capacity {capacity}")
-        self.capacity = capacity
-        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
-        self._held: frozenset[Hashable] = frozenset()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._items
-
-    def get(self, key: Hashable) -> torch.Tensor | None:
-        if key not in self._items:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(key)
-        return self._items[key]
-
-    def put(self, key: Hashable, value: torch.Tensor) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        self._evict()
-
-    @contextmanager
-    def hold(self, keys: Iterable[Hashable]) -> Iterator[None]:
-        """Within the block, `keys` are never dropped."""
-        previous = self._held
-        self._held = previous | frozenset(keys)
-        try:
-            yield
-        finally:
-            self._held = previous
-            self._evict()
-
-    def reset(self) -> None:
-        self._items.clear()
-        self.hits = self.misses = 0
-
-    def _evict(self) -> None:
-        excess = len(self._items) - self.capacity
-        if excess > 0:
-            for key in [k for k in self._items if k not in self._held][:excess]:
-                del self._items[key]
 
 
 class SDExtractor:

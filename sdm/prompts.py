@@ -15,7 +15,7 @@ lists where sdm offers another reading than the authors' code (github ActiveVisi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from sdm.data import category_label
+from sdm.data import OriginalLoader, category_label
 from sdm.encoders import (
     CLIP_MEAN,
     CLIP_STD,
@@ -36,6 +36,7 @@ from sdm.encoders import (
     normalise_images,
 )
 from sdm.features import PromptInput, SDFeaturizer, derived_seed
+from sdm.storage import FeatureStore
 
 Conditioning = Literal["fixed", "category", "image", "pair"]
 PromptKind = Literal["empty", "template", "captioner", "single", "class", "cpm"]
@@ -74,17 +75,33 @@ def seeded_linear(n_in: int, n_out: int, seed: int) -> nn.Linear:
 Originals = Sequence[Image.Image | torch.Tensor]
 
 
-def originals_for(prompt: PromptModule, ids: Sequence[str], load: Callable[[str], Image.Image] | None) -> list[Image.Image] | None:
+class StoredImages(Sequence[Image.Image]):
+    """The images as stored for `ids`, each decoded by `load` only when it is read, so that a prompt that keeps
+    what it computes from them per image (CPM's DINOv2 descriptors, `DinoDescriptor.stored`) decodes only the
+    images it has not seen."""
+
+    def __init__(self, ids: Sequence[str], load: OriginalLoader) -> None:
+        self.ids = list(ids)
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> Image.Image:  # type: ignore[override]
+        return self.load(self.ids[i])
+
+
+def originals_for(prompt: PromptModule, ids: Sequence[str], load: Callable[[str], Image.Image] | None) -> StoredImages | None:
     """The images as stored for `ids` when `prompt` looks at them (`needs_originals`), else None.
 
     `load`: image id -> PIL image (`PairDataset.original_image`); a clear error when the prompt needs it and none
-    is given.
+    is given. The images are decoded when read (`StoredImages`).
     """
     if not prompt.needs_originals:
         return None
     if load is None:
         raise ValueError(f"the {prompt.kind!r} prompt looks at the images as stored: pass originals=dataset.original_image")
-    return [load(i) for i in ids]
+    return StoredImages(ids, load)
 
 
 @dataclass
@@ -396,6 +413,9 @@ class DinoDescriptor(nn.Module):
     """Frozen DINOv2 (transformers `Dinov2Model`): pixels B x 3 x S x S (`pixels` or `resized_pixels`) -> patch
     tokens B x P x C (P = (S / 14)^2, 256 at 224 px) or the pooled CLS token B x 1 x C."""
 
+    # Descriptors kept by `stored`: patch tokens of DINOv2-B are 256 x 768 float32 (0.8 MB) an image.
+    cache_size: ClassVar[int] = 256
+
     def __init__(self, dino: nn.Module, image_size: int = 224, resize: int = 256) -> None:
         super().__init__()
         self.dino = dino.requires_grad_(False).eval()
@@ -403,6 +423,8 @@ class DinoDescriptor(nn.Module):
         self.resize = resize
         self.width = int(dino.config.hidden_size)
         self.n_patches = (image_size // int(dino.config.patch_size)) ** 2
+        self.store = FeatureStore(self.cache_size)
+        self._source: OriginalLoader | None = None  # the loader whose ids the store's keys are
 
     def pixels(self, originals: Originals) -> torch.Tensor:
         """Images as stored -> B x 3 x S x S through the dinov2-base processor (`dino_pixels`)."""
@@ -411,6 +433,28 @@ class DinoDescriptor(nn.Module):
     def resized_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W in [0, 1] -> B x 3 x S x S squashed (bicubic) and ImageNet-normalised."""
         return normalise_images(images, self.image_size, IMAGENET_MEAN, IMAGENET_STD)
+
+    def stored(self, originals: StoredImages, descriptor: Literal["patch", "global"] = "patch") -> torch.Tensor:
+        """Descriptors of images as stored (B x P x C, as `forward`), each image run through DINOv2 on its own and
+        kept by id: the authors compute DINOv2 once per image, a batch of one, and reuse the output for every pair
+        (pre_compute_dino_feature.py:54-65). An image's descriptors then do not depend on the batch it comes in,
+        and only images not kept are decoded. The store is emptied when the images come from another loader (an
+        other dataset); its keys hold the device and autocast dtype the descriptors were computed under."""
+        if self._source is None or originals.load != self._source:  # bound methods: equal for the same dataset
+            self.store.reset()
+            self._source = originals.load
+        device = next(self.dino.parameters()).device
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        keys: list[Hashable] = [(i, descriptor, str(device), autocast) for i in originals.ids]
+        out = []
+        with self.store.hold(keys):
+            for k, key in enumerate(keys):
+                d = self.store.get(key)
+                if d is None:
+                    d = self(self.pixels([originals[k]]), descriptor)[0]
+                    self.store.put(key, d)
+                out.append(d)
+        return torch.stack(out)
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, descriptor: Literal["patch", "global"] = "patch") -> torch.Tensor:
@@ -514,6 +558,8 @@ class CPMPrompt(PromptModule):
                     "pre_compute_dino_feature.py): pass originals=... (PairDataset.original_image(id) gives them), "
                     "or build the prompt with CPMConfig(dino_input='resized')"
                 )
+            if isinstance(originals, StoredImages):
+                return self.dino.stored(originals, self.cfg.descriptor)
             pixels = self.dino.pixels(originals)
         else:
             if images is None:

@@ -1,12 +1,17 @@
-"""Writing files so that a crash never leaves half of one: prompts, training checkpoints and logs."""
+"""Keeping what was computed: `FeatureStore`, a bounded in-memory store of per-image tensors, and `atomic_write`,
+which writes files so that a crash never leaves half of one (prompts, training checkpoints and logs)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
@@ -30,3 +35,62 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class FeatureStore:
+    """Per-image tensors (features, VAE posteriors, optimised embeddings), computed once and reused: an explicit,
+    bounded store, in the spirit of segment-anything's `set_image` / `reset_image`.
+
+    `put(key, value)` stores, `get(key)` returns the stored tensor or None, `reset()` forgets everything (call it
+    when the model or the prompt behind the values changes). Beyond `capacity` entries the least recently used
+    are dropped, except the keys held by `hold(keys)` (the current batch's): a store smaller than a batch keeps
+    what that batch needs until it is done.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"a FeatureStore holds at least 1 entry; got capacity {capacity}")
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._held: frozenset[Hashable] = frozenset()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        if key not in self._items:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        self._evict()
+
+    @contextmanager
+    def hold(self, keys: Iterable[Hashable]) -> Iterator[None]:
+        """Within the block, `keys` are never dropped."""
+        previous = self._held
+        self._held = previous | frozenset(keys)
+        try:
+            yield
+        finally:
+            self._held = previous
+            self._evict()
+
+    def reset(self) -> None:
+        self._items.clear()
+        self.hits = self.misses = 0
+
+    def _evict(self) -> None:
+        excess = len(self._items) - self.capacity
+        if excess > 0:
+            for key in [k for k in self._items if k not in self._held][:excess]:
+                del self._items[key]

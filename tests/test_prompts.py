@@ -21,8 +21,10 @@ from sdm.prompts import (
     CPMConfig,
     CPMPrompt,
     DinoDescriptor,
+    StoredImages,
     build_prompt,
     category_text,
+    originals_for,
 )
 
 CATS = ["cat", "dog", "car(G)"]
@@ -332,3 +334,35 @@ def test_prompts_saved_by_sdm_0_1_keep_their_computation(tmp_path: Path, featuri
     save_file({}, str(tmp_path / "t.safetensors"))
     (tmp_path / "t.json").write_text(json.dumps({"kind": "template", "model": "tiny", "embed_dim": 32, "shapes": {}, "config": {"template": "a photo of a {}"}}))
     assert load_prompt(tmp_path / "t", featurizer).image_prompt(featurizer, None, ["pottedplant"]) == ["a photo of a potted plant"]
+
+
+def test_cpm_reads_stored_images_once_each_and_alone_as_the_authors(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+    """Images as stored (`originals_for` -> StoredImages) go through DINOv2 one at a time and are kept by id, as
+    pre_compute_dino_feature.py:54-65 computes (batch of one) and reuses: only unseen images are decoded, and a
+    prompt equals the formula on each image's own DINOv2 output."""
+    module = cpm(featurizer, encoders)
+    pics = {f"im{i}": im for i, im in enumerate(images(4, 3))}
+    decoded: list[str] = []
+
+    def load(image_id: str) -> torch.Tensor:
+        decoded.append(image_id)
+        return pics[image_id]
+
+    src_o, trg_o = originals_for(module, ["im0", "im1"], load), originals_for(module, ["im2", "im0"], load)
+    assert isinstance(src_o, StoredImages) and decoded == []  # nothing decoded before it is read
+    a, b = torch.stack([pics["im0"], pics["im1"]]), torch.stack([pics["im2"], pics["im0"]])
+    prompt, _ = module.pair_prompts(featurizer, a, b, ["x", "y"], (src_o, trg_o))
+    assert sorted(decoded) == ["im0", "im1", "im2"]  # im0 twice in the batch, decoded once
+    alone = {k: encoders.dino(pixel_values=dino_pixels(v)[None]).last_hidden_state[0, 1:] for k, v in pics.items()}
+    f = torch.cat([torch.stack([alone["im0"], alone["im1"]]), torch.stack([alone["im2"], alone["im0"]])], dim=2)
+    x = f @ module.g_d.weight.T + module.g_d.bias
+    x = (x.transpose(1, 2) @ module.g_n.weight.T + module.g_n.bias).transpose(1, 2)
+    cond = torch.tanh(module.alpha_cond) * (adaptive_max_pool(x, 50) + module.positional_embedding)
+    torch.testing.assert_close(prompt[:, 25:], cond, rtol=1e-4, atol=1e-5)
+    again, _ = module.pair_prompts(featurizer, a, b, ["x", "y"], (originals_for(module, ["im0", "im1"], load), trg_o))
+    assert sorted(decoded) == ["im0", "im1", "im2"]  # all kept: nothing decoded again
+    torch.testing.assert_close(again, prompt, rtol=0, atol=0)
+    # Another loader (another dataset) with the same ids: the kept descriptors are not reused.
+    other = {k: 1 - v for k, v in pics.items()}
+    flipped, _ = module.pair_prompts(featurizer, a, b, ["x", "y"], (StoredImages(["im0", "im1"], other.__getitem__), StoredImages(["im2", "im0"], other.__getitem__)))
+    assert not torch.allclose(flipped[:, 25:], prompt[:, 25:])
