@@ -338,6 +338,10 @@ def section_eval(args, base, ours, ours_eager, device) -> None:
         run_ours = lambda x=extractor, d=ds, w=workers: evaluate(x, d, batch_size=8, progress=False, num_workers=w)  # noqa: E731
         t = timeit(run_ours, warmup=1, repeat=args.eval_repeat)
         pairs_s = n_pairs / t["median_s"]
+        # GPU check: pinned batches, copies without waiting and deferred read-back change nothing (to the bit).
+        in_process = evaluate(extractor, ds, batch_size=8, progress=False, num_workers=0).records
+        same = evaluate(extractor, ds, batch_size=8, progress=False, num_workers=workers).records.equals(in_process)
+        log(f"eval {kind}: workers {workers} give the in-process records to the bit: {same}")
         # Projection: Single's cost is per image + per pair; the bench set has SPair's images-per-pair ratio.
         if kind == "single":
             scale = max(SPAIR_TEST_IMAGES / n_img, SPAIR_TEST_PAIRS / n_pairs)
@@ -367,7 +371,8 @@ def section_eval(args, base, ours, ours_eager, device) -> None:
                                             dino_prompt if kind == "cpm" else None))
         res[kind] = {
             "bench_images": n_img, "bench_pairs": n_pairs, "ensemble": e,
-            "ours": {**t, "pairs_per_s": pairs_s, "projected_spair_test_s": projected, "flops_per_pair": fl_total / n_pairs},
+            "ours": {**t, "pairs_per_s": pairs_s, "projected_spair_test_s": projected, "flops_per_pair": fl_total / n_pairs,
+                     "records_equal_in_process": same},
             "reference": {**t_ref, "pairs_timed": args.ref_eval_pairs, "pairs_per_s": 1 / ref_pair_s,
                           "projected_spair_test_s": ref_pair_s * SPAIR_TEST_PAIRS, "flops_per_pair": fl_ref},
         }

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from sdm.data import Pair, PairDataset, collate_pairs, decoding, spread_subset
+from sdm.data import Pair, PairBatch, PairDataset, collate_pairs, decoding, spread_subset
 from sdm.extractors import FeatureExtractor, FeatureStore, ImageBatch, per_image_pair_features, similarity_of
 from sdm.matching import (
     MatchConfig,
@@ -165,10 +165,12 @@ def _evaluate_loop(
     batches = -(-len(pairs) // batch_size)
     first, last = (batches * r // world * batch_size for r in (rank, rank + 1))
     shard = Subset(pairs, range(first, min(last, len(pairs))))
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_pairs)
-    frames, start = [], time.perf_counter()
-    for batch in tqdm(loader, desc=desc, disable=not progress or rank > 0, unit="batch"):
-        pred = predict(batch).float().cpu()
+    # Pinned batches let the predictor's copies to the GPU run while it computes (PairBatch.pin_memory).
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_pairs,
+                        pin_memory=torch.cuda.is_available())
+
+    def score(batch: PairBatch, predicted: torch.Tensor) -> pd.DataFrame:
+        pred = predicted.float().cpu()
         if pred.shape != batch.trg_kps.shape:
             raise ValueError(f"the predictor returned {tuple(pred.shape)}, expected {tuple(batch.trg_kps.shape)} (B x K x 2)")
         gt, thresholds = batch.trg_kps.clone(), batch.threshold.clone()
@@ -181,7 +183,18 @@ def _evaluate_loop(
                 thresholds[b] = threshold_of(facts, mode)
                 scale = frame_scale(batch.trg_sizes[b], size, frame)
                 pred[b], gt[b] = pred[b] * scale, gt[b] * scale
-        frames.append(point_records(pred, gt, batch.n_kps, thresholds, batch.categories, batch.pair_ids))
+        return point_records(pred, gt, batch.n_kps, thresholds, batch.categories, batch.pair_ids)
+
+    frames, start, pending = [], time.perf_counter(), None
+    for batch in tqdm(loader, desc=desc, disable=not progress or rank > 0, unit="batch"):
+        predicted = predict(batch)
+        # A batch is read back (.cpu() waits for the GPU) only after the next one is queued, so the GPU never
+        # waits for the host's work between batches.
+        if pending is not None:
+            frames.append(score(*pending))
+        pending = (batch, predicted)
+    if pending is not None:
+        frames.append(score(*pending))
     seconds = time.perf_counter() - start
     if world > 1:
         from accelerate.utils import gather_object

@@ -118,7 +118,7 @@ class SDExtractor:
 
     @torch.no_grad()
     def image_features(self, batch: ImageBatch) -> torch.Tensor:
-        pixels = batch.pixels.to(self.featurizer.device)
+        pixels = batch.pixels.to(self.featurizer.device, non_blocking=True)
         prompt = self.prompt.image_prompt(self.featurizer, pixels, batch.categories, batch.originals_for(self.prompt))
         return self.featurizer.features_from_latents(self.latents(batch.pixels, batch.ids), prompt, keys=batch.ids)
 
@@ -138,7 +138,8 @@ def pair_prompts(featurizer: SDFeaturizer, prompt: PromptModule, src: ImageBatch
     """The prompt module's prompts for the source and target sides of B pairs (`PromptModule.pair_prompts`)."""
     dev = featurizer.device
     originals = (src.originals_for(prompt), trg.originals_for(prompt))
-    return prompt.pair_prompts(featurizer, src.pixels.to(dev), trg.pixels.to(dev), src.categories, originals)  # type: ignore[arg-type]
+    src_px, trg_px = (side.pixels.to(dev, non_blocking=True) for side in (src, trg))  # from pinned memory: no wait
+    return prompt.pair_prompts(featurizer, src_px, trg_px, src.categories, originals)  # type: ignore[arg-type]
 
 
 def per_image_pair_features(extractor: FeatureExtractor, src: ImageBatch, trg: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:

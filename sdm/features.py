@@ -73,7 +73,7 @@ def to_pixel_tensor(images: ImageInput, size: tuple[int, int], device: torch.dev
             raise ValueError(f"images must be B x 3 x H x W in [0, 1]; got a tensor of shape {tuple(images.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"images must be a float tensor in [0, 1]; got dtype {x.dtype} (divide uint8 by 255)")
-        x = x.to(device=device, dtype=torch.float32)
+        x = x.to(device=device, dtype=torch.float32, non_blocking=True)
     elif isinstance(images, Image.Image):
         return to_pixel_tensor([images], size, device, dtype)
     else:

@@ -97,7 +97,7 @@ def feature_predictor(
                 ImageBatch(batch.src_image, batch.categories, batch.src_ids, dataset.original_image),
                 ImageBatch(batch.trg_image, batch.categories, batch.trg_ids, dataset.original_image),
             )
-        query = to_feature_coords(batch.src_kps.to(src.device), size, tuple(src.shape[-2:]))
+        query = to_feature_coords(batch.src_kps.to(src.device, non_blocking=True), size, tuple(src.shape[-2:]))
         cells = config(src.float(), trg.float(), query)
         return to_image_coords(cells, tuple(trg.shape[-2:]), size)
 

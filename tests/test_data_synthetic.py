@@ -93,6 +93,22 @@ def test_images_view_and_ids() -> None:
     assert batch.categories == ["astronaut", "camera", "cat"]
 
 
+def test_pair_batches_pin_every_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DataLoader with pin_memory=True pins a batch through its `pin_memory` method (evaluation and training set
+    it on CUDA machines); every tensor goes through, the lists stay. Pinning itself needs CUDA, so it is marked."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = collate_pairs([SyntheticPairs(n=2, image_size=32, seed=5)[i] for i in range(2)])
+    pinned_ids: list[int] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned_ids.append(id(t)) or t.clone())
+    out = pin_memory(batch)
+    assert type(out) is type(batch) and out.pair_ids == batch.pair_ids and out.extra == batch.extra
+    assert sorted(pinned_ids) == sorted(id(getattr(batch, n)) for n in type(batch).TENSORS)
+    assert set(type(batch).TENSORS) == {n for n, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+    for name in type(batch).TENSORS:
+        assert torch.equal(getattr(out, name), getattr(batch, name)) and getattr(out, name) is not getattr(batch, name)
+
+
 def test_registry_synthetic_splits() -> None:
     val = load_dataset("synthetic", split="val", image_size=32, n=2)
     test = load_dataset("synthetic", split="test", image_size=32, n=2, category="rocket")

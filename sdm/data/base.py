@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -153,23 +153,16 @@ class PairBatch:
     def __len__(self) -> int:
         return len(self.pair_ids)
 
+    TENSORS: ClassVar[tuple[str, ...]] = ("src_image", "trg_image", "src_kps", "trg_kps", "n_kps", "threshold")
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
         """Move the tensors to ``device`` (lists are kept); `non_blocking` overlaps the copies from pinned memory."""
-        return PairBatch(
-            src_image=self.src_image.to(device, non_blocking=non_blocking),
-            trg_image=self.trg_image.to(device, non_blocking=non_blocking),
-            src_kps=self.src_kps.to(device, non_blocking=non_blocking),
-            trg_kps=self.trg_kps.to(device, non_blocking=non_blocking),
-            n_kps=self.n_kps.to(device, non_blocking=non_blocking),
-            threshold=self.threshold.to(device, non_blocking=non_blocking),
-            categories=self.categories,
-            src_ids=self.src_ids,
-            trg_ids=self.trg_ids,
-            pair_ids=self.pair_ids,
-            src_sizes=self.src_sizes,
-            trg_sizes=self.trg_sizes,
-            extra=self.extra,
-        )
+        return replace(self, **{name: getattr(self, name).to(device, non_blocking=non_blocking) for name in self.TENSORS})
+
+    def pin_memory(self) -> PairBatch:
+        """The tensors in page-locked memory: a DataLoader with ``pin_memory=True`` calls this (it pins only the
+        types it knows, or those with this method), so that copies to the GPU can run while it computes."""
+        return replace(self, **{name: getattr(self, name).pin_memory() for name in self.TENSORS})
 
 
 def collate_pairs(pairs: Sequence[Pair]) -> PairBatch:
