@@ -448,7 +448,9 @@ def optimize(
 
     - `dtype`: cast VAE, UNet and text encoder (e.g. ``torch.bfloat16`` on a GPU; the authors ran fp16
       autocast). None keeps the current dtype.
-    - `channels_last`: NHWC memory format for the VAE's and the UNet's convolutions.
+    - `channels_last`: NHWC memory format for the VAE's and the UNet's convolutions. It pays for features and
+      evaluation; for training pass False (cuDNN then converts layouts around every group norm of the backward:
+      benchmarks/README.md, third round).
     - `fuse_qkv`: one matrix product for the query, key and value of every self-attention (key and value of
       every cross-attention) in the UNet and the VAE (diffusers' `fuse_qkv_projections`). The fused weights
       stay frozen.
