@@ -188,8 +188,8 @@ def _evaluate_loop(
     frames, start, pending = [], time.perf_counter(), None
     for batch in tqdm(loader, desc=desc, disable=not progress or rank > 0, unit="batch"):
         predicted = predict(batch)
-        # A batch is read back (.cpu() waits for the GPU) only after the next one is queued, so the GPU never
-        # waits for the host's work between batches.
+        # A batch is read back (.cpu() waits for the GPU) only after the next one is queued, so the host prepares
+        # the next batch while the GPU computes this one.
         if pending is not None:
             frames.append(score(*pending))
         pending = (batch, predicted)
