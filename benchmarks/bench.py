@@ -46,6 +46,7 @@ SPAIR_TEST_PAIRS = 12_234
 # with all 1,800 is an upper bound for the per-image (Single) cost.
 SPAIR_TEST_IMAGES = 1_800
 RESULTS: dict = {}
+WEIGHTS = "random (sdm.sd21_architecture, sdm.models.sd14_architecture): the real models' cost, not their outputs"
 
 
 def log(*args) -> None:
@@ -230,6 +231,7 @@ def section_env(args, device) -> None:
     else:
         info.update(gpu=None, matmul_bf16_tflops=float("nan"))
     RESULTS["env"] = info
+    RESULTS["weights"] = WEIGHTS
     log("env:", json.dumps(info))
 
 
@@ -778,7 +780,7 @@ def main() -> None:
         log(f"[{name} done in {time.perf_counter() - start:.0f} s]")
         dump()
     env = RESULTS["env"]
-    print(f"\n{env.get('gpu')} | torch {env['torch']} | diffusers {env['diffusers']} | transformers {env['transformers']} | {env['date_utc']}")
+    print(f"\n{env.get('gpu')} | weights {WEIGHTS} | torch {env['torch']} | diffusers {env['diffusers']} | transformers {env['transformers']} | {env['date_utc']}")
     print("checks:", json.dumps(RESULTS.get("checks_rel_err_vs_plain_fp32")))
     print(table(env["matmul_bf16_tflops"]))
     dump()
