@@ -96,21 +96,16 @@ class SDExtractor:
         self.store = FeatureStore(latent_cache)  # VAE posteriors by image id
 
     def latents(self, images: torch.Tensor, ids: Sequence[str], generator: Draws | None = None) -> torch.Tensor:
-        """B x 4 x h x w VAE latents, encoding only the images not seen before (in one batch); the posterior draw
+        """B x 4 x h x w VAE latents, encoding only the images not seen before (`posteriors`); the posterior draw
         is seeded by the image id, or fresh from `generator` (training)."""
         posterior = self.posteriors(ids, lambda idx: images[idx])
         return self.featurizer.sample_latents(posterior, ids, generator)
 
     def posteriors(self, ids: Sequence[str], images_at: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
         """B x 2C x h x w posteriors (`SDFeaturizer.encode_posterior`) of the images `ids`, kept in `store` by id.
-        `images_at(indices)` gives only the images to encode, so stored ones are never copied or moved."""
-        with self.store.hold(ids):
-            for i, key in enumerate(ids):
-                if key not in self.store:
-                    # one image per VAE call: batched kernels round differently at other batch sizes, and an image's
-                    # posterior must be the same bits whichever batch (or evaluation process) meets it first
-                    self.store.put(key, self.featurizer.encode_posterior(images_at([i]))[0])
-            return torch.stack([self.store.get(key) for key in ids])  # type: ignore[misc]
+        `images_at(indices)` gives only the images to encode, so stored ones are never copied or moved. One image
+        per VAE call (`FeatureStore.fetch`): an image's posterior is the same bits whichever batch meets it first."""
+        return self.store.fetch(list(ids), lambda i: self.featurizer.encode_posterior(images_at([i]))[0])
 
     def reset(self) -> None:
         """Forget the stored posteriors (after changing the VAE or the images behind the ids)."""

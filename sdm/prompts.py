@@ -446,15 +446,7 @@ class DinoDescriptor(nn.Module):
         device = next(self.dino.parameters()).device
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         keys: list[Hashable] = [(i, descriptor, str(device), autocast) for i in originals.ids]
-        out = []
-        with self.store.hold(keys):
-            for k, key in enumerate(keys):
-                d = self.store.get(key)
-                if d is None:
-                    d = self(self.pixels([originals[k]]), descriptor)[0]
-                    self.store.put(key, d)
-                out.append(d)
-        return torch.stack(out)
+        return self.store.fetch(keys, lambda k: self(self.pixels([originals[k]]), descriptor)[0])
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, descriptor: Literal["patch", "global"] = "patch") -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,20 @@ class FeatureStore:
         self._items[key] = value
         self._items.move_to_end(key)
         self._evict()
+
+    def fetch(self, keys: Sequence[Hashable], compute: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """The values of `keys`, stacked (len(keys) x ...). A key not kept is computed by `compute(i)`, i its
+        position in `keys`, one key at a time, and kept: batched kernels round differently at other batch sizes, so
+        a value computed alone is the same bits whichever batch (or evaluation process) meets it first."""
+        values = []
+        with self.hold(keys):
+            for i, key in enumerate(keys):
+                value = self.get(key)
+                if value is None:
+                    value = compute(i)
+                    self.put(key, value)
+                values.append(value)
+        return torch.stack(values)
 
     @contextmanager
     def hold(self, keys: Iterable[Hashable]) -> Iterator[None]:

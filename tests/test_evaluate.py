@@ -141,6 +141,23 @@ def test_feature_store_drops_the_least_recent_but_never_a_held_key() -> None:
         FeatureStore(0)
 
 
+def test_feature_store_fetch_computes_each_missing_key_alone() -> None:
+    """`fetch` computes a key it does not keep from its position, one key per call, once, and keeps it (over
+    capacity while the batch needs it), so duplicates and later batches reuse the value."""
+    store = FeatureStore(2)
+    calls: list[int] = []
+
+    def compute(i: int) -> torch.Tensor:
+        calls.append(i)
+        return torch.full((2,), float(i))
+
+    out = store.fetch(["a", "b", "a", "c"], compute)
+    assert calls == [0, 1, 3] and out.tolist() == [[0, 0], [1, 1], [0, 0], [3, 3]]
+    assert (store.hits, store.misses) == (1, 3) and list(store._items) == ["a", "c"]  # the least recently used (b) dropped
+    again = store.fetch(["c", "d"], compute)
+    assert calls == [0, 1, 3, 1] and again.tolist() == [[3, 3], [1, 1]]
+
+
 def test_one_store_serves_several_evaluations(featurizer: sdm.SDFeaturizer) -> None:
     """evaluate(..., store=store) keeps the features: a second evaluation of the same extractor under another
     matcher computes none, and gives the numbers of an evaluation with its own store."""
