@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher
+from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher, crop_side
 from sdm.features import optimize
 from sdm.models import sd14_architecture
 
@@ -28,7 +28,7 @@ SDM_02 = dict(
     geometry="continuous", readout="mean-map", noise="gaussian", heads="all", loss="layer-mean", steps=130, lr=2.4e-3, crop_frac=0.93,
     sigma=28 / 512, max_batch=None,
 )
-PATHS = {  # name -> (config overrides, weight dtype, what is compiled: None, "resnets" or "blocks")
+PATHS = {  # name -> (config overrides, weight dtype, what is compiled: None, "resnets", "blocks" or "blocks-cl")
     # sdm 0.2's computation in fp16, all 50 items in one batch
     "sdm0.2-fp16": (SDM_02, torch.float16, None),
     # the authors' computation (today's defaults, micro-batches of 10) in the authors' fp32 and in bf16
@@ -42,14 +42,19 @@ PATHS = {  # name -> (config overrides, weight dtype, what is compiled: None, "r
     # the VAE encoder and the UNet's blocks compiled, one graph per batch size (sdm.attention.compile_for_matcher)
     "authors-bf16-compiled": ({}, torch.bfloat16, "blocks"),
     "authors-bf16-compiled-b50": ({"max_batch": 50}, torch.bfloat16, "blocks"),
+    # without the crop store: each call encodes the crops it draws (sdm before the store)
+    "authors-bf16-compiled-b50-lazy": ({"max_batch": 50, "crop_store": 0}, torch.bfloat16, "blocks"),
+    # the blocks compiled on channels-last (NHWC) weights and activations
+    "authors-bf16-compiled-cl-b50": ({"max_batch": 50}, torch.bfloat16, "blocks-cl"),
+    "authors-bf16-compiled-cl": ({}, torch.bfloat16, "blocks-cl"),
     "authors-fp32-compiled": ({}, torch.float32, "blocks"),
     "authors-fp32-compiled-b50": ({"max_batch": 50}, torch.float32, "blocks"),
 }
 
 
-def smooth_pair(size: int, seed: int) -> torch.Tensor:
+def smooth_images(size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return F.interpolate(torch.rand(2, 3, 24, 24, generator=g), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    return F.interpolate(torch.rand(3, 3, 24, 24, generator=g), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def sync() -> None:
@@ -66,43 +71,70 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def measure(name: str, build, images: torch.Tensor, points: torch.Tensor, steps: int, size: int) -> dict:
+def timed(fn) -> tuple[float, object]:
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+def measure(name: str, build, images: torch.Tensor, points: torch.Tensor, steps: int, size: int, warm_steps: int) -> dict:
     overrides, dtype, compiled = PATHS[name]
     sd = build().to(dtype=dtype)  # a fresh model per path: compiling changes modules in place
-    if compiled == "blocks":
-        compile_for_matcher(sd)
+    if compiled in ("blocks", "blocks-cl"):
+        compile_for_matcher(sd, channels_last=compiled == "blocks-cl")
     elif compiled == "resnets":
         optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="resnets")
-    full = AttentionMatcherConfig(image_size=size, progress=False, **overrides)
-    short = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": steps}))
-    matcher = AttentionMatcher(sd, full)
-    warm = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": 2}))
+
+    def matcher(**more) -> AttentionMatcher:
+        return AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, **more}))
+
+    full = matcher()
+    warm = matcher(steps=2)
     warm.attention_maps(images[1], warm.optimize_embeddings(images[0], points).embeddings)  # warm-up (and compiles)
+    # a cold pair: no crop of either image encoded yet
+    short = matcher(steps=steps)
     reset_peak()
-    sync()
-    start = time.perf_counter()
-    result = short.optimize_embeddings(images[0], points)
-    sync()
-    opt_s = (time.perf_counter() - start) / steps * full.steps
+    opt_s, result = timed(lambda: short.optimize_embeddings(images[0], points))
+    opt_s = opt_s / steps * full.config.steps
     peak_opt = peak_gib()
     reset_peak()
-    start = time.perf_counter()
-    maps = matcher.attention_maps(images[1], result.embeddings)
-    sync()
-    inf_s = time.perf_counter() - start
+    inf_s, maps = timed(lambda: short.attention_maps(images[1], result.embeddings))
     peak_inf = peak_gib()
     assert torch.isfinite(maps).all()
-    matches = matcher.peaks(maps, (size, size))
+    matches = full.peaks(maps, (size, size))
     n = points.shape[0]
     row = {
         "optimisation_s_per_pair": opt_s, "inference_s_per_pair": inf_s, "s_per_point": (opt_s + inf_s) / n,
         "pfwillow_h_without_cache": 900 * (opt_s + inf_s) / 3600, "pfwillow_h_with_source_cache": (100 * opt_s + 900 * inf_s) / 3600,
-        "peak_gib_optimisation": peak_opt, "peak_gib_inference": peak_inf, "steps_timed": steps, "steps": full.steps,
+        "peak_gib_optimisation": peak_opt, "peak_gib_inference": peak_inf, "steps_timed": steps, "steps": full.config.steps,
         "matches": matches.tolist(),
     }
-    print(f"{name}: {row['s_per_point']:.2f} s/point (optimisation {opt_s:.1f} s + inference {inf_s:.1f} s per 10-point pair), "
+    print(f"{name}: {row['s_per_point']:.2f} s/point (optimisation {opt_s:.1f} s + inference {inf_s:.1f} s per cold {n}-point pair), "
           f"PF-Willow {row['pfwillow_h_without_cache']:.1f} h ({row['pfwillow_h_with_source_cache']:.1f} h with the source cache), "
           f"peak {peak_opt:.1f} / {peak_inf:.1f} GiB", flush=True)
+    if short.config.crop_store > 0 and short.config.geometry == "authors":
+        # PF-Willow with the crop store: each of its 100 images has its crops encoded once (pairs come category by
+        # category, 10 images each), is optimised once as a source and is the target of 9 pairs
+        pixels = short._pixels(images[2])
+        side = crop_side((size, size), short.config.crop_frac)
+        grid_s, _ = timed(lambda: short._crop_grid(pixels, side))
+        again = matcher(steps=warm_steps)
+        again.crop_store = short.crop_store  # both images' crops are there
+        opt_warm, _ = timed(lambda: again.optimize_embeddings(images[0], points))
+        opt_warm = opt_warm / warm_steps * full.config.steps
+        inf_warm, maps_warm = timed(lambda: short.attention_maps(images[1], result.embeddings))
+        row.update({
+            "crop_grid_s_per_image": grid_s, "optimisation_s_crops_stored": opt_warm, "inference_s_crops_stored": inf_warm,
+            "warm_steps_timed": warm_steps, "inference_stored_equals_cold": bool(torch.equal(maps_warm, maps)),
+            "pfwillow_h_with_source_cache_and_crop_store": (100 * (grid_s + opt_warm) + 900 * inf_warm) / 3600,
+            "pfwillow_h_with_crop_store": (100 * grid_s + 900 * (opt_warm + inf_warm)) / 3600,
+        })
+        print(f"  crops stored: {grid_s:.2f} s to encode an image's {side} crops; optimisation {opt_warm:.1f} s + inference "
+              f"{inf_warm:.2f} s per pair; PF-Willow {row['pfwillow_h_with_crop_store']:.2f} h, "
+              f"{row['pfwillow_h_with_source_cache_and_crop_store']:.2f} h with the source cache "
+              f"(stored inference equals cold: {row['inference_stored_equals_cold']})", flush=True)
     return row
 
 
@@ -125,6 +157,7 @@ def profile(name: str, build, images: torch.Tensor, points: torch.Tensor, size: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="Adam steps timed (scaled to the configured number)")
+    ap.add_argument("--warm-steps", type=int, default=20, help="steps timed with the crops already stored (scaled)")
     ap.add_argument("--points", type=int, default=10)
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated names of PATHS")
     ap.add_argument("--out", default=None)
@@ -138,25 +171,25 @@ def main() -> None:
         build, size, device_name = tiny_stable_diffusion, 64, "cpu (tiny model)"
     else:
         build, size, device_name = (lambda: sd14_architecture(device="cuda")), 512, torch.cuda.get_device_name()
-    images = smooth_pair(size, 0)
+    images = smooth_images(size, 0)  # source, target, a third image
     g = torch.Generator().manual_seed(1)
     points = size * (0.12 + torch.rand(args.points, 2, generator=g) * 0.76)  # pixels of the source
     results = {"device": device_name, "torch": torch.__version__, "points": args.points, "paths": {}}
     for name in filter(None, args.paths.split(",")):
         if args.tiny and PATHS[name][1] != torch.float32:
             continue  # half precision on the CPU says nothing
-        row = measure(name, build, images, points, args.steps, size)
+        row = measure(name, build, images, points, args.steps, size, args.warm_steps)
         # matches of the same pair against the first path run (rounding and kernel choices make bf16 runs drift)
         first = next(iter(results["paths"].values()), row)
         row["mean_px_from_first_path"] = float((torch.tensor(row["matches"]) - torch.tensor(first["matches"])).norm(dim=1).mean())
         results["paths"][name] = row
+        if args.out:  # after every path: a call cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if args.profile:
         profile(args.profile, build, images, points, size, args.profile_steps)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

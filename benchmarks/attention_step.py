@@ -1,6 +1,6 @@
 """Steady-state cost of the pieces of Hedlin et al.'s matcher (full SD1.4 architecture, random weights, 512 px):
-one optimisation micro-batch (UNet forward to the last captured layer, per-layer loss, backward to the
-embeddings), one inference micro-batch (forward only) and one VAE encode of 477-px crops, under variants of
+one optimisation micro-batch (UNet forward to the last captured layer, the matcher's per-layer loss at its
+default native resolution, backward to the embeddings), one inference micro-batch (forward only) and one VAE encode of 477-px crops, under variants of
 *how* the UNet runs (memory format, compiled norms or resnets). The same inputs go through every variant; the
 loss and gradient are compared with the plain variant's.
 
@@ -27,7 +27,6 @@ from sdm.attention import (
     capture_cross_attention,
     compile_for_matcher,
     cut_crops,
-    gaussian_maps,
 )
 from sdm.models import StableDiffusion, sd14_architecture, tiny_stable_diffusion
 
@@ -76,7 +75,9 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def run_variant(name: str, build: Callable[[], StableDiffusion], size: int, batch: int, repeats: int, reference: dict | None) -> dict:
+def run_variant(
+    name: str, build: Callable[[], StableDiffusion], size: int, batch: int, repeats: int, reference: dict | None, profiled: bool = False
+) -> dict:
     sd = build()
     for change in VARIANTS[name]:
         change(sd)
@@ -89,7 +90,7 @@ def run_variant(name: str, build: Callable[[], StableDiffusion], size: int, batc
     latents = matcher._encode(cut_crops(pixels, offsets, side))
     noisy = matcher._noisy(latents, cfg.opt_timestep, g)
     emb0 = (torch.randn(batch, cfg.num_tokens, sd.embed_dim, generator=g) * cfg.init_std).to(dev)
-    target = gaussian_maps(torch.rand(batch, 2, generator=g) * size, matcher.map_size, matcher._sigma_px()).to(dev)
+    target_px = (torch.rand(batch, 2, generator=g) * size).to(dev)  # Gaussian centres, map pixels
     if name != "plain" and torch.cuda.is_available():
         noisy = noisy.contiguous(memory_format=torch.channels_last) if "channels_last" in name else noisy
     out: dict = {}
@@ -98,8 +99,7 @@ def run_variant(name: str, build: Callable[[], StableDiffusion], size: int, batc
 
         def step() -> torch.Tensor:
             emb.grad = None
-            maps = matcher._unet_maps(noisy, emb, cfg.opt_timestep, store, per_layer=True)
-            loss = ((maps - target[:, None]) ** 2).mean(dim=(1, 2, 3)).sum()
+            loss = matcher._item_losses(noisy, emb, target_px, store).sum()  # the matcher's loss (its config's)
             loss.backward()
             store.clear()
             return loss
@@ -113,6 +113,9 @@ def run_variant(name: str, build: Callable[[], StableDiffusion], size: int, batc
         grad = emb.grad.detach().float().clone()
         out["opt_ms_per_item"] = 1e3 * timed(step, repeats) / batch
         out["inf_ms_per_item"] = 1e3 * timed(forward, repeats) / batch
+        if profiled:  # the same model, compiled graphs included; wall time of 3 calls = 3 x batch x ms per item
+            out["profile_optimisation"] = profile_table(step, 3, f"3 optimisation micro-batches of {batch}, {name}")
+            out["profile_inference"] = profile_table(forward, 3, f"3 inference micro-batches of {batch}, {name}")
     crops = cut_crops(pixels, offsets, side)
     if "channels_last" in name:
         crops = crops.contiguous(memory_format=torch.channels_last)
@@ -145,27 +148,17 @@ def flops_per_item(build: Callable[[], StableDiffusion], size: int) -> dict:
     return {"opt_tflop": opt.get_total_flops() / 1e12, "inf_tflop": inf.get_total_flops() / 1e12}
 
 
-def profile(name: str, build: Callable[[], StableDiffusion], size: int, batch: int) -> str:
+def profile_table(fn: Callable[[], object], calls: int, title: str) -> str:
+    """torch.profiler over `calls` calls of `fn` (already warm): the top operators by device time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    sd = build()
-    for change in VARIANTS[name]:
-        change(sd)
-    matcher = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False))
-    lat = size // 8
-    noisy = torch.randn(batch, 4, lat, lat, device=sd.device, dtype=sd.unet.dtype)
-    emb = nn.Parameter(torch.randn(batch, 77, sd.embed_dim, device=sd.device) * 0.01)
-    with capture_cross_attention(sd.unet, matcher.layers) as store:
-        for _ in range(2):
-            matcher._unet_maps(noisy, emb, 100, store, per_layer=True).square().mean().backward()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
         sync()
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                matcher._unet_maps(noisy, emb, 100, store, per_layer=True).square().mean().backward()
-            sync()
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    return f"profile of 3 optimisation micro-batches of {batch}, {name}:\n" + prof.key_averages().table(sort_by=key, row_limit=20)
+    return f"{title}:\n" + prof.key_averages().table(sort_by=key, row_limit=20)
 
 
 def main() -> None:
@@ -174,7 +167,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--profile", default=None, help="comma-separated variants to profile")
+    ap.add_argument("--profile", default=None, help="comma-separated variants to profile (optimisation and inference, after timing)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
@@ -196,21 +189,22 @@ def main() -> None:
     results.update(flops_per_item(build, size))
     print(f"FLOPs per item: optimisation {results['opt_tflop']:.3f} TFLOP, inference {results['inf_tflop']:.3f} TFLOP", flush=True)
     reference = None
+    profiled = set(filter(None, (args.profile or "").split(",")))
     for name in filter(None, args.variants.split(",")):
-        row = run_variant(name, build, size, args.batch, args.repeats, reference)
+        row = run_variant(name, build, size, args.batch, args.repeats, reference, name in profiled)
+        tables = [row.pop(k) for k in ("profile_optimisation", "profile_inference") if k in row]
         if reference is None:
             reference = row.pop("_tensors")
         row["opt_tflops"] = results["opt_tflop"] / row["opt_ms_per_item"] * 1e3
         row["inf_tflops"] = results["inf_tflop"] / row["inf_ms_per_item"] * 1e3
         results["variants"][name] = row
         print(name, json.dumps({k: round(v, 5) for k, v in row.items()}), flush=True)
+        if tables:
+            print("\n".join(tables), flush=True)
+            results.setdefault("profiles", {})[name] = tables
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    for name in filter(None, (args.profile or "").split(",")):
-        text = profile(name, build, size, args.batch)
-        print(text, flush=True)
-        results.setdefault("profiles", {})[name] = text
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

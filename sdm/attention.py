@@ -45,10 +45,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,6 +63,7 @@ from tqdm.auto import tqdm
 from sdm.features import ImageInput, _size_pair, optimize, run_until, to_pixel_tensor
 from sdm.matching import argmax_2d, soft_argmax_2d
 from sdm.models import StableDiffusion
+from sdm.storage import FeatureStore
 
 Normalize = Literal["none", "minmax"]
 Peak = Literal["argmax", "soft_argmax"]
@@ -499,11 +501,12 @@ def layer_softmax_readout(maps: torch.Tensor) -> torch.Tensor:
     return maps.reshape(n, layers, h * w).softmax(dim=-1).reshape(n, layers, h, w).mean(dim=1)
 
 
-def compile_for_matcher(sd: StableDiffusion) -> StableDiffusion:
+def compile_for_matcher(sd: StableDiffusion, channels_last: bool = False) -> StableDiffusion:
     """`torch.compile` the UNet's blocks (one graph per batch size, the capture processors traced in) and the VAE
-    encoder, in place: `sdm.features.optimize(compile_scope="blocks", dynamic=False)`. Compiling takes minutes and
-    pays on whole datasets with UNet batches of 50 (benchmarks/README.md); results differ by rounding only."""
-    return optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="blocks", dynamic=False)
+    encoder, in place: `sdm.features.optimize(compile_scope="blocks", dynamic=False)`, on channels-last weights with
+    `channels_last`. Compiling takes minutes and pays on whole datasets with UNet batches of 50
+    (benchmarks/README.md); results differ by rounding only."""
+    return optimize(sd, channels_last=channels_last, fuse_qkv=False, compile=True, compile_scope="blocks", dynamic=False)
 
 
 # ---- the matcher ----------------------------------------------------------------------------------------------
@@ -540,6 +543,10 @@ class AttentionMatcherConfig:
     peak: Peak = "argmax"  # how the match is read from the averaged target map
     soft_argmax_temperature: float = 0.02  # for peak="soft_argmax", on maps divided by their maximum
     max_batch: int | None = 10  # UNet micro-batch (bounds memory); None: all points x embeddings (x crops) at once
+    # geometry "authors": images (by content) whose VAE latents of every integer-offset crop are kept between calls
+    # (1,296 crops at 512 px, 42 MB in bf16, 85 MB in float32), encoded in fixed batches so that a crop's latent is
+    # the same bits whichever call needs it first; 0: encode only the crops a call draws, for that call
+    crop_store: int = 16
     seed: int = 0  # initialisation, crops and noise
     progress: bool = True  # tqdm bars
 
@@ -582,6 +589,8 @@ class AttentionMatcherConfig:
             raise ValueError(f"peak must be 'argmax' or 'soft_argmax'; got {self.peak!r}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 or None; got {self.max_batch}")
+        if self.crop_store < 0:
+            raise ValueError(f"crop_store must be >= 0 (0: no store); got {self.crop_store}")
 
 
 @dataclass
@@ -643,6 +652,8 @@ class AttentionMatcher:
         # Nothing after the last chosen layer influences the maps: the UNet stops right after that layer.
         self.stop_module = dict(sd.unet.named_modules())[_module_name(self.layers[-1])]
         self.map_size: tuple[int, int] = cfg.map_size or cfg.image_size  # type: ignore[assignment]
+        # latents of every crop of an image, by (pixel digest, crop side); `crop_store.reset()` if the VAE changes
+        self.crop_store = FeatureStore(max(cfg.crop_store, 1))
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     @property
@@ -678,17 +689,41 @@ class AttentionMatcher:
         vae = self.sd.vae
         return vae.encode(pixels.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
-    def _crop_latents(
-        self, pixels: torch.Tensor, offsets: torch.Tensor, side: tuple[int, int], cache: dict[tuple[int, int], torch.Tensor]
-    ) -> torch.Tensor:
-        """VAE latents of integer-offset crops, each encoded once per image and offset; the new ones of a call
-        are encoded together (in micro-batches of `max_batch`)."""
-        keys = [tuple(o) for o in offsets.tolist()]
-        missing = list(dict.fromkeys(k for k in keys if k not in cache))
-        for chunk in self._chunks(len(missing)):
-            fresh = self._encode(cut_crops(pixels, torch.tensor(missing[chunk]), side))
-            cache.update(zip(missing[chunk], fresh))
-        return torch.stack([cache[k] for k in keys])
+    def _crop_bank(self, pixels: torch.Tensor, side: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """offsets n x 2 integer (x0, y0) -> n x 4 x h x w VAE latents of those crops of `pixels` (1 x 3 x H x W).
+
+        With `crop_store` > 0 every offset's latent is looked up in the grid of all (H - ch + 1) x (W - cw + 1) crops
+        of the image, encoded once per image content (a source needs nearly all of them over its 129 steps; a target's
+        800 draws hit about half) in fixed micro-batches. Otherwise each call encodes the crops it draws, the new ones
+        of a draw together, and forgets them afterwards."""
+        if self.config.crop_store > 0:
+            grid = self._crop_grid(pixels, side)
+            return lambda offsets: grid[offsets[:, 1].to(grid.device), offsets[:, 0].to(grid.device)]
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+
+        def lazy(offsets: torch.Tensor) -> torch.Tensor:
+            keys = [tuple(o) for o in offsets.tolist()]
+            missing = list(dict.fromkeys(k for k in keys if k not in cache))
+            for chunk in self._chunks(len(missing)):
+                cache.update(zip(missing[chunk], self._encode(cut_crops(pixels, torch.tensor(missing[chunk]), side))))
+            return torch.stack([cache[k] for k in keys])
+
+        return lazy
+
+    def _crop_grid(self, pixels: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
+        """(H - ch + 1) x (W - cw + 1) x 4 x h x w: the latents of the crop at (x0, y0) at [y0, x0], from the store or
+        encoded now (row-major, in micro-batches of `max_batch`)."""
+        key = (hashlib.sha1(pixels.float().cpu().numpy().tobytes()).hexdigest(), side)
+        grid = self.crop_store.get(key)
+        if grid is None:
+            rows, cols = pixels.shape[-2] - side[0] + 1, pixels.shape[-1] - side[1] + 1
+            ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+            offsets = torch.stack([xs.flatten(), ys.flatten()], dim=1)
+            chunks = tqdm(self._chunks(len(offsets)), desc="encode crops", disable=not self.config.progress, leave=False)
+            grid = torch.cat([self._encode(cut_crops(pixels, offsets[c], side)) for c in chunks])
+            grid = grid.view(rows, cols, *grid.shape[1:])
+            self.crop_store.put(key, grid)
+        return grid
 
     def _noisy(self, latents: torch.Tensor, timestep: int, generator: torch.Generator) -> torch.Tensor:
         # The authors noise with U[0, 1) (torch.rand_like, optimize_token.py:289-291 and 589-591), about 3.5x
@@ -732,6 +767,26 @@ class AttentionMatcher:
         h, w = self.map_size
         return self.config.sigma * (h + w) / 2.0
 
+    def _item_losses(self, noisy: torch.Tensor, hidden: torch.Tensor, target_px: torch.Tensor, store: AttentionStore) -> torch.Tensor:
+        """One optimisation micro-batch's loss per item: noisy latents M x 4 x h x w, hidden states M x L x D and Gaussian
+        centres M x 2 (map pixels, on the device) -> M losses, in the autograd graph of `hidden`. The code's loss: the
+        MSE of each layer's map against the Gaussian, averaged over layers and pixels (optimize_token.py:606-621), so
+        that every layer, not only their mean, peaks at the point."""
+        cfg = self.config
+        size = self.map_size
+        sigma = self._sigma_px()
+        if cfg.loss_resolution == "native" and cfg.loss == "per-layer" and cfg.normalize == "none":
+            self._run_unet(noisy, hidden, cfg.opt_timestep)
+            g_y, g_x = gaussian_profiles(target_px, size, sigma)
+            align = cfg.geometry == "continuous"
+            per_layer = [upsampled_mse(m[:, 0], g_y, g_x, align) for m in store.native_maps(cfg.token_index, cfg.heads)]
+            return torch.stack(per_layer, dim=1).mean(dim=1)
+        maps = self._unet_maps(noisy, hidden, cfg.opt_timestep, store, per_layer=True)
+        if cfg.loss == "layer-mean":
+            maps = maps.mean(dim=1, keepdim=True)
+        target = gaussian_maps(target_px, size, sigma)
+        return ((maps - target[:, None]) ** 2).mean(dim=(1, 2, 3))
+
     # ---- optimisation -----------------------------------------------------------------------------------------
     def optimize_embeddings(
         self, image: ImageInput, points_xy: torch.Tensor | Sequence[Sequence[float]]
@@ -755,15 +810,12 @@ class AttentionMatcher:
         optimizer = torch.optim.Adam([embeddings], lr=cfg.lr)
         centers = pts.repeat_interleave(e, dim=0)  # B x 2, point-major
         map_h, map_w = self.map_size
-        sigma = self._sigma_px()
         size_h, size_w = cfg.image_size  # type: ignore[misc]
         side = crop_side((size_h, size_w), cfg.crop_frac)
         centers_px = centers * torch.tensor([size_w - 1, size_h - 1])  # resized pixels x' = x W' / W
-        latent_cache: dict[tuple[int, int], torch.Tensor] = {}
+        crop_latents = self._crop_bank(pixels, side) if cfg.geometry == "authors" else None
         # Half-precision backward can underflow on these small losses; Adam is invariant to the scale.
         grad_scale = 256.0 if self.sd.unet.dtype == torch.float16 else 1.0
-        native = cfg.loss_resolution == "native" and cfg.loss == "per-layer" and cfg.normalize == "none"
-        align = cfg.geometry == "continuous"
         losses = torch.zeros(cfg.steps, b, device=self.device)  # on the device: one host sync per step, not per batch
         with capture_cross_attention(self.sd.unet, self.layers) as store:
             for step in tqdm(range(cfg.steps), desc="optimise embeddings", disable=not cfg.progress, leave=False):
@@ -782,23 +834,11 @@ class AttentionMatcher:
                 optimizer.zero_grad(set_to_none=True)
                 for chunk in self._chunks(b):
                     if cfg.geometry == "authors":
-                        latents = self._crop_latents(pixels, offsets[chunk], side, latent_cache)
+                        latents = crop_latents(offsets[chunk])  # type: ignore[misc]
                     else:
                         latents = self._encode(crop_images(pixels, offsets[chunk], frac))
                     noisy = self._noisy(latents, cfg.opt_timestep, gen)
-                    # the code: MSE of each layer's map against the Gaussian, over layers and pixels
-                    # (optimize_token.py:606-621), so that every layer, not only their mean, peaks at the point
-                    if native:
-                        self._run_unet(noisy, embeddings[chunk], cfg.opt_timestep)
-                        g_y, g_x = gaussian_profiles(target_px[chunk], (map_h, map_w), sigma)
-                        per_layer = [upsampled_mse(m[:, 0], g_y, g_x, align) for m in store.native_maps(cfg.token_index, cfg.heads)]
-                        per_item = torch.stack(per_layer, dim=1).mean(dim=1)
-                    else:
-                        maps = self._unet_maps(noisy, embeddings[chunk], cfg.opt_timestep, store, per_layer=True)
-                        if cfg.loss == "layer-mean":
-                            maps = maps.mean(dim=1, keepdim=True)
-                        target = gaussian_maps(target_px[chunk], (map_h, map_w), sigma)
-                        per_item = ((maps - target[:, None]) ** 2).mean(dim=(1, 2, 3))
+                    per_item = self._item_losses(noisy, embeddings[chunk], target_px[chunk], store)
                     (per_item.sum() * grad_scale).backward()
                     losses[step, chunk] = per_item.detach()
                 finite = torch.isfinite(losses[step])
@@ -886,7 +926,7 @@ class AttentionMatcher:
         sums = torch.zeros(m, layers, h, w, device=self.device)
         counts = torch.zeros(m, 1, h, w, device=self.device)
         corners = torch.tensor([[0.0, 0.0], [0.0, float(h)], [float(w), 0.0], [float(w), float(h)]])  # (x, y) as the code
-        cache: dict[tuple[int, int], torch.Tensor] = {}
+        crop_latents = self._crop_bank(pixels, side)
         for it in tqdm(range(crops), desc="attention maps", disable=not self.config.progress, leave=False):
             if it < 4:
                 locs = corners[it].expand(m, 2)
@@ -894,7 +934,7 @@ class AttentionMatcher:
                 running = torch.nan_to_num(sums / counts).mean(dim=1)  # uncovered pixels (0 / 0) count as 0
                 locs = argmax_2d(running).float().cpu() + 0.5
             offsets = margin_crop_offsets(locs, size, frac, self.config.crop_margin, gen)
-            noisy = self._noisy(self._crop_latents(pixels, offsets, side, cache), timestep, gen)
+            noisy = self._noisy(crop_latents(offsets), timestep, gen)
             for chunk in self._chunks(m):
                 maps = self._unet_maps(noisy[chunk], flat[chunk], timestep, store, per_layer=True, size=side)
                 for i, (x0, y0) in zip(range(chunk.start, chunk.stop), offsets[chunk].tolist()):

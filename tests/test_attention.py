@@ -405,3 +405,38 @@ def test_predictor_optimises_a_shared_source_once(sd: sdm.StableDiffusion, image
     assert calls["n"] == 1
     for i, t in enumerate(targets):
         torch.testing.assert_close(out[i], matcher.match(image, t, pts), rtol=0, atol=0)
+
+
+def test_crop_store_encodes_each_image_once_as_each_crop_alone(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `crop_store`, every integer-offset crop of an image is encoded once (by content) and shared by the source's
+    optimisation and any later call; each stored latent is the crop's own VAE mean (the crop cut by hand here) and the
+    matches equal those of encoding only the drawn crops, per call (crop_store=0)."""
+    cfg = quick_config(sd, steps=4, inference_crops=5)
+    matcher = AttentionMatcher(sd, cfg)
+    encoded = []
+    real = AttentionMatcher._encode
+
+    def counted(self, pixels):
+        encoded.append(pixels.shape[0])
+        return real(self, pixels)
+
+    monkeypatch.setattr(AttentionMatcher, "_encode", counted)
+    side = int(SIZE * cfg.crop_frac)  # 59 px: offsets 0..5 on each axis
+    emb = matcher.optimize_embeddings(image, POINTS).embeddings
+    assert sum(encoded) == (SIZE - side + 1) ** 2 == 36
+    matches = matcher.transfer(image, emb)  # the same image as target: nothing new to encode
+    other = image.flip(-1)
+    matcher.transfer(other, emb)
+    assert sum(encoded) == 72 and len(matcher.crop_store) == 2
+
+    grid = next(iter(matcher.crop_store._items.values()))
+    x0, y0 = 5, 2
+    pixels = image[None] * 2 - 1  # already 64 px: the matcher only rescales to [-1, 1]
+    crop = F.interpolate(pixels[:, :, y0 : y0 + side, x0 : x0 + side], size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    alone = sd.vae.encode(crop).latent_dist.mean * sd.vae.config.scaling_factor
+    torch.testing.assert_close(grid[y0, x0], alone[0], rtol=1e-5, atol=1e-5)
+
+    lazy = AttentionMatcher(sd, quick_config(sd, steps=4, inference_crops=5, crop_store=0))
+    torch.testing.assert_close(lazy.match(image, image, POINTS), matches, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="crop_store"):
+        AttentionMatcherConfig(crop_store=-1)
