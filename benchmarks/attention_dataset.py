@@ -69,7 +69,7 @@ def main() -> None:
         sync()
         compile_s = time.perf_counter() - start
     matcher = CountingMatcher(sd, AttentionMatcherConfig(image_size=size, max_batch=args.batch, progress=False))
-    results = {"device": device_name, "torch": torch.__version__, "weights": "random (sd14_architecture)", "dtype": args.dtype,
+    results = {"device": device_name, "torch": torch.__version__, "weights": "random (tiny)" if args.tiny else "random (sd14_architecture)", "dtype": args.dtype,
                "batch": args.batch, "channels_last": args.channels_last, "compiled": not args.no_compile and not args.tiny,
                "compile_s": compile_s, "categories": {}}
     total_s = total_pairs = 0

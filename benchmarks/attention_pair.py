@@ -174,7 +174,7 @@ def main() -> None:
     images = smooth_images(size, 0)  # source, target, a third image
     g = torch.Generator().manual_seed(1)
     points = size * (0.12 + torch.rand(args.points, 2, generator=g) * 0.76)  # pixels of the source
-    results = {"device": device_name, "torch": torch.__version__, "points": args.points, "paths": {}}
+    results = {"device": device_name, "torch": torch.__version__, "weights": "random (sd14_architecture)" if not args.tiny else "random (tiny)", "points": args.points, "paths": {}}
     for name in filter(None, args.paths.split(",")):
         if args.tiny and PATHS[name][1] != torch.float32:
             continue  # half precision on the CPU says nothing

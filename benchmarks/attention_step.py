@@ -185,7 +185,7 @@ def main() -> None:
         def build() -> StableDiffusion:
             return sd14_architecture(device="cuda", dtype=dtype)
 
-    results: dict = {"device": device_name, "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "variants": {}}
+    results: dict = {"device": device_name, "torch": torch.__version__, "weights": "random (sd14_architecture)" if not args.tiny else "random (tiny)", "dtype": args.dtype, "batch": args.batch, "variants": {}}
     results.update(flops_per_item(build, size))
     print(f"FLOPs per item: optimisation {results['opt_tflop']:.3f} TFLOP, inference {results['inf_tflop']:.3f} TFLOP", flush=True)
     reference = None

@@ -354,7 +354,9 @@ def _evaluate_attention(args: argparse.Namespace) -> int:
     # is 5.4x faster on an H100 (benchmarks/README.md)
     sd = _load_sd(args.model, args.device, getattr(torch, args.attention_dtype))
     if args.attention_compile:
-        compile_for_matcher(sd)
+        # channels-last pays with UNet batches of 50 (6 % per optimisation step on an H200) and costs 20 % at 10, where
+        # the step is bound by the host (benchmarks/results/attention_step_h200_b*.json)
+        compile_for_matcher(sd, channels_last=(config.max_batch or 50) >= 50)
     matcher = AttentionMatcher(sd, config)
     result = evaluate_predictions(
         dataset, attention_predictor(matcher), batch_size=1, max_pairs=args.max_pairs, threshold=args.threshold, frame=args.frame,
@@ -511,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attention-crops", dest="attention_inference_crops", type=int, default=20, help="attention matcher: inference crops")
     e.add_argument(
         "--attention-batch", dest="attention_max_batch", type=int, default=10,
-        help="attention matcher: UNet micro-batch (bounds GPU memory; 50 is 1.6x faster, 20 GiB in bfloat16)",
+        help="attention matcher: UNet micro-batch (bounds GPU memory; 50 is 1.6x faster, about 30 GiB in bfloat16)",
     )
     e.add_argument(
         "--attention-compile", action="store_true",
