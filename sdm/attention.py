@@ -627,6 +627,10 @@ class AttentionMatcher:
     crops of the target at `inference_timestep`, the maps pasted back and averaged, and the peak is the
     match. All points x embeddings of a call share one batch per step. Results are deterministic for a
     fixed `config.seed` (crops, noise and initialisation are drawn on the CPU).
+
+    The VAE latents of an image's crops are kept in `crop_store` (by pixel content, `config.crop_store` images), so an
+    image met again, as a source or a target, is not encoded again; call `crop_store.reset()` after changing the
+    VAE's weights in place.
     """
 
     def __init__(self, sd: StableDiffusion, config: AttentionMatcherConfig | None = None) -> None:

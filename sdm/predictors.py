@@ -141,7 +141,8 @@ def attention_predictor(matcher: AttentionMatcher, cache_size: int = 256) -> Pre
     The optimisation depends only on the source image, its points and the config (its random draws come from
     `config.seed`), so its embeddings are kept per (source id, points) for the next `cache_size` sources: a source
     shared by several pairs (each PF-Willow image is the source of about 9) is optimised once, with the same
-    result as optimising it again."""
+    result as optimising it again. The matcher's `crop_store` likewise encodes each image's crops once, whether the
+    image is first met as a source or as a target."""
     cache = FeatureStore(cache_size)
 
     def predict(batch: PairBatch) -> torch.Tensor:
