@@ -815,15 +815,18 @@ class AttentionMatcher:
         centers = pts.repeat_interleave(e, dim=0)  # B x 2, point-major
         map_h, map_w = self.map_size
         size_h, size_w = cfg.image_size  # type: ignore[misc]
-        side = crop_side((size_h, size_w), cfg.crop_frac)
+        frac = cfg.crop_frac
+        side = crop_side((size_h, size_w), frac)
         centers_px = centers * torch.tensor([size_w - 1, size_h - 1])  # resized pixels x' = x W' / W
-        crop_latents = self._crop_bank(pixels, side) if cfg.geometry == "authors" else None
+        # offsets -> VAE latents of those crops; continuous offsets are new at every draw, so nothing is kept
+        crop_latents: Callable[[torch.Tensor], torch.Tensor] = (
+            self._crop_bank(pixels, side) if cfg.geometry == "authors" else lambda o: self._encode(crop_images(pixels, o, frac))
+        )
         # Half-precision backward can underflow on these small losses; Adam is invariant to the scale.
         grad_scale = 256.0 if self.sd.unet.dtype == torch.float16 else 1.0
         losses = torch.zeros(cfg.steps, b, device=self.device)  # on the device: one host sync per step, not per batch
         with capture_cross_attention(self.sd.unet, self.layers) as store:
             for step in tqdm(range(cfg.steps), desc="optimise embeddings", disable=not cfg.progress, leave=False):
-                frac = cfg.crop_frac
                 if cfg.geometry == "authors":
                     offsets = margin_crop_offsets(centers_px, (size_h, size_w), frac, cfg.crop_margin, gen)
                     # their new_pixel = (x - x0) / crop side, times the map side, on the grid arange(side)
@@ -837,11 +840,7 @@ class AttentionMatcher:
                 target_px = target_px.to(self.device)
                 optimizer.zero_grad(set_to_none=True)
                 for chunk in self._chunks(b):
-                    if cfg.geometry == "authors":
-                        latents = crop_latents(offsets[chunk])  # type: ignore[misc]
-                    else:
-                        latents = self._encode(crop_images(pixels, offsets[chunk], frac))
-                    noisy = self._noisy(latents, cfg.opt_timestep, gen)
+                    noisy = self._noisy(crop_latents(offsets[chunk]), cfg.opt_timestep, gen)
                     per_item = self._item_losses(noisy, embeddings[chunk], target_px[chunk], store)
                     (per_item.sum() * grad_scale).backward()
                     losses[step, chunk] = per_item.detach()
