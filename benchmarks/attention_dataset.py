@@ -16,6 +16,7 @@ import json
 import time
 
 import torch
+from bench import sync
 
 from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher
 from sdm.data import load_dataset
@@ -34,11 +35,6 @@ class CountingMatcher(AttentionMatcher):
     def optimize_embeddings(self, *args, **kwargs):
         self.sources += 1
         return super().optimize_embeddings(*args, **kwargs)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -72,6 +68,7 @@ def main() -> None:
     results = {"device": device_name, "torch": torch.__version__, "weights": "random (tiny)" if args.tiny else "random (sd14_architecture)", "dtype": args.dtype,
                "batch": args.batch, "channels_last": args.channels_last, "compiled": not args.no_compile and not args.tiny,
                "compile_s": compile_s, "categories": {}}
+    print(f"{device_name}, weights {results['weights']}: timings, not results", flush=True)
     total_s = total_pairs = 0
     for category in filter(None, args.categories.split(",")):
         dataset = load_dataset("pfwillow", args.root, image_size=size, category=category)

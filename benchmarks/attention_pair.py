@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench import sync
 
 from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher, crop_side
 from sdm.features import optimize
@@ -55,11 +56,6 @@ PATHS = {  # name -> (config overrides, weight dtype, what is compiled: None, "r
 def smooth_images(size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return F.interpolate(torch.rand(3, 3, 24, 24, generator=g), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def reset_peak() -> None:
@@ -175,6 +171,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     points = size * (0.12 + torch.rand(args.points, 2, generator=g) * 0.76)  # pixels of the source
     results = {"device": device_name, "torch": torch.__version__, "weights": "random (sd14_architecture)" if not args.tiny else "random (tiny)", "points": args.points, "paths": {}}
+    print(f"{device_name}, weights {results['weights']}: timings, not results", flush=True)
     for name in filter(None, args.paths.split(",")):
         if args.tiny and PATHS[name][1] != torch.float32:
             continue  # half precision on the CPU says nothing

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from bench import profile_table, sync
 
 from sdm.attention import (
     AttentionMatcher,
@@ -57,11 +58,6 @@ VARIANTS: dict[str, tuple[Callable[[StableDiffusion], None], ...]] = {
     "compiled-blocks": (compile_for_matcher,),
     "channels_last+compiled-blocks": (_channels_last, compile_for_matcher),
 }
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -114,8 +110,8 @@ def run_variant(
         out["opt_ms_per_item"] = 1e3 * timed(step, repeats) / batch
         out["inf_ms_per_item"] = 1e3 * timed(forward, repeats) / batch
         if profiled:  # the same model, compiled graphs included; wall time of 3 calls = 3 x batch x ms per item
-            out["profile_optimisation"] = profile_table(step, 3, f"3 optimisation micro-batches of {batch}, {name}")
-            out["profile_inference"] = profile_table(forward, 3, f"3 inference micro-batches of {batch}, {name}")
+            out["profile_optimisation"] = profiled_calls(step, 3, f"3 optimisation micro-batches of {batch}, {name}")
+            out["profile_inference"] = profiled_calls(forward, 3, f"3 inference micro-batches of {batch}, {name}")
     crops = cut_crops(pixels, offsets, side)
     if "channels_last" in name:
         crops = crops.contiguous(memory_format=torch.channels_last)
@@ -148,17 +144,15 @@ def flops_per_item(build: Callable[[], StableDiffusion], size: int) -> dict:
     return {"opt_tflop": opt.get_total_flops() / 1e12, "inf_tflop": inf.get_total_flops() / 1e12}
 
 
-def profile_table(fn: Callable[[], object], calls: int, title: str) -> str:
-    """torch.profiler over `calls` calls of `fn` (already warm): the top operators by device time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+def profiled_calls(fn: Callable[[], object], calls: int, header: str) -> str:
+    """torch.profiler over `calls` calls of `fn` (already warm), as `bench.profile_table` writes it."""
+    from torch.profiler import ProfilerActivity, profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         sync()
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    return f"{title}:\n" + prof.key_averages().table(sort_by=key, row_limit=20)
+    return profile_table(prof, calls, header, unit="micro-batch")
 
 
 def main() -> None:
@@ -186,6 +180,7 @@ def main() -> None:
             return sd14_architecture(device="cuda", dtype=dtype)
 
     results: dict = {"device": device_name, "torch": torch.__version__, "weights": "random (sd14_architecture)" if not args.tiny else "random (tiny)", "dtype": args.dtype, "batch": args.batch, "variants": {}}
+    print(f"{device_name}, weights {results['weights']}: timings, not results", flush=True)
     results.update(flops_per_item(build, size))
     print(f"FLOPs per item: optimisation {results['opt_tflop']:.3f} TFLOP, inference {results['inf_tflop']:.3f} TFLOP", flush=True)
     reference = None
