@@ -87,13 +87,19 @@ class SDExtractor:
     """
 
     def __init__(
-        self, featurizer: SDFeaturizer, prompt: PromptModule, latent_cache: int = 4096, similarity: Similarity = "cosine"
+        self,
+        featurizer: SDFeaturizer,
+        prompt: PromptModule,
+        latent_cache: int = 4096,
+        similarity: Similarity = "cosine",
+        encode_batch: int = 1,
     ) -> None:
         self.featurizer = featurizer
         self.prompt = prompt
         self.conditioning: Conditioning = prompt.conditioning
         self.similarity = similarity  # "dot": the code's config/dift.py (ENABLE_L2_NORM = False); docs/choices.md
         self.store = FeatureStore(latent_cache)  # VAE posteriors by image id
+        self.encode_batch = encode_batch  # images per VAE call (`FeatureStore.fetch`); training encodes 8
 
     def latents(self, images: torch.Tensor, ids: Sequence[str], generator: Draws | None = None) -> torch.Tensor:
         """B x 4 x h x w VAE latents, encoding only the images not seen before (`posteriors`); the posterior draw
@@ -103,9 +109,10 @@ class SDExtractor:
 
     def posteriors(self, ids: Sequence[str], images_at: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
         """B x 2C x h x w posteriors (`SDFeaturizer.encode_posterior`) of the images `ids`, kept in `store` by id.
-        `images_at(indices)` gives only the images to encode, so stored ones are never copied or moved. One image
-        per VAE call (`FeatureStore.fetch`): an image's posterior is the same bits whichever batch meets it first."""
-        return self.store.fetch(list(ids), lambda i: self.featurizer.encode_posterior(images_at([i]))[0])
+        `images_at(indices)` gives only the images to encode, so stored ones are never copied or moved. Every VAE
+        call encodes `encode_batch` images, padded (`FeatureStore.fetch`): an image's posterior is the same bits
+        whichever batch meets it first."""
+        return self.store.fetch(list(ids), lambda idx: self.featurizer.encode_posterior(images_at(idx)), self.encode_batch)
 
     def reset(self) -> None:
         """Forget the stored posteriors (after changing the VAE or the images behind the ids)."""

@@ -446,7 +446,7 @@ class DinoDescriptor(nn.Module):
         device = next(self.dino.parameters()).device
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         keys: list[Hashable] = [(i, descriptor, str(device), autocast) for i in originals.ids]
-        return self.store.fetch(keys, lambda k: self(self.pixels([originals[k]]), descriptor)[0])
+        return self.store.fetch(keys, lambda idx: self(self.pixels([originals[k] for k in idx]), descriptor))
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, descriptor: Literal["patch", "global"] = "patch") -> torch.Tensor:

@@ -74,18 +74,31 @@ class FeatureStore:
         self._items.move_to_end(key)
         self._evict()
 
-    def fetch(self, keys: Sequence[Hashable], compute: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """The values of `keys`, stacked (len(keys) x ...). A key not kept is computed by `compute(i)`, i its
-        position in `keys`, one key at a time, and kept: batched kernels round differently at other batch sizes, so
-        a value computed alone is the same bits whichever batch (or evaluation process) meets it first."""
-        values = []
+    def fetch(self, keys: Sequence[Hashable], compute: Callable[[list[int]], torch.Tensor], batch: int = 1) -> torch.Tensor:
+        """The values of `keys`, stacked (len(keys) x ...). Keys not kept are computed by `compute(indices)`
+        (their positions in `keys`; it returns one row per index), `batch` at a time, and kept. Every call gets
+        exactly `batch` indices (the last group is padded with its last index, whose extra rows are dropped):
+        batched kernels round differently at other batch sizes, so a value is then the same bits whichever batch
+        (or evaluation process) meets it first. `batch` 1 computes each key alone."""
+        if batch < 1:
+            raise ValueError(f"fetch computes at least 1 key per call; got batch {batch}")
         with self.hold(keys):
+            missing: dict[Hashable, int] = {}
             for i, key in enumerate(keys):
-                value = self.get(key)
-                if value is None:
-                    value = compute(i)
-                    self.put(key, value)
-                values.append(value)
+                if key not in self._items:
+                    missing.setdefault(key, i)
+            self.misses += len(missing)
+            todo = list(missing.items())
+            for start in range(0, len(todo), batch):
+                group = todo[start : start + batch]
+                indices = [i for _, i in group]
+                rows = compute(indices + [indices[-1]] * (batch - len(indices)))
+                for (key, _), row in zip(group, rows[: len(group)], strict=True):
+                    self.put(key, row)
+            self.hits += len(keys) - len(missing)
+            values = [self._items[key] for key in keys]
+            for key in keys:
+                self._items.move_to_end(key)
         return torch.stack(values)
 
     @contextmanager

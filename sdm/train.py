@@ -166,6 +166,22 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
+def pairs_of_steps(n: int, batch_size: int, start: int, stop: int, seed: int) -> list[int]:
+    """The distinct dataset indices that the global batches of steps `start..stop-1` draw (`batch_indices`),
+    sorted: what a run (or the rest of a resumed one) will read, found epoch by epoch without building batches."""
+    first, last = start * batch_size, max(start, stop) * batch_size
+    if n == 0 or first == last:
+        return []
+    used: set[int] = set()
+    for epoch in range(first // n, (last - 1) // n + 1):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+        lo, hi = max(first - epoch * n, 0), min(last - epoch * n, n)
+        used.update(perm[lo:hi].tolist())
+        if len(used) == n:
+            break
+    return sorted(used)
+
+
 class StepBatchSampler(Sampler[list[int]]):
     """The global batches of steps `start..stop-1` (every process loads the whole batch: `image_share`)."""
 
@@ -385,10 +401,11 @@ def _train(
         accelerator.print(f"no checkpoint at {ckpt_path}; starting from step 0")
 
     val_featurizer = backbone.featurizer(sd, image_size=cfg.image_size, timestep=cfg.val_timestep, up_block=cfg.up_block, ensemble=cfg.val_ensemble, seed=cfg.seed)
-    extractor = SDExtractor(featurizer, module)  # its latent cache also serves training
-    # Prompts that never look at the images (Single, Class) need only the images' latents: encode every training
-    # image once up front, then load keypoints alone (no image decoding or transfer per step).
-    skip_images = not backbone.needs_images and _preencode_latents(extractor, train_set, module, device)
+    extractor = SDExtractor(featurizer, module, encode_batch=ENCODE_BATCH)  # its latent cache also serves training
+    # Prompts that never look at the images (Single, Class) need only the images' latents: encode the images the
+    # remaining steps draw once up front, then load keypoints alone (no image decoding or transfer per step).
+    pairs = pairs_of_steps(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed)
+    skip_images = not backbone.needs_images and _preencode_latents(extractor, train_set, module, device, pairs)
     train_set = decoding(train_set, train_set.decode_images and not skip_images)  # a view: the caller's set stays as it is
     val_every = validation_interval(cfg, len(train_set))
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed)
@@ -536,19 +553,21 @@ def _claim_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     shutil.rmtree(out / "sdm-train", ignore_errors=True)  # its tensorboard events
 
 
-def _preencode_latents(extractor: SDExtractor, train_set: PairDataset, module: PromptModule, device: torch.device) -> bool:
-    """Fills the extractor's latent cache with every training image when the prompt ignores images and the
-    cache holds them all; returns whether the training loop may then skip loading images."""
+ENCODE_BATCH = 8  # images per VAE call in training (padded: `FeatureStore.fetch`)
+
+
+def _preencode_latents(extractor: SDExtractor, train_set: PairDataset, module: PromptModule, device: torch.device, pairs: list[int]) -> bool:
+    """Fills the extractor's latent cache with the images of the training pairs `pairs` (those the run's steps
+    draw) when the prompt ignores images and the cache holds them all, `ENCODE_BATCH` images per VAE call;
+    returns whether the training loop may then skip loading images."""
     if module.conditioning not in ("fixed", "category") or not train_set.decode_images:
         return False
-    try:
-        ids = train_set.image_ids()
-    except NotImplementedError:
-        return False
+    labels = decoding(train_set, False)  # pairs without their images: ids and keypoints only
+    ids = list(dict.fromkeys(k for i in pairs for k in (labels[i].src_id, labels[i].trg_id)))
     if len(ids) > extractor.store.capacity:
         return False
-    for i in range(0, len(ids), 16):
-        chunk = ids[i : i + 16]
+    for i in range(0, len(ids), ENCODE_BATCH):
+        chunk = ids[i : i + ENCODE_BATCH]
         images = torch.stack([train_set.load_image(k) for k in chunk]).to(device)
         extractor.posteriors(chunk, lambda idx, images=images: images[idx])
     return True

@@ -145,17 +145,46 @@ def test_feature_store_fetch_computes_each_missing_key_alone() -> None:
     """`fetch` computes a key it does not keep from its position, one key per call, once, and keeps it (over
     capacity while the batch needs it), so duplicates and later batches reuse the value."""
     store = FeatureStore(2)
-    calls: list[int] = []
+    calls: list[list[int]] = []
 
-    def compute(i: int) -> torch.Tensor:
-        calls.append(i)
-        return torch.full((2,), float(i))
+    def compute(idx: list[int]) -> torch.Tensor:
+        calls.append(idx)
+        return torch.tensor([[float(i)] * 2 for i in idx])
 
     out = store.fetch(["a", "b", "a", "c"], compute)
-    assert calls == [0, 1, 3] and out.tolist() == [[0, 0], [1, 1], [0, 0], [3, 3]]
+    assert calls == [[0], [1], [3]] and out.tolist() == [[0, 0], [1, 1], [0, 0], [3, 3]]
     assert (store.hits, store.misses) == (1, 3) and list(store._items) == ["a", "c"]  # the least recently used (b) dropped
     again = store.fetch(["c", "d"], compute)
-    assert calls == [0, 1, 3, 1] and again.tolist() == [[3, 3], [1, 1]]
+    assert calls == [[0], [1], [3], [1]] and again.tolist() == [[3, 3], [1, 1]]
+
+
+def test_feature_store_fetch_in_padded_batches() -> None:
+    """With `batch`, the missing keys are computed that many per call, the last call padded with its last index
+    (and the padding's rows dropped), so every call has the same size."""
+    store = FeatureStore(10)
+    calls: list[list[int]] = []
+
+    def compute(idx: list[int]) -> torch.Tensor:
+        calls.append(idx)
+        return torch.tensor([float(i) for i in idx])
+
+    out = store.fetch(["a", "b", "a", "c", "d", "e"], compute, batch=3)
+    assert calls == [[0, 1, 3], [4, 5, 5]] and out.tolist() == [0, 1, 0, 3, 4, 5] and len(store) == 5
+    assert store.fetch(["e", "f"], compute, batch=3).tolist() == [5, 1] and calls[-1] == [1, 1, 1]
+    with pytest.raises(ValueError, match="at least 1"):
+        store.fetch(["g"], compute, batch=0)
+
+
+def test_posteriors_in_padded_batches_do_not_depend_on_their_batch(featurizer: sdm.SDFeaturizer) -> None:
+    """The training pre-encode's premise: an image's posterior in a padded batch of fixed size is the same bits
+    at any position and beside any other images, so a resumed run (other batches) encodes what the first did."""
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    extractor = SDExtractor(featurizer, build_prompt("empty", featurizer), encode_batch=4)
+    together = extractor.posteriors([f"i{k}" for k in range(5)], lambda idx: images[idx])
+    for k in range(5):
+        extractor.reset()
+        alone = extractor.posteriors([f"i{k}"], lambda idx, k=k: images[[k] * len(idx)])
+        assert torch.equal(alone[0], together[k])
 
 
 def test_one_store_serves_several_evaluations(featurizer: sdm.SDFeaturizer) -> None:

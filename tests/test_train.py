@@ -15,7 +15,7 @@ from sdm.loss import gaussian_cross_entropy
 from sdm.matching import to_feature_coords
 from sdm.prompt_files import load_prompt
 from sdm.prompts import build_prompt
-from sdm.train import TrainConfig, TrainingDiverged, batch_indices, recipe, train, validation_interval
+from sdm.train import TrainConfig, TrainingDiverged, batch_indices, pairs_of_steps, recipe, train, validation_interval
 
 SIZE = 128
 
@@ -33,6 +33,23 @@ def test_batch_indices_cover_each_epoch_once() -> None:
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
     assert stream[:10] != stream[10:]  # a new permutation per epoch
     assert batch_indices(n, b, 3, 0) == batch_indices(n, b, 3, 0)
+
+
+@pytest.mark.parametrize(("n", "b", "start", "stop"), [(10, 4, 0, 5), (10, 4, 2, 3), (10, 3, 1, 4), (7, 9, 0, 1), (5, 2, 4, 4)])
+def test_pairs_of_steps_are_the_union_of_their_batches(n: int, b: int, start: int, stop: int) -> None:
+    want = sorted({i for step in range(start, stop) for i in batch_indices(n, b, step, seed=3)})
+    assert pairs_of_steps(n, b, start, stop, seed=3) == want
+
+
+def test_training_encodes_only_the_images_its_steps_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One step of 2 pairs from a set of 64 encodes those pairs' 4 images, 8 per padded VAE call, not all 128."""
+    encoded: list[int] = []
+    original = sdm.SDFeaturizer.encode_posterior
+    monkeypatch.setattr(sdm.SDFeaturizer, "encode_posterior", lambda self, images: encoded.append(len(images)) or original(self, images))
+    data = SyntheticPairs(n=64, image_size=64, seed=1)
+    train(quick_config(steps=1, batch_size=2, image_size=64), sdm.tiny_stable_diffusion(0), data, out_dir=tmp_path, progress=False)
+    pairs = batch_indices(64, 2, 0, seed=0)
+    assert encoded == [8] and len({k for i in pairs for k in (data[i].src_id, data[i].trg_id)}) <= 4
 
 
 def heldout_loss(featurizer: sdm.SDFeaturizer, prompt: torch.nn.Module, pairs: SyntheticPairs) -> float:
