@@ -15,7 +15,15 @@ from sdm.loss import gaussian_cross_entropy
 from sdm.matching import to_feature_coords
 from sdm.prompt_files import load_prompt
 from sdm.prompts import build_prompt
-from sdm.train import TrainConfig, TrainingDiverged, batch_indices, pairs_of_steps, recipe, train, validation_interval
+from sdm.train import (
+    TrainConfig,
+    TrainingDiverged,
+    batch_indices,
+    pairs_of_steps,
+    recipe,
+    train,
+    validation_interval,
+)
 
 SIZE = 128
 
