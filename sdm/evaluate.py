@@ -26,6 +26,7 @@ from sdm.matching import (
     MatchConfig,
     Matcher,
     correlation,
+    match,
     sample_features,
     to_feature_coords,
     to_image_coords,
@@ -41,7 +42,7 @@ from sdm.metrics import (
     threshold_of,
 )
 from sdm.predictors import Predictor, feature_predictor, stored_predictor
-from sdm.records import code_record, extractor_record, protocol_id
+from sdm.records import code_record, environment_record, extractor_record, featurizer_of, protocol_id
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -56,6 +57,14 @@ class EvalResult:
     table: pd.DataFrame
     records: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
+
+    def label_weights(self) -> EvalResult:
+        """Labels the table when the protocol says the weights are random: the columns' name, printed at the
+        table's top left, and `table.attrs["note"]` say that the numbers only show that the pipeline runs."""
+        if self.info.get("protocol", {}).get("random_weights") is True:
+            self.table.columns.name = f"PCK (%), {RANDOM_WEIGHTS_NOTE}"
+            self.table.attrs["note"] = RANDOM_WEIGHTS_NOTE
+        return self
 
     def overall(self, column: str = "per_image@0.1") -> float:
         """The overall PCK of one column (default: per image at alpha 0.1, the paper's number)."""
@@ -77,7 +86,7 @@ class EvalResult:
         out.mkdir(parents=True, exist_ok=True)
         protocol = self.info.get("protocol", {})
         header = f"# protocol: {json.dumps(protocol, sort_keys=True)}\n"
-        if protocol.get("random_weights"):
+        if protocol.get("random_weights") is True:
             header = f"# {RANDOM_WEIGHTS_NOTE}\n" + header
         # PCK in % to 0.01, distances and thresholds in pixels to 0.001 (the JSON keeps full precision)
         for frame, path, index in ((self.table.round(2), paths[0], True), (self.records.round(3), paths[1], False)):
@@ -145,6 +154,7 @@ def evaluate_predictions(
         "('all') and over categories ('mean of categories')",
         **code_record(),
     }
+    result.info["environment"] = environment_record()  # beside the protocol, not hashed into its id
     return result
 
 
@@ -224,7 +234,7 @@ def pair_correlation(
     query = to_feature_coords(pair.src_kps[:k].to(src_f.device), size, fsize)[None]
     config = MatchConfig.of(matcher, similarity_of(extractor))
     maps = correlation(sample_features(src_f, query), trg_f, config.similarity)[0].cpu()
-    cells = config(src_f, trg_f, query)[0].cpu()
+    cells = match(src_f, trg_f, query, config)[0].cpu()
     pred = to_image_coords(cells, fsize, tuple(pair.trg_image.shape[-2:]))
     return maps, pred
 
@@ -275,7 +285,10 @@ def evaluate(
     result = evaluate_predictions(pairs, predict, decode_images=extractor.conditioning == "pair", **scoring)
     result.info.update({"matcher": config.matcher, "conditioning": extractor.conditioning})
     result.info["protocol"].update(matcher=config.matcher, matcher_params=config.params(), **extractor_record(extractor))
-    return result
+    featurizer = featurizer_of(extractor)
+    if featurizer is not None:
+        result.info["environment"]["device"] = str(featurizer.device)
+    return result.label_weights()
 
 
 def score_protocols(pairs: PairDataset, predictions: dict[str, torch.Tensor], modes: dict[str, str]) -> pd.DataFrame:

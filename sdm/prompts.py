@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from sdm.config import CPM_ABLATIONS, LEARNED, CPMConfig, PromptKind, TemplateWords
 from sdm.data import OriginalLoader, category_label
 from sdm.encoders import (
     CLIP_MEAN,
@@ -39,12 +40,10 @@ from sdm.features import PromptInput, SDFeaturizer, derived_seed
 from sdm.storage import FeatureStore
 
 Conditioning = Literal["fixed", "category", "image", "pair"]
-PromptKind = Literal["empty", "template", "captioner", "single", "class", "cpm"]
 
 TEMPLATE = "a photo of a {}"
 # "raw": the dataset's category name with PF-Willow's condition dropped, as the authors' prompt.py:38-52 does
 # ("pottedplant", "car(G)" -> "car"); "readable": three names spelt as words (sdm's own option).
-TemplateWords = Literal["raw", "readable"]
 # Category names of the datasets written as words, for the "readable" template.
 _CATEGORY_WORDS = {"pottedplant": "potted plant", "tvmonitor": "tv monitor", "diningtable": "dining table"}
 
@@ -346,69 +345,6 @@ class ClassPrompt(PromptModule):
         return {"n_tokens": self.tokens.shape[1], "categories": self.categories}
 
 
-@dataclass
-class CPMConfig:
-    """The conditional prompting module and its ablations (the paper's Fig. 3a), as the authors' code builds
-    them (src/stable_diffusion/hybrid_captioner.py, "Pair-DINO-Feat-G25-C50" and its siblings).
-
-    descriptor: "patch" (DINOv2 patch tokens `last_hidden_state[:, 1:]`, 256 x 768; the code's "Feat") or "global"
-        (DINOv2's `pooler_output`, projected by g_d and broadcast to the n_cond tokens, no pooling; "Head").
-    condition: "pair" (both images' descriptors concatenated along channels, one prompt for the pair; "Pair")
-        or "image" (each image alone, its own prompt; "Img").
-    global_prompt: prepend the n_global learned global vectors ("G25"; False is "G0").
-    use_gn: g_n (linear along the patch axis) before pooling. None: the code's rule, g_n only for patch
-        descriptors of a pair. True for "image" or False for "pair" are sdm's own variants (not in the code).
-    form: "authors": theta_cond = tanh(A) * (pool(g_n(g_d(F))) + P), A, P and the global vectors drawn from
-        U[0, 1) (hybrid_captioner.py:51,73-77,166-167); "paper": theta_cond = pool(g_n(g_d(F))) * A + P with A
-        zero and P from vocabulary embeddings (the paper's equation; sdm's CPM before this option existed).
-    dino_input: "original": the image as stored through the dinov2-base image processor (shortest side 256,
-        bicubic; centre crop 224; ImageNet mean/std; pre_compute_dino_feature.py:49,59-65); "resized": the
-        featurizer's resized input squashed to dino_size (sdm's earlier behaviour).
-    """
-
-    n_global: int = 25
-    n_cond: int = 50
-    descriptor: Literal["patch", "global"] = "patch"
-    condition: Literal["pair", "image"] = "pair"
-    global_prompt: bool = True
-    use_gn: bool | None = None
-    form: Literal["authors", "paper"] = "authors"
-    dino_input: Literal["original", "resized"] = "original"
-    dino_size: int = 224
-    dino_resize: int = 256
-    gn_width: int = 256
-
-    def __post_init__(self) -> None:
-        choices = {"descriptor": ("patch", "global"), "condition": ("pair", "image"), "form": ("authors", "paper"),
-                   "dino_input": ("original", "resized")}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"CPMConfig.{name} must be one of {valid}; got {getattr(self, name)!r}")
-        if self.descriptor == "global" and self.use_gn:
-            raise ValueError("g_n mixes patches; the global descriptor has none (use_gn must be None or False)")
-        if self.n_cond + (self.n_global if self.global_prompt else 0) > 75:
-            raise ValueError(f"{self.n_global} global + {self.n_cond} conditional vectors exceed CLIP's 75 free positions")
-
-    @property
-    def gn(self) -> bool:
-        """Whether g_n is applied (see `use_gn`)."""
-        if self.descriptor == "global":
-            return False
-        return self.condition == "pair" if self.use_gn is None else self.use_gn
-
-
-# The cases of the paper's Fig. 3a as CPMConfig overrides. All but "no-gn" are configurations of the authors'
-# code ([Pair|Img]-DINO-[Feat|Head]-G[25|0]-C50); "no-gn" (pair, patches, no g_n) is sdm's own extra.
-CPM_ABLATIONS: dict[str, dict[str, Any]] = {
-    "patch-pair": {},
-    "patch-image": {"condition": "image"},
-    "global-pair": {"descriptor": "global"},
-    "global-image": {"descriptor": "global", "condition": "image"},
-    "no-global-prompt": {"global_prompt": False},
-    "no-gn": {"use_gn": False},
-}
-
-
 class DinoDescriptor(nn.Module):
     """Frozen DINOv2 (transformers `Dinov2Model`): pixels B x 3 x S x S (`pixels` or `resized_pixels`) -> patch
     tokens B x P x C (P = (S / 14)^2, 256 at 224 px) or the pooled CLS token B x 1 x C."""
@@ -585,7 +521,6 @@ class CPMPrompt(PromptModule):
 PROMPTS: dict[str, type[PromptModule]] = {
     cls.kind: cls for cls in (EmptyPrompt, TemplatePrompt, ImplicitCaptioner, SinglePrompt, ClassPrompt, CPMPrompt)
 }
-LEARNED: tuple[str, ...] = ("captioner", "single", "class", "cpm")
 
 
 def build_prompt(
@@ -618,3 +553,29 @@ def build_prompt(
     module = PROMPTS[kind].build(featurizer, opts)
     return module.to(featurizer.device)
 
+
+__all__ = [  # CPM_ABLATIONS, CPMConfig and LEARNED (sdm.config) are re-exported: build_prompt takes them
+    "CPM_ABLATIONS",
+    "LEARNED",
+    "PROMPTS",
+    "TEMPLATE",
+    "BuildOptions",
+    "CPMConfig",
+    "CPMPrompt",
+    "ClassPrompt",
+    "Conditioning",
+    "DinoDescriptor",
+    "EmptyPrompt",
+    "ImplicitCaptioner",
+    "Originals",
+    "PromptModule",
+    "SinglePrompt",
+    "StoredImages",
+    "TemplatePrompt",
+    "build_prompt",
+    "category_text",
+    "learned_vectors",
+    "originals_for",
+    "random_token_vectors",
+    "seeded_linear",
+]

@@ -46,6 +46,42 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+@functools.cache
+def _git_dirty() -> bool | None:
+    """Whether the checkout has uncommitted changes to tracked files (None without git)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+LIBRARIES = ("torch", "diffusers", "transformers", "accelerate")
+
+
+def environment_record(device: str | None = None) -> dict[str, Any]:
+    """Where a result was computed, kept beside the protocol but not hashed into its id (the same protocol on
+    another machine is the same experiment): whether the checkout had uncommitted changes, the versions of the
+    libraries that compute, Python, the device and the GPU's name."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"git_dirty": _git_dirty(), **versions, "python": platform.python_version(), "device": device, "gpu": gpu}
+
+
 def model_fingerprint(*modules: nn.Module) -> str:
     """A short hash of the modules' parameters (names, shapes, and the first 64 values of each), enough to tell
     two sets of weights apart."""
@@ -70,9 +106,28 @@ def attention_record(matcher: AttentionMatcher) -> dict[str, Any]:
     return {"matcher": "attention", "matcher_params": json.loads(json.dumps(params, default=list)), **model_record(matcher.sd)}
 
 
+def _vit_weights(name: str | None) -> bool | str:
+    """Whether a ViT's weights are random: True for the tiny ones, False for a hub id (trained weights),
+    "unknown" for a local folder (whatever was saved there)."""
+    if name == "random weights (tiny)":
+        return True
+    return "unknown" if name and Path(name).exists() else False
+
+
+def _combined(*flags: bool | str) -> bool | str:
+    """The random_weights of a result computed by several models: True if any is random, else "unknown" if any
+    is unknown, else False."""
+    return True if True in flags else "unknown" if "unknown" in flags else False
+
+
+def featurizer_of(extractor: Any) -> Any:
+    """The SD featurizer behind an extractor (its own, or a fused extractor's SD part); None for a ViT baseline."""
+    return getattr(extractor, "featurizer", None) or getattr(getattr(extractor, "sd_extractor", None), "featurizer", None)
+
+
 def extractor_record(extractor: Any) -> dict[str, Any]:
     """What an extractor adds to the protocol record: model id, weights fingerprint, timestep, ensemble, ..."""
-    featurizer = getattr(extractor, "featurizer", None) or getattr(getattr(extractor, "sd_extractor", None), "featurizer", None)
+    featurizer = featurizer_of(extractor)
     record: dict[str, Any] = {"extractor": type(extractor).__name__, "conditioning": extractor.conditioning}
     if featurizer is not None:
         record.update(
@@ -86,7 +141,7 @@ def extractor_record(extractor: Any) -> dict[str, Any]:
         name = encoder_name(inner)
         record.update(
             backbone=name, backbone_weights=model_fingerprint(inner),
-            random_weights=bool(record.get("random_weights")) or name == "random weights (tiny)",
+            random_weights=_combined(record.get("random_weights", False), _vit_weights(name)),
         )
     prompt = getattr(extractor, "prompt", None) or getattr(getattr(extractor, "sd_extractor", None), "prompt", None)
     if prompt is not None:
@@ -97,4 +152,4 @@ def extractor_record(extractor: Any) -> dict[str, Any]:
     return record
 
 
-__all__ = ["attention_record", "code_record", "extractor_record", "model_fingerprint", "model_record", "protocol_id"]
+__all__ = ["LIBRARIES", "attention_record", "code_record", "environment_record", "extractor_record", "featurizer_of", "model_fingerprint", "model_record", "protocol_id"]

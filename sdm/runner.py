@@ -212,6 +212,47 @@ def profile_parameters(path: str | Path, profile: str, figures_dir: str | Path, 
     return {k: v for k, v in params.items() if k in known}
 
 
+def check_parameters(paths: Sequence[Path], parameters: dict[str, Any]) -> None:
+    """Fails before anything runs when a parameter is in no notebook's `parameters` cell, or its value is not of
+    the type of the default there (an int for an int, a number for a float, a list for a list, ...; any value
+    where the default is None)."""
+    defaults: dict[str, list[tuple[str, Any]]] = {}
+    for path in paths:
+        for name, value in notebook_parameters(path).items():
+            defaults.setdefault(name, []).append((path.name, value))
+    unknown = sorted(set(parameters) - set(defaults))
+    if unknown:
+        raise ValueError(f"no notebook to run has the parameter(s) {', '.join(unknown)}")
+    for name, value in parameters.items():
+        for notebook, default in defaults[name]:
+            if not _fits(value, default):
+                raise ValueError(
+                    f"-p {name} {value!r}: {notebook} expects {type(default).__name__} (its default is {default!r}); "
+                    "values are read as Python literals: 768, 0.5, True, None, 'text', [1, 2]"
+                )
+
+
+def _fits(value: Any, default: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def failure_line(err: BaseException) -> str:
+    """One line saying why a notebook failed: the failing cell's exception with its whole message (a cause given
+    over several lines stays whole), or the error itself."""
+    name, value = getattr(err, "ename", None), getattr(err, "evalue", None)  # papermill's PapermillExecutionError
+    if name is None:
+        name, value = type(err).__name__, str(err)
+    return f"{name}: {' '.join(str(value).split())}"
+
+
 # ---- runner ------------------------------------------------------------------------------------------------------
 def _snapshot(folder: Path) -> dict[Path, int]:
     if not folder.is_dir():
@@ -244,7 +285,8 @@ def run_notebooks(
             results go under out_dir) or "paper" (the notebooks' own defaults: the paper's settings; figures
             and results go to the repository's figures/ and results/).
         only: notebook numbers or name prefixes ("03", "3", "03_evaluate"); None: all.
-        out_dir: executed notebooks go to <out_dir>/notebooks (quick: also <out_dir>/figures, <out_dir>/results).
+        out_dir: executed notebooks go to <out_dir>/notebooks/<profile> (quick: figures and results also go to
+            <out_dir>/figures, <out_dir>/results).
         parameters: extra overrides for every notebook (only names a notebook defines are passed).
         stop_on_error: raise the first failure instead of recording it and going on.
 
@@ -264,9 +306,7 @@ def run_notebooks(
             raise ValueError(f"no notebook in {root} matches {list(only)}")
     if not paths:
         raise FileNotFoundError(f"no numbered notebooks (NN_*.ipynb) in {root}")
-    unknown = set(parameters or {}) - {name for path in paths for name in notebook_parameters(path)}
-    if unknown:
-        raise ValueError(f"no notebook to run has the parameter(s) {', '.join(sorted(unknown))}")
+    check_parameters(paths, parameters or {})
     paths = run_order(paths)
     out = Path(out_dir)
     repo = root.resolve().parent
@@ -274,7 +314,8 @@ def run_notebooks(
         figures_dir, results_dir = out / "figures", out / "results"
     else:
         figures_dir, results_dir = repo / "figures", repo / "results"
-    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    executed = out / "notebooks" / profile  # the two profiles' executed notebooks never replace each other
+    executed.mkdir(parents=True, exist_ok=True)
     summaries: list[dict[str, Any]] = []
     bar = tqdm(paths, desc=f"notebooks ({profile})", unit="nb", disable=not progress)
     for path in bar:
@@ -282,7 +323,7 @@ def run_notebooks(
         params = profile_parameters(path, profile, figures_dir.resolve(), results_dir.resolve())
         params.update({k: v for k, v in (parameters or {}).items() if k in notebook_parameters(path)})
         before_f, before_r = _snapshot(figures_dir), _snapshot(results_dir)
-        output = out / "notebooks" / path.name
+        output = executed / path.name
         start = time.perf_counter()
         status, error = "ok", ""
         try:
@@ -293,8 +334,7 @@ def run_notebooks(
             if stop_on_error:
                 raise
             status = "failed"
-            lines = [line for line in str(err).strip().splitlines() if line.strip()]
-            error = f"{type(err).__name__}: {lines[-1] if lines else err}"
+            error = failure_line(err)
         summaries.append(
             {
                 "notebook": path.name,
@@ -346,7 +386,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     print(summary_table(summaries))
     if args.profile == "quick":
         print("quick profile: tiny random-weight model on synthetic pairs; its numbers only show that the pipeline runs")
-    print(f"executed notebooks in {Path(args.out) / 'notebooks'}")
+    print(f"executed notebooks in {Path(args.out) / 'notebooks' / args.profile}")
     return 0 if all(s["status"] == "ok" for s in summaries) else 1
 
 

@@ -10,108 +10,36 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import shutil
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from sdm.backbones import BackboneName, build_backbone
+from sdm.backbones import build_backbone
+from sdm.config import TrainConfig, recipe
 from sdm.data import PairDataset, collate_pairs, dataset_record, decoding
 from sdm.encoders import PromptEncoders, encoder_name
 from sdm.evaluate import evaluate
 from sdm.extractors import SDExtractor
 from sdm.features import BatchRows, SDFeaturizer
 from sdm.loss import gaussian_cross_entropy
-from sdm.matching import Matcher, to_feature_coords
+from sdm.matching import to_feature_coords
 from sdm.models import StableDiffusion
 from sdm.prompt_files import save_prompt
-from sdm.prompts import CPMConfig, PromptKind, PromptModule, build_prompt, originals_for
+from sdm.prompts import PromptModule, build_prompt, originals_for
+from sdm.records import code_record, environment_record
+from sdm.runs import CHECKPOINT, RunExistsError, claim_run_folder
 from sdm.storage import atomic_write
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    """Training settings; the defaults are the paper's."""
-
-    prompt: PromptKind = "single"
-    backbone: BackboneName = "sd"  # sdm.backbones: "sd" (SD4Match) or "sd+dino" (fused with frozen DINOv2)
-    cpm: CPMConfig = field(default_factory=CPMConfig)
-    steps: int = 30_000
-    batch_size: int = 9  # pairs per step, over all processes
-    lr: float = 1e-2  # learned token vectors
-    lr_linear: float = 1e-3  # CPM's g_d and g_n
-    timestep: int = 261
-    image_size: int = 768
-    up_block: int = 1
-    ensemble: int = 1
-    temperature: float = 0.04
-    kernel_size: int = 7
-    sigma: float = 1.5
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # this run's autocast; float32 on a CPU for "fp16"
-    gradient_checkpointing: bool = False
-    # Checkpoint selection as the authors' code (train_simple_prompt.py:219-260, train_cpm.py:198-245): once per
-    # epoch, on the whole validation split, at the training timestep, ensemble 1, nearest neighbour, PCK@0.1 per
-    # image; the best is kept. "epoch": every ceil(len(train_set) / batch_size) steps.
-    val_every: int | Literal["epoch"] = "epoch"
-    val_pairs: int | None = None  # None: the whole validation split
-    val_timestep: int = 261
-    val_ensemble: int = 1
-    val_matcher: Matcher = "nearest"
-    checkpoint_every: int = 1000
-    log_every: int = 10  # log the loss, and check that no loss since the last check was NaN or inf (a host sync)
-    seed: int = 0
-    num_workers: int = 2
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        if isinstance(values.get("cpm"), dict):
-            values["cpm"] = CPMConfig(**values["cpm"])
-        return cls(**values)
-
-
-RecipeName = Literal["paper", "authors"]
-# Epochs of the authors' training scripts (script/{spair,pfpascal}/sd4match_{single,class,cpm}.sh).
-AUTHORS_EPOCHS = {"spair": 5, "pfpascal": 90}
-AUTHORS_PROCESSES, AUTHORS_BATCH = 3, 3
-
-
-def recipe(name: RecipeName, n_train: int, dataset: str | None = None) -> dict[str, Any]:
-    """TrainConfig overrides of a named recipe for a training set of `n_train` pairs.
-
-    "paper": the paper's text, and sdm's default: one prompt, Adam on synchronised batches of 9 pairs, 30,000
-        steps, validated once per epoch (ceil(n_train / 9) steps).
-    "authors": how the released prompts were trained. The authors' scripts launch 3 processes x 3 pairs, but the
-        loops call the wrapped module's `.module(...)` (train_cpm.py:157-161, train_simple_prompt.py:181-182),
-        which bypasses DDP, so gradients are never averaged: each GPU trains its own prompt on batches of 3
-        from its third of the data and rank 0's is saved. Here: batch 3, one process, as many steps as rank 0
-        took (epochs x ceil(ceil(n_train / 3) / 3): 29,635 on SPair-71k, 29,430 on PF-Pascal; 30,000 for other
-        datasets), validated once per rank-0 epoch.
-    """
-    if name == "paper":
-        return {"batch_size": 9, "steps": 30_000, "val_every": "epoch"}
-    if name == "authors":
-        epoch = math.ceil(math.ceil(n_train / AUTHORS_PROCESSES) / AUTHORS_BATCH)
-        steps = AUTHORS_EPOCHS[dataset] * epoch if dataset in AUTHORS_EPOCHS else 30_000
-        return {"batch_size": AUTHORS_BATCH, "steps": steps, "val_every": epoch}
-    raise ValueError(f"unknown recipe {name!r}; choose 'paper' or 'authors'")
 
 
 def validation_interval(cfg: TrainConfig, n_train: int) -> int:
@@ -315,7 +243,7 @@ def train(
     (`image_share`) and the gradients are summed: the step computes what it computes on one process.
     """
     out = Path(out_dir)
-    _claim_run_folder(out, resume, overwrite)
+    claim_run_folder(out, resume, overwrite)
     from accelerate import Accelerator
 
     log_with = "tensorboard" if _has_tensorboard() else None
@@ -347,18 +275,16 @@ def _lent(sd: StableDiffusion, encoders: PromptEncoders | None, device: torch.de
             m.to(home)
 
 
-def _precision(mixed_precision: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:
-    """The run's autocast context factory and, for fp16, its loss scaler (what Accelerate's `mixed_precision`
-    sets up: torch.autocast of that dtype, a default GradScaler for fp16)."""
+def _precision(mixed_precision: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None, str]:
+    """The run's autocast context factory, for fp16 its loss scaler (what Accelerate's `mixed_precision` sets up:
+    torch.autocast of that dtype, a default GradScaler for fp16), and the precision it computes in."""
     if mixed_precision == "no":
-        return contextlib.nullcontext, None
+        return contextlib.nullcontext, None, "float32"
     if mixed_precision == "fp16" and device.type == "cpu":
-        # Accelerate (1.x) silently trains in float32 here; keep its numbers, but say so
-        warnings.warn("mixed_precision='fp16' needs a GPU: training in float32 on the CPU", stacklevel=3)
-        return contextlib.nullcontext, None
+        return contextlib.nullcontext, None, "float32"  # as Accelerate (1.x) does, silently; `_train` says so
     dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
-    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler, f"{mixed_precision} autocast"
 
 
 def _train(
@@ -374,7 +300,10 @@ def _train(
     log_with: str | None,
 ) -> TrainResult:
     device = accelerator.device
-    autocast, scaler = _precision(cfg.mixed_precision, device)
+    autocast, scaler, precision = _precision(cfg.mixed_precision, device)
+    if cfg.mixed_precision != "no" and precision == "float32":
+        accelerator.print(f"note: mixed_precision {cfg.mixed_precision!r} needs a GPU: training in float32 on the {device.type} "
+                          "(prompt.json records the precision used under run.precision)")
     backbone = build_backbone(cfg.backbone, encoders, cfg.image_size)
     featurizer = backbone.featurizer(sd, image_size=cfg.image_size, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, seed=cfg.seed)
     module = build_prompt(cfg.prompt, featurizer, categories=train_set.categories, encoders=encoders, cpm=cfg.cpm, seed=cfg.seed)
@@ -417,7 +346,9 @@ def _train(
     trained_on = {**dataset_record(train_set), "dino": encoder_name(encoders.dino if encoders else None)}
     if val_set is not None:
         trained_on["validation"] = dataset_record(val_set)
-    identity = {"id": run_id, "folder": str(out.resolve())}
+    # what the run is and where it ran (prompt.json's "run"): kept across resumes but for the environment
+    identity = {"id": run_id, "folder": str(out.resolve()), "precision": precision, **code_record(),
+                "environment": environment_record(str(device))}
 
     def save(step: int) -> None:
         nonlocal saved_step
@@ -526,33 +457,6 @@ def _train(
     return TrainResult(module, pd.DataFrame(rows, columns=["step", "loss", "val_pck"]), best_pck, best_step, out)
 
 
-class RunExistsError(FileExistsError):
-    """The output folder already holds a training run."""
-
-
-RUN_FILES = (CHECKPOINT, "prompt.safetensors", "prompt.json", "best.safetensors", "best.json", "log.csv")
-
-
-def existing_run(out: Path) -> list[str]:
-    """The files of a training run that `out` already holds (empty: the folder is free)."""
-    return [name for name in RUN_FILES if (out / name).exists()]
-
-
-def _claim_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuses a folder holding another run's files unless resuming, or deletes them when overwriting."""
-    found = existing_run(out)
-    if not found or resume:
-        return
-    if not overwrite:
-        raise RunExistsError(
-            f"{out} already holds a training run ({', '.join(found)}): resume it (--resume / resume=True), "
-            "clear it (--overwrite / overwrite=True), or choose another output folder (--out)"
-        )
-    for name in found:
-        (out / name).unlink()
-    shutil.rmtree(out / "sdm-train", ignore_errors=True)  # its tensorboard events
-
-
 ENCODE_BATCH = 8  # images per VAE call in training (padded: `FeatureStore.fetch`)
 
 
@@ -579,3 +483,25 @@ def _has_tensorboard() -> bool:
     except ImportError:
         return False
     return True
+
+
+__all__ = [  # TrainConfig, recipe (sdm.config) and RunExistsError (sdm.runs) are re-exported: train() takes and raises them
+    "ENCODE_BATCH",
+    "RANDOM_WEIGHTS_LOG",
+    "RESUMABLE_CHANGES",
+    "RunExistsError",
+    "StepBatchSampler",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "batch_indices",
+    "epoch_seed",
+    "gather_rows",
+    "image_share",
+    "pairs_of_steps",
+    "recipe",
+    "step_seed",
+    "sum_gradients",
+    "train",
+    "validation_interval",
+]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SUBPROCESS_TIMEOUT
 
 import sdm
 from sdm.backbones import BACKBONES, build_backbone
@@ -81,12 +82,12 @@ def test_cli_evaluates_a_fused_prompt_on_fused_features(tmp_path: Path) -> None:
     common = ["--model", "tiny", "--image-size", "64", "--dino", "tiny"]
     trained = subprocess.run(
         [sdm_bin, "train", *common, "--backbone", "sd+dino", "--steps", "1", "--batch-size", "2", "--val-split", "", "--mixed-precision", "no",
-         "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+         "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-2000:]
     scored = subprocess.run(
         [sdm_bin, "evaluate", *common, "--prompt", str(tmp_path / "run" / "prompt.json"), "--max-pairs", "2", "--out", str(tmp_path / "eval")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert "backbone sd+dino" in scored.stderr

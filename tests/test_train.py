@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import SUBPROCESS_TIMEOUT
 
 import sdm
 from sdm import train as train_module
@@ -254,14 +255,14 @@ def test_two_process_training_step_equals_one_process(tmp_path: Path, prompt: st
     args = ["train", "--model", "tiny", "--prompt", prompt, "--dataset", "synthetic", "--steps", "1", "--batch-size", "3"]
     args += ["--mixed-precision", "no", "--val-split", "", "--num-workers", "0", "--device", "cpu", "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "sdm.cli", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, "-m", "sdm.cli", *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert one.returncode == 0, one.stderr[-2000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    two = subprocess.run([*launch, "-m", "sdm.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([*launch, "-m", "sdm.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two"))
     assert b["log"][0]["loss"] == pytest.approx(a["log"][0]["loss"], rel=1e-5)

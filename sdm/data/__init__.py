@@ -6,98 +6,50 @@ the dataset's PCK threshold in that resized space); ``collate_pairs`` batches th
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+import importlib
+from typing import Any
 
-from .base import (
-    FilePairDataset,
-    ImageSet,
-    ImageSize,
-    OriginalLoader,
-    Pair,
-    PairBatch,
-    PairDataset,
-    PairSubset,
-    collate_pairs,
-    decoding,
-    spread_subset,
-)
-from .cub import CUB200, CUB_LAYOUT, read_cub
-from .errors import AnnotationError, DatasetNotFoundError, ImageReadError
-from .pfpascal import PFPASCAL_CATEGORIES, PFPascal, parse_pfpascal_csv, read_pfpascal_mat
-from .pfwillow import PFWillow, category_label, parse_pfwillow_csv
-from .spair import SPAIR_CATEGORIES, SPair71k, parse_spair_annotation
-from .spair_u import SPairU
-from .synthetic import PHOTOS, SyntheticPairs, apply_homography
-
-# The registry: name -> class. The CLI's --dataset choices, `load_dataset`, `infer_dataset` and `dataset_record`
-# read it; a new dataset is its module plus one line here.
-DATASETS: dict[str, type[PairDataset]] = {
-    "spair": SPair71k,
-    "spair-u": SPairU,
-    "pfpascal": PFPascal,
-    "pfwillow": PFWillow,
-    "cub": CUB200,
-    "synthetic": SyntheticPairs,
+# public name -> the module that defines it; loaded on first use (PEP 562), so that `sdm download` and the
+# command line's parser need no torch
+_HOMES = {
+    "CUB200": "sdm.data.cub",
+    "CUB_LAYOUT": "sdm.data.layouts",
+    "DATASETS": "sdm.data.registry",
+    "PFPASCAL_CATEGORIES": "sdm.data.pfpascal",
+    "PHOTOS": "sdm.data.synthetic",
+    "SPAIR_CATEGORIES": "sdm.data.spair",
+    "SYNTHETIC_SPLITS": "sdm.data.registry",
+    "AnnotationError": "sdm.data.errors",
+    "DatasetName": "sdm.config",
+    "DatasetNotFoundError": "sdm.data.errors",
+    "FilePairDataset": "sdm.data.base",
+    "ImageReadError": "sdm.data.errors",
+    "ImageSet": "sdm.data.base",
+    "ImageSize": "sdm.data.base",
+    "OriginalLoader": "sdm.data.base",
+    "PFPascal": "sdm.data.pfpascal",
+    "PFWillow": "sdm.data.pfwillow",
+    "Pair": "sdm.data.base",
+    "PairBatch": "sdm.data.base",
+    "PairDataset": "sdm.data.base",
+    "PairSubset": "sdm.data.base",
+    "SPair71k": "sdm.data.spair",
+    "SPairU": "sdm.data.spair_u",
+    "SyntheticPairs": "sdm.data.synthetic",
+    "apply_homography": "sdm.data.synthetic",
+    "category_label": "sdm.data.pfwillow",
+    "collate_pairs": "sdm.data.base",
+    "dataset_record": "sdm.data.registry",
+    "decoding": "sdm.data.base",
+    "infer_dataset": "sdm.data.registry",
+    "load_dataset": "sdm.data.registry",
+    "parse_pfpascal_csv": "sdm.data.pfpascal",
+    "parse_pfwillow_csv": "sdm.data.pfwillow",
+    "parse_spair_annotation": "sdm.data.spair",
+    "read_cub": "sdm.data.cub",
+    "read_pfpascal_mat": "sdm.data.pfpascal",
+    "spread_subset": "sdm.data.base",
 }
-DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]  # the registry's names
-# Synthetic "splits" are disjoint seeds, so trn / val / test never share a pair: split -> (seed, n).
-SYNTHETIC_SPLITS: dict[str, tuple[int, int]] = {"trn": (0, 512), "val": (1, 64), "test": (2, 64)}
-
-
-def load_dataset(
-    name: DatasetName,
-    root: str | Path | None = None,
-    split: str = "test",
-    image_size: ImageSize = 768,
-    category: str | None = None,
-    **kwargs: Any,
-) -> PairDataset:
-    """Build a dataset by registry name.
-
-    ``root`` is the dataset folder (unused for "synthetic"); PF-Willow has only the "test" split. For
-    "synthetic", ``split`` picks (seed, n) from SYNTHETIC_SPLITS, ``category`` restricts the photographs,
-    and ``kwargs`` (n, seed, n_kps, photometric) override; for the others kwargs are passed on as is.
-    """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
-    if name == "synthetic":
-        if split not in SYNTHETIC_SPLITS:
-            raise ValueError(f"unknown synthetic split {split!r}; valid: {', '.join(SYNTHETIC_SPLITS)}")
-        seed, n = SYNTHETIC_SPLITS[split]
-        options: dict[str, Any] = {"seed": seed, "n": n, "photos": [category] if category else None, **kwargs}
-        return SyntheticPairs(image_size=image_size, **options)
-    if root is None:
-        raise ValueError(f"dataset {name!r} needs a root folder (see data/README.md)")
-    return DATASETS[name](root, split=split, image_size=image_size, category=category, **kwargs)
-
-
-def infer_dataset(root: str | Path) -> DatasetName:
-    """The dataset a folder holds, from its layout (SPair-71k: PairAnnotation/ + Layout/; PF-Pascal:
-    PF-dataset-PASCAL/; PF-Willow: PF-dataset/ + test_pairs.csv); a ValueError saying what was found otherwise."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetNotFoundError(f"dataset folder not found: {root}")
-    for name, cls in DATASETS.items():
-        if cls.recognises(root):
-            return name
-    named = ", ".join(n for n in DATASETS if n != "synthetic")
-    raise ValueError(
-        f"cannot tell which dataset {root} holds (none of the registered layouts, data/README.md): name it with --dataset {named}"
-    )
-
-
-def dataset_record(dataset: Any) -> dict[str, Any]:
-    """What a dataset (or a `PairSubset` of one) is, for metadata and protocol records: registry name, split,
-    pairs used and pairs in the split."""
-    base = getattr(dataset, "dataset", dataset) if isinstance(dataset, PairSubset) else dataset
-    name = next((n for n, cls in DATASETS.items() if type(base) is cls), type(base).__name__)
-    split = getattr(base, "split", None)
-    if isinstance(base, SyntheticPairs):
-        split = next((s for s, (seed, n) in SYNTHETIC_SPLITS.items() if (seed, n) == (base.seed, len(base))), f"seed {base.seed}")
-    return {"dataset": name, "split": split, "pairs": len(dataset), "split_pairs": len(base)}
-
-
 __all__ = [
     "CUB200",
     "CUB_LAYOUT",
@@ -137,3 +89,15 @@ __all__ = [
     "read_pfpascal_mat",
     "spread_subset",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'sdm.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

@@ -21,16 +21,7 @@ import torch
 
 from .base import FilePairDataset, ImageSize, Pair
 from .errors import AnnotationError, check_category, missing_root_error
-
-CUB_LAYOUT = """\
-<root>/                                  (the extracted CUB_200_2011/ folder)
-  images.txt                             <image id> <class folder>/<file>.jpg
-  train_test_split.txt                   <image id> <1: training, 0: test>
-  image_class_labels.txt                 <image id> <class id, 1..200>
-  bounding_boxes.txt                     <image id> <x> <y> <width> <height>
-  parts/part_locs.txt                    <image id> <part id> <x> <y> <visible>
-  images/<class folder>/<file>.jpg
-"""
+from .layouts import CUB_LAYOUT
 
 
 @dataclass(frozen=True)

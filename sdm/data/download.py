@@ -1,4 +1,4 @@
-"""`sdm download {spair,pfpascal,pfwillow}`: fetch a benchmark from its official source into the loaders' layout.
+"""`sdm download {spair,pfpascal,pfwillow,cub}`: fetch a benchmark from its official source into the loaders' layout.
 
 Downloads are resumable (an interrupted file stays as ``<name>.part`` and the next run asks the server for
 the rest with an HTTP Range request), checked against the size the server announces (Content-Length /
@@ -24,10 +24,7 @@ from typing import Literal, get_args
 
 from tqdm import tqdm
 
-from .cub import CUB_LAYOUT
-from .pfpascal import PFPASCAL_LAYOUT
-from .pfwillow import PFWILLOW_LAYOUT
-from .spair import SPAIR_LAYOUT
+from .layouts import CUB_LAYOUT, PFPASCAL_LAYOUT, PFWILLOW_LAYOUT, SPAIR_LAYOUT
 
 DownloadName = Literal["spair", "pfpascal", "pfwillow", "cub"]
 CHUNK = 1 << 20
@@ -328,7 +325,7 @@ def add_download_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     """Register `download {spair,pfpascal,pfwillow,cub} [--root data/]` on an argparse subparsers object
     (its handler is set as ``func``)."""
     p = subparsers.add_parser(
-        "download", help="download a benchmark (SPair-71k, PF-Pascal, PF-Willow) into --root"
+        "download", help="download a benchmark (SPair-71k, PF-Pascal, PF-Willow, CUB-200-2011) into --root"
     )
     p.add_argument("name", choices=list(get_args(DownloadName)))
     p.add_argument(

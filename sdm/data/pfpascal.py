@@ -17,6 +17,7 @@ from sdm.metrics import pfpascal_threshold
 
 from .base import FilePairDataset, ImageSize, Pair, valid_point_mask
 from .errors import AnnotationError, missing_root_error, read_csv
+from .layouts import PFPASCAL_LAYOUT
 
 # VOC order; the csv's `class` column is the 1-based index into this tuple.
 PFPASCAL_CATEGORIES: tuple[str, ...] = (
@@ -27,12 +28,6 @@ PFPascalSplit = Literal["trn", "val", "test"]
 IMAGE_DIR = "PF-dataset-PASCAL"
 FLIP_SUFFIX = "|flip"  # image-id suffix of horizontally flipped images (they are different pixels)
 
-PFPASCAL_LAYOUT = """\
-<root>/
-  {trn,val,test}_pairs.csv            source_image,target_image,class[,flip][,XA,YA,XB,YB]
-  PF-dataset-PASCAL/JPEGImages/<image>.jpg
-  PF-dataset-PASCAL/Annotations/<category>/<image>.mat   fields kps (N x 2, x y, NaN = absent), bbox (1 x 4)
-"""
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,7 @@ from sdm.metrics import pfwillow_threshold
 
 from .base import FilePairDataset, ImageSize, Pair, valid_point_mask
 from .errors import AnnotationError, check_category, read_csv
-
-PFWILLOW_LAYOUT = """\
-<root>/
-  test_pairs.csv                 imageA,imageB,XA1..XA10,YA1..YA10,XB1..XB10,YB1..YB10
-  PF-dataset/<class>/<name>.png  e.g. PF-dataset/car(G)/Cars_006a.png (csv paths say PF-WILLOW/...)
-"""
+from .layouts import PFWILLOW_LAYOUT
 
 # The csv's image paths start with this folder name, which stands for PF-dataset/ next to the csv.
 CSV_PREFIX = "PF-WILLOW"

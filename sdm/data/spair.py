@@ -14,6 +14,7 @@ from sdm.metrics import spair_threshold
 
 from .base import FilePairDataset, ImageSize, Pair, valid_point_mask
 from .errors import AnnotationError
+from .layouts import SPAIR_LAYOUT
 
 SPAIR_CATEGORIES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -23,12 +24,6 @@ SPairSplit = Literal["trn", "val", "test"]
 # Pair-level difficulty annotations of the official JSON files; absent ones become None.
 DIFFICULTY_FIELDS: tuple[str, ...] = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
 
-SPAIR_LAYOUT = """\
-<root>/                                   (the extracted SPair-71k/ folder)
-  JPEGImages/<category>/<image>.jpg
-  PairAnnotation/{trn,val,test}/<pair>.json
-  Layout/large/{trn,val,test}.txt         one <pair> name per line, e.g. 000001-2008_000585-2008_004704:aeroplane
-"""
 
 
 @dataclass(frozen=True)
