@@ -583,7 +583,9 @@ class AttentionMatcher:
         return to_pixel_tensor(image, self.config.image_size, self.device, torch.float32)
 
     def _points(self, points_xy: torch.Tensor | Sequence[Sequence[float]], image_hw: tuple[int, int]) -> torch.Tensor:
-        """N x 2 original pixels -> N x 2 normalised align-corners coordinates in [0, 1] (CPU float32)."""
+        """N x 2 original pixels -> N x 2 pixels of the image resized to `image_size`, x' = x W'/W (CPU float32):
+        exact for the datasets' already resized points (W = W'), as the authors' `src_kps / 512 * 512` is
+        (utils/optimize_token.py:490, 568), so the crop bounds truncate the very value they do."""
         pts = torch.as_tensor(points_xy, dtype=torch.float32).detach().cpu()
         if pts.dim() != 2 or pts.shape[-1] != 2:
             raise ValueError(f"points must be N x 2 pixel (x, y); got shape {tuple(pts.shape)}")
@@ -596,10 +598,9 @@ class AttentionMatcher:
         if outside.any():
             bad = pts[outside][0].tolist()
             raise ValueError(f"point {bad} lies outside the source image of size W x H = {w} x {h}")
-        # Per-axis resize x' = x * W'/W, then normalise by W' - 1.
         size_h, size_w = self.config.image_size  # type: ignore[misc]
-        scale = torch.tensor([size_w / w / (size_w - 1), size_h / h / (size_h - 1)])
-        return (pts * scale).clamp(0.0, 1.0)
+        resized = pts if (h, w) == (size_h, size_w) else pts * torch.tensor([size_w / w, size_h / h])
+        return torch.minimum(resized.clamp(min=0.0), torch.tensor([size_w - 1.0, size_h - 1.0]))
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -725,12 +726,12 @@ class AttentionMatcher:
         init = torch.randn((b, cfg.num_tokens, self.sd.embed_dim), generator=gen) * cfg.init_std
         embeddings = nn.Parameter(init.to(self.device))
         optimizer = torch.optim.Adam([embeddings], lr=cfg.lr)
-        centers = pts.repeat_interleave(e, dim=0)  # B x 2, point-major
+        centers_px = pts.repeat_interleave(e, dim=0)  # B x 2 resized pixels, point-major
         map_h, map_w = self.map_size
         size_h, size_w = cfg.image_size  # type: ignore[misc]
         frac = cfg.crop_frac
         side = crop_side((size_h, size_w), frac)
-        centers_px = centers * torch.tensor([size_w - 1, size_h - 1])  # resized pixels x' = x W' / W
+        centers = centers_px / torch.tensor([size_w - 1, size_h - 1])  # normalised align-corners: the continuous crops
         # offsets -> VAE latents of those crops; continuous offsets are new at every draw, so nothing is kept
         crop_latents: Callable[[torch.Tensor], torch.Tensor] = (
             self._crop_bank(pixels, side) if cfg.geometry == "authors" else lambda o: self._encode(crop_images(pixels, o, frac))

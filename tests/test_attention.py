@@ -182,6 +182,18 @@ def test_peaks_map_to_original_pixels(sd: sdm.StableDiffusion) -> None:
 
 
 # ---- the matcher ----------------------------------------------------------------------------------------------
+def test_crop_centres_are_the_resized_pixels_exactly(sd: sdm.StableDiffusion) -> None:
+    """The authors centre the optimisation crops on `src_kps / 512 * 512`, the resized pixel itself
+    (utils/optimize_token.py:490, 568): every integer point of an image already at the input size stays that
+    integer (a round trip through x / (W' - 1) would give 17.9999981 for 18 at 128 px, and `int()` in the crop
+    bounds would then move a crop range by a pixel). Points of another image size scale by W'/W."""
+    m = AttentionMatcher(sd, AttentionMatcherConfig(image_size=128, progress=False))
+    grid = torch.stack(torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij"), dim=-1).reshape(-1, 2)
+    assert torch.equal(m._points(grid, (128, 128)), grid)
+    assert m._points([[18.0, 18.0]], (128, 128)).tolist() == [[18.0, 18.0]]
+    assert m._points([[10.0, 30.0]], (256, 64)).tolist() == [[20.0, 15.0]]  # x' = x * 128 / 64, y' = y * 128 / 256
+
+
 def test_optimisation_lowers_the_loss_and_self_match(sd: sdm.StableDiffusion, image: torch.Tensor) -> None:
     m = AttentionMatcher(sd, quick_config(sd))
     res = m.optimize_embeddings(image, POINTS)
