@@ -707,13 +707,14 @@ class AttentionMatcher:
 
     # ---- optimisation -----------------------------------------------------------------------------------------
     def optimize_embeddings(
-        self, image: ImageInput, points_xy: torch.Tensor | Sequence[Sequence[float]]
+        self, image: ImageInput, points_xy: torch.Tensor | Sequence[Sequence[float]], *, seed: int | None = None
     ) -> OptimizationResult:
         """Optimises `num_embeddings` embeddings per point so that their attention peaks at the point.
 
         Args:
             image: the source, a 3 x H x W tensor in [0, 1] or a PIL image (any size).
             points_xy: N x 2 pixel (x, y) in the source's own size, inside the image.
+            seed: of the initialisation, crops and noise; default the config's `seed`.
         Returns:
             `OptimizationResult` (embeddings N x E x L x D, losses steps x N x E).
         """
@@ -722,7 +723,7 @@ class AttentionMatcher:
         pixels = self._pixels(image)
         n, e = pts.shape[0], cfg.num_embeddings
         b = n * e
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
         init = torch.randn((b, cfg.num_tokens, self.sd.embed_dim), generator=gen) * cfg.init_std
         embeddings = nn.Parameter(init.to(self.device))
         optimizer = torch.optim.Adam([embeddings], lr=cfg.lr)

@@ -133,6 +133,10 @@ class AttentionMatcherConfig:
     # the same bits whichever call needs it first; 0: encode only the crops a call draws, for that call
     crop_store: int = 16
     seed: int = 0  # initialisation, crops and noise
+    # "source": a source's embeddings are optimised once per (source, points) with draws from `seed` and reused for
+    # each of its pairs (sdm); "pair": optimised afresh for every pair, as the authors' loop does
+    # (utils/optimize.py:33, 52), with draws from `seed` and the pair id. Same expectation, other draws.
+    optimize_per: Literal["source", "pair"] = "source"
     progress: bool = True  # tqdm bars
 
     def __post_init__(self) -> None:
@@ -174,6 +178,8 @@ class AttentionMatcherConfig:
             raise ValueError(f"peak must be 'argmax' or 'soft_argmax'; got {self.peak!r}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 or None; got {self.max_batch}")
+        if self.optimize_per not in ("source", "pair"):
+            raise ValueError(f"optimize_per must be 'source' or 'pair'; got {self.optimize_per!r}")
         if self.crop_store < 0:
             raise ValueError(f"crop_store must be >= 0 (0: no store); got {self.crop_store}")
 

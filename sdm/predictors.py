@@ -12,6 +12,7 @@ import torch
 
 from sdm.data import PairBatch, PairDataset, decoding
 from sdm.extractors import FeatureExtractor, FeatureStore, ImageBatch, similarity_of
+from sdm.features import derived_seed
 from sdm.matching import MatchConfig, Matcher, match, to_feature_coords, to_image_coords
 from sdm.prompts import Conditioning
 
@@ -141,20 +142,26 @@ def attention_predictor(matcher: AttentionMatcher, cache_size: int = 256) -> Pre
     The optimisation depends only on the source image, its points and the config (its random draws come from
     `config.seed`), so its embeddings are kept per (source id, points) for the next `cache_size` sources: a source
     shared by several pairs (each PF-Willow image is the source of about 9) is optimised once, with the same
-    result as optimising it again. The matcher's `crop_store` likewise encodes each image's crops once, whether the
-    image is first met as a source or as a target."""
+    result as optimising it again. With `config.optimize_per` "pair" every pair is optimised afresh, with draws
+    seeded by the config's seed and the pair id, as the authors do. The matcher's `crop_store` likewise encodes
+    each image's crops once, whether the image is first met as a source or as a target."""
     cache = FeatureStore(cache_size)
+    per_pair = matcher.config.optimize_per == "pair"
 
     def predict(batch: PairBatch) -> torch.Tensor:
         out = torch.zeros_like(batch.trg_kps)
         for b in range(len(batch)):
             n = int(batch.n_kps[b])
             points = batch.src_kps[b, :n]
-            key = (batch.src_ids[b], points.numpy().tobytes())
-            embeddings = cache.get(key)
-            if embeddings is None:
-                embeddings = matcher.optimize_embeddings(batch.src_image[b], points).embeddings
-                cache.put(key, embeddings)
+            if per_pair:
+                seed = derived_seed(matcher.config.seed, "optimize", batch.pair_ids[b])
+                embeddings = matcher.optimize_embeddings(batch.src_image[b], points, seed=seed).embeddings
+            else:
+                key = (batch.src_ids[b], points.numpy().tobytes())
+                embeddings = cache.get(key)
+                if embeddings is None:
+                    embeddings = matcher.optimize_embeddings(batch.src_image[b], points).embeddings
+                    cache.put(key, embeddings)
             out[b, :n] = matcher.transfer(batch.trg_image[b], embeddings).to(out)
         return out
 

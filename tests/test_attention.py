@@ -419,6 +419,29 @@ def test_predictor_optimises_a_shared_source_once(sd: sdm.StableDiffusion, image
         torch.testing.assert_close(out[i], matcher.match(image, t, pts), rtol=0, atol=0)
 
 
+def test_per_pair_optimisation_draws_afresh_for_each_pair(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """optimize_per "pair" (the authors' loop): each pair optimises its source again, with draws seeded by the
+    config's seed and its pair id, so two pairs of one source get different embeddings, and a rerun the same."""
+    from sdm.data import Pair, collate_pairs
+    from sdm.features import derived_seed
+    from sdm.predictors import attention_predictor
+
+    cfg = AttentionMatcherConfig(image_size=SIZE, steps=2, num_embeddings=1, inference_crops=2, progress=False, optimize_per="pair")
+    matcher = AttentionMatcher(sd, cfg)
+    pts = POINTS[:2]
+    batch = collate_pairs([Pair(image, image.flip(-1), pts, pts, 2, "x", 10.0, "src", "t", (SIZE, SIZE), (SIZE, SIZE), f"p{i}") for i in range(2)])
+    seeds: list[int | None] = []
+    real = AttentionMatcher.optimize_embeddings
+    monkeypatch.setattr(AttentionMatcher, "optimize_embeddings", lambda self, *a, seed=None: seeds.append(seed) or real(self, *a, seed=seed))
+    first = attention_predictor(matcher)(batch)
+    assert seeds == [derived_seed(0, "optimize", "p0"), derived_seed(0, "optimize", "p1")]
+    torch.testing.assert_close(attention_predictor(matcher)(batch), first, rtol=0, atol=0)
+    a, b = (real(matcher, image, pts, seed=s).embeddings for s in seeds[:2])
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="optimize_per"):
+        AttentionMatcherConfig(optimize_per="image")  # type: ignore[arg-type]
+
+
 def test_crop_store_encodes_each_image_once_as_each_crop_alone(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     """With `crop_store`, every integer-offset crop of an image is encoded once (by content) and shared by the source's
     optimisation and any later call; each stored latent is the crop's own VAE mean (the crop cut by hand here) and the
