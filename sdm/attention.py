@@ -483,7 +483,7 @@ def margin_crop_offsets(
 
 def cut_crops(pixels: torch.Tensor, offsets: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
     """1 x 3 x H x W and n x 2 integer (x0, y0) -> n x 3 x H x W: each crop of `side` (h, w) resized back to H x W,
-    bilinear with align_corners=False (optimize_token.py:496-501)."""
+    bilinear with align_corners=False (optimize_token.py:505-515)."""
     ch, cw = side
     crops = torch.cat([pixels[:, :, y0 : y0 + ch, x0 : x0 + cw] for x0, y0 in offsets.tolist()])
     return F.interpolate(crops.float(), size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False).to(pixels.dtype)
@@ -585,7 +585,7 @@ class AttentionMatcher:
     def _points(self, points_xy: torch.Tensor | Sequence[Sequence[float]], image_hw: tuple[int, int]) -> torch.Tensor:
         """N x 2 original pixels -> N x 2 pixels of the image resized to `image_size`, x' = x W'/W (CPU float32):
         exact for the datasets' already resized points (W = W'), as the authors' `src_kps / 512 * 512` is
-        (utils/optimize_token.py:490, 568), so the crop bounds truncate the very value they do."""
+        (utils/optimize.py:52, utils/optimize_token.py:568), so the crop bounds (:490-502) truncate the very value they do."""
         pts = torch.as_tensor(points_xy, dtype=torch.float32).detach().cpu()
         if pts.dim() != 2 or pts.shape[-1] != 2:
             raise ValueError(f"points must be N x 2 pixel (x, y); got shape {tuple(pts.shape)}")

@@ -116,9 +116,9 @@ class AttentionMatcherConfig:
     init_std: float = 1.0  # embeddings start as N(0, init_std^2) per element
     opt_timestep: int = 140  # DDPM timestep of the noise added during optimisation (paper: ~0.14 T)
     inference_timestep: int = 40  # DDPM timestep at inference (paper: ~0.04 T)
-    lr: float = 0.0023755632081200314  # Adam learning rate (eval/eval.py:54)
+    lr: float = 0.0023755632081200314  # Adam learning rate (eval/eval.py:52-53)
     steps: int = 129  # optimisation steps (eval/eval.py:44)
-    crop_frac: float = 0.9316549294381423  # crop side / image side (eval/eval.py:56: 93.165...%, 477 px at 512)
+    crop_frac: float = 0.9316549294381423  # crop side / image side (eval/eval.py:54: 93.165...%, 477 px at 512)
     num_embeddings: int = 5  # embeddings per point from different random starts, averaged at inference
     inference_crops: int = 20  # crops of the target, averaged in full-image coordinates
     inference_crop_frac: float | None = None  # None: same as crop_frac; 1.0: no crop jitter

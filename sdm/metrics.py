@@ -168,7 +168,7 @@ def _bbox_side(box: torch.Tensor | None, which: str) -> float:
 
 
 def _bbox_xscale(f: PairFacts) -> float:
-    # eval/cub2011.py:137-141 of ubc-vision/LDM_correspondences: max(w, h) of the stored box times the x factor
+    # eval/cub2011.py:133-137 (called at :106) of ubc-vision/LDM_correspondences: max(w, h) of the stored box times the x factor
     if f.trg_bbox is None:
         raise ValueError("this dataset has no target bounding boxes: choose another threshold mode (see sdm.metrics.THRESHOLDS)")
     sx, sy = f.trg_scale
@@ -193,7 +193,7 @@ THRESHOLDS: dict[str, ThresholdRule] = {
         ),
         ThresholdRule(
             "trg-bbox-xscale", "max(w, h) of the stored target box, both sides scaled by the x resize factor",
-            "Hedlin et al.'s CUB-200 code (eval/cub2011.py:137-141); equals trg-bbox in the original frame", _bbox_xscale,
+            "Hedlin et al.'s CUB-200 code (eval/cub2011.py:133-137, called at :106); equals trg-bbox in the original frame", _bbox_xscale,
         ),
         ThresholdRule("image", "max(H, W) of the target image", "PF-Pascal standard; an option for SPair-71k", lambda f: float(max(f.trg_hw))),
         ThresholdRule("kps-extent", "max(x extent, y extent) of the target keypoints", "PF-Willow standard", lambda f: float(pfwillow_threshold(f.trg_kps))),
@@ -206,8 +206,8 @@ THRESHOLDS: dict[str, ThresholdRule] = {
 
 
 # Hedlin et al.'s benchmarks: dataset -> (the standard threshold mode, the one their code uses): PF-Willow's
-# padded extent (eval/pfwillow.py:150-163), SPair-71k's source box (eval/dataset.py:188-200), CUB's x-scaled box
-# (eval/cub2011.py:137-141).
+# padded extent (eval/pfwillow.py:49-70), SPair-71k's source box (eval/dataset.py:188-200), CUB's x-scaled box
+# (eval/cub2011.py:133-137).
 HEDLIN_PROTOCOL: dict[str, tuple[str, str]] = {
     "pfwillow": ("kps-extent", "kps-extent-hedlin"),
     "spair": ("trg-bbox", "src-bbox"),

@@ -184,7 +184,7 @@ def test_peaks_map_to_original_pixels(sd: sdm.StableDiffusion) -> None:
 # ---- the matcher ----------------------------------------------------------------------------------------------
 def test_crop_centres_are_the_resized_pixels_exactly(sd: sdm.StableDiffusion) -> None:
     """The authors centre the optimisation crops on `src_kps / 512 * 512`, the resized pixel itself
-    (utils/optimize_token.py:490, 568): every integer point of an image already at the input size stays that
+    (utils/optimize.py:52, utils/optimize_token.py:568): every integer point of an image already at the input size stays that
     integer (a round trip through x / (W' - 1) would give 17.9999981 for 18 at 128 px, and `int()` in the crop
     bounds would then move a crop range by a pixel). Points of another image size scale by W'/W."""
     m = AttentionMatcher(sd, AttentionMatcherConfig(image_size=128, progress=False))

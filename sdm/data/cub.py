@@ -77,7 +77,7 @@ class CUB200(FilePairDataset):
     """
 
     title, layout, download_name, splits = "CUB-200-2011", CUB_LAYOUT, "cub", ("test", "trn")  # train_test_split.txt
-    threshold_mode = "trg-bbox-xscale"  # Hedlin et al.'s (eval/cub2011.py:137-141); "trg-bbox" is the standard
+    threshold_mode = "trg-bbox-xscale"  # Hedlin et al.'s (eval/cub2011.py:133-137, called at :106); "trg-bbox" is the standard
 
     def __init__(
         self, root: str | Path, split: str = "test", image_size: ImageSize = 512, category: str | None = None, num_classes: int = 3
