@@ -6,7 +6,7 @@ on the features it was trained on.
 - "sd+dino": SD features fused with DINOv2 patch features as the SD4Match code's FUSE_DINO computes them
   (`sdm.fusion.FusionConfig`: DINOv2 on the VAE input at 14 x the SD grid, both L2-normalised, concatenated with
   weights 0.5 and 0.5, scored by the inner product in evaluation). DINOv2 stays frozen; the prompt is trained
-  through the SD half (with the cosine loss of DESIGN.md, which the weights do not change), so it learns what
+  through the SD half (with the cosine loss of docs/specification.md, which the weights do not change), so it learns what
   DINOv2 does not already give. The code fuses only in evaluation; training on fused features is sdm's own.
 
 A new backbone is a class with `needs_images`, `featurizer`, `features` and `extractor`, plus one line in

@@ -1,6 +1,6 @@
 """Stable Diffusion feature maps: VAE latent, DDPM noise at timestep t, UNet stopped after one up block.
 
-DESIGN.md, "Feature extraction" and "Prompt assembly for learned prompts", is the specification.
+docs/specification.md, "Feature extraction" and "Prompt assembly for learned prompts", is the specification.
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ class SDFeaturizer:
 
         Args:
             prompt: a string or list of strings (tokenized, padded to 77); learned token vectors
-                B x N x D with N <= 75 (assembled as DESIGN.md says, gradients reach them); or ready
+                B x N x D with N <= 75 (assembled as docs/specification.md says, gradients reach them); or ready
                 encoder hidden states B x 77 x D (returned as they are). A batch of one is broadcast.
             batch_size: expand a single prompt to this batch size.
         """

@@ -1,4 +1,4 @@
-"""Gaussian-smoothed cross-entropy of SD4Match (SFNet / SimSC style); DESIGN.md, "Loss"."""
+"""Gaussian-smoothed cross-entropy of SD4Match (SFNet / SimSC style); docs/specification.md, "Loss"."""
 
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def kernel_soft_argmax(
     sigma: float = 7.0,
     similarity: Similarity = "cosine",
 ) -> torch.Tensor:
-    """Kernel-Softmax matching (DESIGN.md): the inference matcher of SD4Match. Shapes as `nearest_neighbour`."""
+    """Kernel-Softmax matching (docs/specification.md): the inference matcher of SD4Match. Shapes as `nearest_neighbour`."""
     return kernel_soft_argmax_2d(_scores(src_feats, trg_feats, query_xy, similarity), temperature, sigma)
 
 

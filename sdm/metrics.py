@@ -2,7 +2,7 @@
 
 A prediction is correct when its distance to the ground truth is <= alpha * threshold, by default in the
 resized (e.g. 768 x 768) image space with each dataset's standard threshold. Other papers use other
-threshold modes and frames: `THRESHOLDS` names them all (docs/protocols.md). DESIGN.md, "PCK", is the
+threshold modes and frames: `THRESHOLDS` names them all (docs/protocols.md). docs/specification.md, "PCK", is the
 specification.
 """
 

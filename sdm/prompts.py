@@ -9,7 +9,7 @@ which decides how features can be cached during evaluation:
 - "pair":     computed from both images of a pair (CPM), so features are per pair
 
 A prompt is anything `SDFeaturizer.encode_prompt` accepts: strings, learned vectors B x N x D (N <= 75) or
-encoder hidden states B x 77 x D. DESIGN.md ("Prompt assembly", "CPM") is the specification; docs/choices.md
+encoder hidden states B x 77 x D. docs/specification.md ("Prompt assembly", "CPM") is the specification; docs/choices.md
 lists where sdm offers another reading than the authors' code (github ActiveVisionLab/SD4Match, 3d7b09e).
 """
 

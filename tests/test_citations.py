@@ -64,3 +64,24 @@ def test_the_table_matches_a_local_checkout_of_the_authors_code() -> None:
         for path, facts in TABLE["repositories"][repo]["files"].items():
             data = (root / path).read_bytes()
             assert hashlib.sha256(data).hexdigest() == facts["sha256"], f"{repo}/{path} differs from commit {TABLE['repositories'][repo]['commit']}"
+
+
+def test_links_in_the_docs_and_notebooks_stay_inside_the_repository() -> None:
+    """Every relative Markdown link of the README, docs/ and the notebooks names a file or folder of a clone; none
+    points outside it (a clone has no ../shared)."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    dead = []
+    for name in tracked:
+        if not name.endswith((".md", ".ipynb")):
+            continue
+        text = (REPO / name).read_text()
+        if name.endswith(".ipynb"):
+            text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "markdown")
+        dead += [f"{name}: ../shared" for _ in re.findall(r"\.\./shared/DESIGN", text)]
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:|#", target):
+                continue
+            base = REPO / "notebooks" if name.endswith(".ipynb") else (REPO / name).parent
+            if not (base / target.split("#")[0]).exists() or not (base / target).resolve().is_relative_to(REPO):
+                dead.append(f"{name}: {target}")
+    assert not dead, dead

@@ -237,7 +237,7 @@ def test_match_config_reaches_the_matcher() -> None:
     src = trg.clone()
     query = torch.tensor([[[0.0, 0.0]]])
 
-    def expected(t: float, sigma: float) -> torch.Tensor:  # DESIGN.md's Kernel-Softmax, written out for this map
+    def expected(t: float, sigma: float) -> torch.Tensor:  # docs/specification.md's Kernel-Softmax, written out for this map
         ys, xs = torch.meshgrid(torch.arange(2.0), torch.arange(4.0), indexing="ij")
         score = torch.tensor([[1.0, 0, 0, 1], [0, 0, 0, 0]])  # cosine to the source point
         weight = torch.exp(score * torch.exp(-(xs**2 + ys**2) / (2 * sigma**2)) / t)  # kernel at the argmax (0, 0)

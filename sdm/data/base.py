@@ -1,6 +1,6 @@
 """The pair sample shared by every dataset, its collate function, and image/keypoint helpers.
 
-Conventions (DESIGN.md, "Input" and "PCK"): coordinates are (x, y) pixels; images are resized to
+Conventions (docs/specification.md, "Input" and "PCK"): coordinates are (x, y) pixels; images are resized to
 ``image_size`` without keeping the aspect ratio, and keypoints are scaled per axis by exactly the
 resize factors, x' = x * (W_new / W_orig), y' = y * (H_new / H_orig). Thresholds live in that
 resized space too.
