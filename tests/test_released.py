@@ -158,6 +158,7 @@ def test_clear_errors(tmp_path: Path, featurizer: SDFeaturizer) -> None:
         import_sd4match(tmp_path / "nowhere", featurizer)
 
 
+@pytest.mark.slow
 def test_import_prompt_cli_writes_sdm_prompts(tmp_path: Path, featurizer: SDFeaturizer) -> None:
     torch.manual_seed(2)
     t = authors_token_embeds(featurizer, torch.randn(1, 75, D))

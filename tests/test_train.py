@@ -73,6 +73,7 @@ def heldout_loss(featurizer: sdm.SDFeaturizer, prompt: torch.nn.Module, pairs: S
     return float(gaussian_cross_entropy(feats[:n], feats[n:], to_cells(batch.src_kps), to_cells(batch.trg_kps), batch.n_kps))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_training_lowers_train_and_heldout_loss(tmp_path: Path, seed: int) -> None:
     """Single prompt on synthetic pairs, tiny random-weight model, features of up_blocks[2] (1/8 resolution),
@@ -243,6 +244,7 @@ def test_image_shares_split_the_batch_evenly() -> None:
     assert [image_share(18, r, 4).start for r in range(4)] == [0, 5, 10, 14]  # contiguous, in rank order
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["single", "cpm"])  # latents encoded up front / images loaded each step
 def test_two_process_training_step_equals_one_process(tmp_path: Path, prompt: str) -> None:
     """`accelerate launch` with 2 CPU processes (gloo), each computing 3 of the 6 images of a 3-pair batch, gives
