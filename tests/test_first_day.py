@@ -225,6 +225,17 @@ def test_readme_papermill_example_names_real_parameters() -> None:
 
 
 @pytest.mark.slow
+def test_readme_training_snippet_runs_as_written(tmp_path: Path) -> None:
+    """The README's "Prompts, training, evaluation" block, copied as it is, runs offline in a fresh process."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("### Prompts, training, evaluation") :]
+    code = re.search(r"```python\n(.*?)```", block, flags=re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "random weights" in done.stdout and (tmp_path / "runs" / "readme_single" / "best.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_readme_guide_for_own_pairs(tmp_path: Path) -> None:
     """The README's layout for one's own annotated pairs, followed to the letter, evaluates."""
     root = tmp_path / "mypairs"
