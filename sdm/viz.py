@@ -16,6 +16,8 @@ from matplotlib.patches import ConnectionPatch
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from sdm.metrics import CATEGORY_MEAN
+
 
 def as_array(image: Image.Image | torch.Tensor | np.ndarray) -> np.ndarray:
     """PIL image, 3 x H x W tensor in [0, 1], or H x W x 3 array -> H x W x 3 float array in [0, 1]."""
@@ -62,14 +64,14 @@ def plot_correspondences(
     if heatmap is not None:
         heat = np.asarray(torch.as_tensor(heatmap).float().cpu())
         axes[2].imshow(trg)
-        axes[2].imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, trg.shape[1] - 0.5, trg.shape[0] - 0.5, -0.5))
-        axes[2].set_title("cosine similarity of point 1")
+        shown = axes[2].imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, trg.shape[1] - 0.5, trg.shape[0] - 0.5, -0.5))
+        fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02, label="cosine similarity")
+        axes[2].set_title("similarity of point 1")
     handles = [
         Line2D([], [], ls="", marker="o", color="grey", markeredgecolor="white", label="source point (left) / its match (right)"),
     ]
     if gt_xy is not None:
         handles.append(Line2D([], [], ls="", marker="x", color="grey", label="true target point"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     for ax in axes:
         ax.axis("off")
     axes[0].set_title("source")
@@ -77,6 +79,8 @@ def plot_correspondences(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    # under the panels, outside every image, so it never covers a point (save_figure keeps it: bbox "tight")
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=8, frameon=False)
     return fig
 
 
@@ -106,10 +110,12 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
 def pck_bar(table: pd.DataFrame, column: str = "per_image@0.1", *, title: str | None = None) -> Figure:
     """Bar chart of one PCK column of a `metrics.pck_table` per category (the "all" bar last)."""
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(table)), 3.5))
-    colours = ["tab:gray" if c == "all" else "tab:blue" for c in table.index]
-    ax.bar(table.index.astype(str), table[column], color=colours)
+    colours = ["tab:gray" if c in ("all", CATEGORY_MEAN) else "tab:blue" for c in table.index]  # the summary rows
+    # an edge keeps a bar of 0 visible as a line; the value is written on every bar
+    bars = ax.bar(table.index.astype(str), table[column], color=colours, edgecolor="black", linewidth=0.6)
+    ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_ylabel(f"PCK {column} (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 105)
     ax.tick_params(axis="x", rotation=60)
     if title:
         ax.set_title(title)
@@ -160,6 +166,7 @@ def heatmap_panels(
     ncols = ncols or n
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.8 * ncols, 2.8 * nrows), squeeze=False)
+    shown = None
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -169,7 +176,9 @@ def heatmap_panels(
         if maps[i] is not None:
             heat = np.asarray(torch.as_tensor(maps[i]).float().cpu())
             h, w = img.shape[:2]
-            ax.imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=vmin, vmax=vmax)
+            shown = ax.imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=vmin, vmax=vmax)
+            if vmin is None or vmax is None:  # each panel on its own scale: each its own bar
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
         for marks, style in ((points, dict(c="white", edgecolors="black", s=40)), (crosses, dict(c="lime", marker="x", s=50))):
             if marks is not None and marks[i] is not None:
                 xy = np.asarray(torch.as_tensor(marks[i]).float().cpu()).reshape(-1, 2)
@@ -179,11 +188,13 @@ def heatmap_panels(
     handles = [Line2D([], [], ls="", marker="o", color="white", markeredgecolor="black", label=point_label)] if point_label else []
     if cross_label:
         handles.append(Line2D([], [], ls="", marker="x", color="lime", label=cross_label))
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if title else 1))  # the title keeps clear of the first row's titles
+    if shown is not None and vmin is not None and vmax is not None:  # one shared scale: one bar for all panels
+        fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+    if handles:
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=8, frameon=False)
     return fig
 
 
@@ -300,6 +311,7 @@ def loss_curves(losses: torch.Tensor, *, xlabel: str = "Adam step", ylabel: str 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(curves, color="tab:blue", alpha=0.3, lw=1)
     ax.plot(curves.mean(axis=1), color="black", lw=2, label=f"mean over {curves.shape[1]}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -331,7 +343,8 @@ def map_pairs(
             ax = axes[row, i]
             h, w = image.shape[-2:]
             ax.imshow(as_array(image))
-            ax.imshow(torch.as_tensor(maps[i]).float().cpu().numpy(), cmap="jet", alpha=0.5, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+            shown = ax.imshow(torch.as_tensor(maps[i]).float().cpu().numpy(), cmap="jet", alpha=0.5, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             ax.scatter(*xy[i].tolist(), c="white", edgecolors="black", s=50)
             if row == 1:
                 ax.scatter(*gt_xy[i].tolist(), c="lime", marker="x", s=60)
@@ -339,5 +352,5 @@ def map_pairs(
             ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96 if title else 1))
     return fig
