@@ -623,5 +623,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: {first} (--debug shows the traceback)") from None
 
 
+__all__ = [
+    "build_parser",
+    "main",
+]
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -129,3 +129,20 @@ def load_clip_vision(name: str, device: torch.device | str | None = None) -> nn.
     from transformers import CLIPVisionModelWithProjection
 
     return CLIPVisionModelWithProjection.from_pretrained(name).to(device or "cpu").eval()
+
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "EncoderName",
+    "PromptEncoders",
+    "dino_pixels",
+    "encoder_name",
+    "load_clip_vision",
+    "load_dino",
+    "normalise_images",
+    "tiny_clip_vision",
+    "tiny_dinov2",
+]

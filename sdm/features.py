@@ -502,3 +502,22 @@ def optimize(
             for sub in module if isinstance(module, nn.ModuleList) else [module]:
                 sub.compile(**kwargs)
     return sd
+
+
+__all__ = [
+    "MAX_LEARNED_TOKENS",
+    "BatchRows",
+    "Draws",
+    "ImageInput",
+    "LatentMode",
+    "PromptInput",
+    "SDFeaturizer",
+    "content_keys",
+    "derived_seed",
+    "image_seed",
+    "keyed_normal",
+    "optimize",
+    "run_until",
+    "stop_after",
+    "to_pixel_tensor",
+]

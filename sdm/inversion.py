@@ -102,3 +102,11 @@ class InversionExtractor:
             inverted_features(self.featurizer, self.featurizer.encode_images(src.pixels.to(dev), src.ids), p_src, self.steps),
             inverted_features(self.featurizer, self.featurizer.encode_images(trg.pixels.to(dev), trg.ids), p_trg, self.steps),
         )
+
+
+__all__ = [
+    "InversionExtractor",
+    "ddim_invert",
+    "inversion_timesteps",
+    "inverted_features",
+]

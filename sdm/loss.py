@@ -89,3 +89,9 @@ def gaussian_cross_entropy(
     # The clamp only guards float underflow (P < 1e-30 is already a hopeless match); it never binds otherwise.
     nll = -(weights * mask * torch.log(read.clamp_min(1e-30))).sum(dim=(1, 2))
     return (nll / n_valid.float()).mean()
+
+
+__all__ = [
+    "gaussian_cross_entropy",
+    "gaussian_window",
+]

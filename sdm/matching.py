@@ -231,3 +231,26 @@ def match_points(
     scale_trg = pts.new_tensor([trg_hw[1] / size[1], trg_hw[0] / size[0]])
     heat = _scores(src, trg, query[:, :1])[0, 0].cpu()
     return to_image_coords(cells, fsize, size) * scale_trg, heat
+
+
+__all__ = [
+    "MATCHERS",
+    "SIMILARITIES",
+    "MatchConfig",
+    "Matcher",
+    "Similarity",
+    "argmax_2d",
+    "cell_grid",
+    "correlation",
+    "kernel_soft_argmax",
+    "kernel_soft_argmax_2d",
+    "match",
+    "match_points",
+    "nearest_neighbour",
+    "normalise_coords",
+    "sample_features",
+    "soft_argmax",
+    "soft_argmax_2d",
+    "to_feature_coords",
+    "to_image_coords",
+]

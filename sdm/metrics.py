@@ -249,3 +249,23 @@ def threshold_of(facts: PairFacts, mode: str) -> float:
     if not value > 0:
         raise ValueError(f"threshold mode {mode!r} gives {value} for a pair; PCK thresholds must be positive")
     return value
+
+
+__all__ = [
+    "ALPHAS",
+    "CATEGORY_MEAN",
+    "HEDLIN_PROTOCOL",
+    "THRESHOLDS",
+    "Frame",
+    "PairFacts",
+    "ThresholdRule",
+    "frame_scale",
+    "pair_facts",
+    "pck",
+    "pck_table",
+    "pfpascal_threshold",
+    "pfwillow_threshold",
+    "point_records",
+    "spair_threshold",
+    "threshold_of",
+]

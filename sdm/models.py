@@ -357,3 +357,20 @@ def sd21_architecture(
         device=device,
         dtype=dtype,
     )
+
+
+__all__ = [
+    "SD14_SCHEDULER",
+    "SD21_SCHEDULER",
+    "TINY_VOCAB_SIZE",
+    "WITHDRAWN_MODELS",
+    "RandomWeightsWarning",
+    "StableDiffusion",
+    "default_device",
+    "load_model",
+    "load_stable_diffusion",
+    "sd14_architecture",
+    "sd21_architecture",
+    "tiny_stable_diffusion",
+    "tiny_tokenizer",
+]

@@ -253,3 +253,22 @@ def generate_images(
             output_type="pil",
         )
     return list(out.images)
+
+
+__all__ = [
+    "PAPER_PCK",
+    "PAPER_TRAINED_ON",
+    "category_embeddings",
+    "caveat",
+    "find_prompt",
+    "generate_images",
+    "image_stats",
+    "learned_prompt",
+    "load_learned",
+    "pair_embeddings",
+    "prompt_trained_on",
+    "run_header",
+    "show",
+    "subset",
+    "write_json",
+]

@@ -123,3 +123,11 @@ def load_prompt(path: str | Path, featurizer: SDFeaturizer, *, encoders: PromptE
     )
     check_fits(module, state, f"the {meta.kind!r} prompt at {base}", meta.model, meta.embed_dim, featurizer)
     return load_state(module, state)
+
+
+__all__ = [
+    "check_fits",
+    "load_prompt",
+    "load_state",
+    "save_prompt",
+]

@@ -185,3 +185,11 @@ def import_sd4match(
         init = stacked[:, 1 : entry.n_tokens + 1]
     module = SinglePrompt(init) if entry.kind == "single" else ClassPrompt(init, keys)
     return module.to(featurizer.device), entry
+
+
+__all__ = [
+    "ReleasedPrompt",
+    "import_sd4match",
+    "list_released",
+    "parse_released_name",
+]

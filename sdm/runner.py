@@ -418,3 +418,28 @@ def _parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+__all__ = [
+    "PROFILES",
+    "QUICK",
+    "QUICK_SHARED",
+    "RATES",
+    "READS_FROM",
+    "REPO",
+    "SPLITS",
+    "add_notebooks_parser",
+    "check_parameters",
+    "cmd_notebooks",
+    "default_notebooks_dir",
+    "failure_line",
+    "find_notebooks",
+    "notebook_key",
+    "notebook_parameters",
+    "paper_plan",
+    "plan_table",
+    "profile_parameters",
+    "run_notebooks",
+    "run_order",
+    "summary_table",
+]

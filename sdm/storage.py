@@ -121,3 +121,9 @@ class FeatureStore:
         if excess > 0:
             for key in [k for k in self._items if k not in self._held][:excess]:
                 del self._items[key]
+
+
+__all__ = [
+    "FeatureStore",
+    "atomic_write",
+]

@@ -354,3 +354,21 @@ def map_pairs(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.96 if title else 1))
     return fig
+
+
+__all__ = [
+    "as_array",
+    "figure_path",
+    "grouped_bar",
+    "heatmap_panels",
+    "image_grid",
+    "line_plot",
+    "loss_curves",
+    "map_pairs",
+    "parse_points",
+    "pck_bar",
+    "plot_correspondences",
+    "save_figure",
+    "table_heatmap",
+    "training_curves",
+]

@@ -534,3 +534,19 @@ def test_import_graph_is_layered() -> None:
     done: set[str] = set()
     for module in sorted(graph):
         visit(module, [], done)
+
+
+def test_every_module_says_what_it_exports() -> None:
+    """Every module of sdm defines `__all__`, and every name in it exists (lazy ones included)."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(sdm.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        if name == "sdm.__main__":
+            continue
+        module = importlib.import_module(name)
+        assert hasattr(module, "__all__"), f"{name} has no __all__"
+        missing = [n for n in module.__all__ if not hasattr(module, n)]
+        assert not missing, f"{name}.__all__ names what it lacks: {missing}"

@@ -402,3 +402,26 @@ def spread_subset(dataset: Any, n: int | None) -> Any:
     """`PairSubset` of n pairs spread evenly and deterministically over the dataset (every len / n-th pair, so
     every category is covered); the dataset itself when n is None or covers it."""
     return dataset if n is None or n >= len(dataset) else PairSubset(dataset, n)
+
+
+__all__ = [
+    "FilePairDataset",
+    "ImageSet",
+    "ImageSize",
+    "OriginalLoader",
+    "Pair",
+    "PairBatch",
+    "PairDataset",
+    "PairSubset",
+    "as_hw",
+    "collate_pairs",
+    "decoding",
+    "pil_to_tensor",
+    "read_image",
+    "read_size",
+    "scale_box",
+    "scale_factors",
+    "scale_points",
+    "spread_subset",
+    "valid_point_mask",
+]

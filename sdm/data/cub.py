@@ -145,3 +145,10 @@ class CUB200(FilePairDataset):
             threshold=threshold, pair_id=f"{i}:{src_id}->{trg_id}",
             extra={"src_bbox": box(src), "trg_bbox": box(trg), "parts": self._points(i)[2].tolist()},
         )  # fmt: skip
+
+
+__all__ = [
+    "CUB200",
+    "CubImage",
+    "read_cub",
+]

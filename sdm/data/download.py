@@ -338,3 +338,22 @@ def add_download_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     p.set_defaults(func=cmd_download)
     return p
+
+
+__all__ = [
+    "CHUNK",
+    "CNNGEOMETRIC",
+    "PROPOSAL_FLOW",
+    "SOURCES",
+    "TIMEOUT_S",
+    "DownloadError",
+    "DownloadName",
+    "Remote",
+    "SingleFile",
+    "Source",
+    "add_download_parser",
+    "cmd_download",
+    "download",
+    "extract",
+    "fetch",
+]

@@ -74,3 +74,15 @@ def check_category(category: str | None, valid: Sequence[str]) -> str | None:
     if category is not None and category not in valid:
         raise ValueError(f"unknown category {category!r}; valid categories: {', '.join(valid)}")
     return category
+
+
+__all__ = [
+    "AnnotationError",
+    "DatasetNotFoundError",
+    "ImageReadError",
+    "check_category",
+    "download_hint",
+    "missing_error",
+    "missing_root_error",
+    "read_csv",
+]

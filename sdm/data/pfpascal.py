@@ -230,3 +230,15 @@ class PFPascal(FilePairDataset):
             threshold=self._threshold(), pair_id=f"{r.row}:{Path(r.src).stem}->{Path(r.trg).stem}",
             extra={"flipped": r.flip, "src_bbox": ann["src_bbox"], "trg_bbox": ann["trg_bbox"]},
         )  # fmt: skip
+
+
+__all__ = [
+    "FLIP_SUFFIX",
+    "IMAGE_DIR",
+    "PFPASCAL_CATEGORIES",
+    "PFPascal",
+    "PFPascalSplit",
+    "PascalRecord",
+    "parse_pfpascal_csv",
+    "read_pfpascal_mat",
+]

@@ -128,3 +128,14 @@ class PFWillow(FilePairDataset):
         src_id, trg_id = self._id(r.src), self._id(r.trg)
         sizes = (self.stored_size(src_id), self.stored_size(trg_id))
         return self.make_pair((src_id, trg_id), (src_kps, trg_kps), sizes, category=r.category, threshold=threshold, pair_id=f"{r.row}:{src_id}->{trg_id}")
+
+
+__all__ = [
+    "CSV_PREFIX",
+    "IMAGE_DIR",
+    "N_POINTS",
+    "PFWillow",
+    "WillowRecord",
+    "category_label",
+    "parse_pfwillow_csv",
+]

@@ -174,3 +174,13 @@ class SPair71k(FilePairDataset):
             (src_id, trg_id), (src_kps, trg_kps), (self.stored_size(src_id), self.stored_size(trg_id)), category=r.category,
             threshold=threshold, pair_id=r.name, extra={"src_bbox": src_box, "trg_bbox": trg_box, **r.flags},
         )  # fmt: skip
+
+
+__all__ = [
+    "DIFFICULTY_FIELDS",
+    "SPAIR_CATEGORIES",
+    "SPair71k",
+    "SPairRecord",
+    "SPairSplit",
+    "parse_spair_annotation",
+]

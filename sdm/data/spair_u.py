@@ -94,3 +94,9 @@ class SPairU(SPair71k):
             base.src_bbox, base.trg_bbox, base.flags,
         )  # fmt: skip
 
+
+__all__ = [
+    "SPAIR_U_LAYOUT",
+    "SPAIR_U_URL",
+    "SPairU",
+]

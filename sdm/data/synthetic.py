@@ -259,3 +259,18 @@ class SyntheticPairs(PairDataset):
             raise KeyError(f"image id {image_id!r} is not from this dataset (seed {self.seed})")
         pair = self[int(i)]
         return pair.src_image if side == "src" else pair.trg_image
+
+
+__all__ = [
+    "MAX_TRIES",
+    "PHOTOS",
+    "SOURCE_WARP",
+    "TARGET_WARP",
+    "SyntheticPairs",
+    "WarpStrength",
+    "apply_homography",
+    "homography_from_points",
+    "photometric_jitter",
+    "random_homography",
+    "warp_image",
+]
