@@ -6,6 +6,7 @@ The public API is small::
     featurizer = sdm.SDFeaturizer(sd, timestep=50, ensemble=8)
     feats = featurizer(images, "a photo of a cat")   # B x C x h x w
     matches = sdm.matching.kernel_soft_argmax(src, trg, query_xy)
+    result = sdm.load_method("runs/single/best.safetensors").evaluate(dataset)   # any method by name -> PCK
 
 Submodules: `config` (every setting, importable without torch), `matching`, `loss`, `metrics`, `data`, `prompts`
 (prompt modules), `encoders` (DINOv2, CLIP vision), `prompt_files` (saving and loading prompts), `released` (the
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sdm import loss, matching, metrics
     from sdm.features import SDFeaturizer
+    from sdm.methods import load_method
     from sdm.models import (
         StableDiffusion,
         load_stable_diffusion,
@@ -35,6 +37,7 @@ _HOMES = {
     "SDFeaturizer": "sdm.features",
     "StableDiffusion": "sdm.models",
     "load_stable_diffusion": "sdm.models",
+    "load_method": "sdm.methods",
     "sd14_architecture": "sdm.models",
     "sd21_architecture": "sdm.models",
     "tiny_stable_diffusion": "sdm.models",
@@ -45,6 +48,7 @@ _HOMES = {
 __all__ = [
     "SDFeaturizer",
     "StableDiffusion",
+    "load_method",
     "load_stable_diffusion",
     "loss",
     "matching",

@@ -124,18 +124,6 @@ def _load_sd(model: str, device: str | None, dtype=None):  # -> StableDiffusion
         ) from None
 
 
-def _encoders(kind: str, dino: str, device: str | None, tiny: bool, backbone: str = "sd"):  # -> PromptEncoders
-    from sdm.backbones import backbone_class
-    from sdm.encoders import PromptEncoders, load_clip_vision, load_dino
-    from sdm.prompts import PROMPTS
-
-    uses = set(PROMPTS[kind].uses) | ({"dino"} if backbone_class(backbone).needs_dino else set())
-    return PromptEncoders(
-        dino=load_dino("tiny" if tiny else dino, device) if "dino" in uses else None,
-        clip=load_clip_vision("tiny" if tiny else "openai/clip-vit-large-patch14", device) if "clip" in uses else None,
-    )
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from sdm.runs import existing_run
 
@@ -157,10 +145,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides.update(image_size=size, cpm=CPMConfig(**cpm))
     cfg = TrainConfig(**overrides)
 
+    from sdm.methods import prompt_encoders
     from sdm.train import train
 
     sd = _load_sd(args.model, args.device)
-    encoders = _encoders(cfg.prompt, args.dino, args.device, args.model == "tiny", cfg.backbone)
+    encoders = prompt_encoders(cfg.prompt, args.dino, args.device, args.model == "tiny", cfg.backbone)
     try:
         result = train(cfg, sd, train_set, val_set, out_dir=args.out, encoders=encoders, resume=args.resume, overwrite=args.overwrite)
     except FileExistsError as err:
@@ -174,83 +163,65 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_device(args.device)
-    if args.matcher == "attention":
-        return _evaluate_attention(args)
-    matcher = MatchConfig(**_given(args, MatchConfig))  # checked before anything loads
-    untrained, backbone = False, "sd"
-    size = args.image_size or (128 if args.model == "tiny" else 768)
-    prompt_file = _prompt_source(args)
+    attention = args.matcher == "attention"
+    matcher = None if attention else MatchConfig(**_given(args, MatchConfig))  # checked before anything loads
+    config = AttentionMatcherConfig(**_given(args, AttentionMatcherConfig, "attention_"), progress=False) if attention else None
+    tiny = args.model == "tiny"
+    size = args.image_size or ((64 if tiny else 512) if attention else (128 if tiny else 768))
+    if not attention and not args.baseline:
+        _prompt_source(args)
     dataset = _dataset(args, args.split, size)
     _check_threshold(dataset, args.threshold, args.frame)
 
-    from sdm.backbones import build_backbone
-    from sdm.encoders import load_dino
-    from sdm.evaluate import evaluate
-    from sdm.extractors import ModuleExtractor, SDExtractor, ViTFeatures
-    from sdm.features import SDFeaturizer
-    from sdm.prompt_files import load_prompt
-    from sdm.prompt_meta import read_metadata
-    from sdm.prompts import build_prompt
+    from sdm.methods import VIT_PREFIX, load_method, tell
 
-    processes, args.device = _processes(args.device)
-    if args.baseline:
-        extractor = ModuleExtractor(ViTFeatures(load_dino(args.baseline, device=args.device), image_size=args.vit_size))
-        name = args.baseline.replace("/", "_")
-    else:
-        sd = _load_sd(args.model, args.device)
-        featurizer = SDFeaturizer(
-            sd, image_size=size, timestep=args.timestep, ensemble=args.ensemble, up_block=args.up_block, latent=args.latent, seed=args.seed
-        )
-        tiny = args.model == "tiny"
-        if args.prompt in PROMPT_KINDS:
-            kind = args.prompt
-            module = build_prompt(
-                kind, featurizer, categories=dataset.categories, encoders=_encoders(kind, args.dino, args.device, tiny),
-                template_words=args.template_words,
-            )
-            untrained = kind in LEARNED
-            if untrained:
-                print(f"warning: --prompt {kind} evaluates an UNTRAINED {kind} prompt (its initial vectors); pass a trained "
-                      "prompt file (sdm train, sdm import-prompt) to evaluate a learned one", file=sys.stderr)
-        elif _is_released(args.prompt):
-            names = _released_names(args.prompt, args.prompt_name)
-            encoders = _released_encoders(names, args.dino, args.device, tiny) if len(names) == 1 else None
-            module, entry = _import_released(args.prompt, args.prompt_name, featurizer, encoders)
-            kind = entry.kind
-        else:
-            meta = read_metadata(args.prompt)
-            kind, backbone = meta.kind, (meta.train_config or {}).get("backbone", "sd")
-            encoders = _encoders(kind, args.dino, args.device, tiny, backbone)
-            module = load_prompt(args.prompt, featurizer, encoders=encoders)
-        extractor = SDExtractor(featurizer, module)
-        if backbone != "sd":  # scored on the features it was trained on
-            extractor = build_backbone(backbone, encoders, size).extractor(extractor)
-            print(f"backbone {backbone} (from the prompt's training config)", file=sys.stderr)
-        name = f"{kind}{'' if backbone == 'sd' else '-' + backbone}{'-untrained' if untrained else ''}_t{args.timestep}_e{args.ensemble}"
-    result = evaluate(
-        extractor, dataset, matcher=matcher, batch_size=args.batch_size, num_workers=args.num_workers,
-        max_pairs=args.max_pairs, threshold=args.threshold, frame=args.frame, processes=processes,
+    processes, args.device = (None, args.device) if attention else _processes(args.device)
+    spec = "attention" if attention else VIT_PREFIX + args.baseline if args.baseline else args.prompt
+    sd = None if args.baseline else _load_sd(args.model, args.device, _attention_dtype(args) if attention else None)
+    if attention and args.attention_compile:
+        from sdm.attention import compile_for_matcher
+
+        # channels-last pays with UNet batches of 50 (6 % per optimisation step on an H200) and costs 20 % at 10, where
+        # the step is bound by the host (benchmarks/results/attention_step_h200_b*.json)
+        compile_for_matcher(sd, channels_last=(config.max_batch or 50) >= 50)  # type: ignore[union-attr]
+    method = load_method(
+        spec, model=sd, device=args.device, image_size=size, timestep=args.timestep, ensemble=args.ensemble, up_block=args.up_block,
+        latent=args.latent, seed=args.seed, categories=dataset.categories, template_words=args.template_words,
+        prompt_name=args.prompt_name, dino="tiny" if tiny else args.dino, vit_size=args.vit_size, attention=config,
     )  # fmt: skip
+    tell(method)
+    scoring = dict(max_pairs=args.max_pairs, threshold=args.threshold, frame=args.frame)
+    if attention:
+        result = method.evaluate(dataset, **scoring)
+        if args.attention_compile:  # other kernels, other rounding: not the protocol of an eager run
+            result.info["protocol"]["compiled"] = True
+    else:
+        result = method.evaluate(dataset, matcher=matcher, batch_size=args.batch_size, num_workers=args.num_workers, processes=processes, **scoring)
     if processes is not None and not processes.is_main_process:
         return 0  # the main process writes the gathered result
-    if prompt_file:
-        result.info["protocol"].update(prompt_file=str(args.prompt), prompt_hash=_file_hash(args.prompt))
-    if untrained:
-        result.info["protocol"]["prompt_state"] = "untrained (initial vectors)"
-    result.info.update({"dataset": args.dataset, "split": args.split, "model": args.baseline or args.model, "name": name})
-    return _report(result, args, name)
+    result.info.update({"dataset": args.dataset, "split": args.split, **({"matcher": "attention"} if attention else {})})
+    return _report(result, args, method.name)
+
+
+def _attention_dtype(args: argparse.Namespace):  # -> torch.dtype
+    import torch
+
+    # the authors ran SD1.4 in float32 (eval/eval.py:62-63); bfloat16 with --attention-batch 50 --attention-compile
+    # is 5.4x faster on an H100 (benchmarks/README.md)
+    return getattr(torch, args.attention_dtype)
 
 
 def _prompt_source(args: argparse.Namespace) -> bool:
     """Whether --prompt names a file or folder (a saved prompt, a run folder, the authors' release); a kind name
     otherwise. A saved prompt is checked here, before anything loads, and a run folder is replaced by the prompt
     file it holds (best.safetensors, else prompt.safetensors), saying so."""
+    from sdm.methods import is_release
     from sdm.prompt_meta import find_saved_prompt, read_metadata
 
     prompt = args.prompt
     if prompt in PROMPT_KINDS:
         return False
-    if _is_released(prompt):
+    if is_release(prompt):
         return True
     base, note = find_saved_prompt(prompt)
     if not base.with_name(base.name + ".safetensors").is_file() or not base.with_name(base.name + ".json").is_file():
@@ -310,101 +281,24 @@ def _check_threshold(dataset, mode: str | None, frame: str) -> None:
         raise SystemExit(f"error: --threshold {mode}: {err}") from None
 
 
-def _file_hash(path: str) -> str | None:
-    """blake2b of the prompt's weights file (its safetensors, the release's zip, or None for a folder)."""
-    import hashlib
-
-    p = Path(path)
-    p = p.with_suffix(".safetensors") if p.suffix == ".json" else p
-    return hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest() if p.is_file() else None
-
-
-def _is_released(path: str) -> bool:
-    """A path of the authors' release: pretrained_prompts.zip or a folder holding caption.pt / ckpt.pt."""
-    p = Path(path)
-    return p.suffix == ".zip" or (p.is_dir() and ((p / "caption.pt").is_file() or (p / "ckpt.pt").is_file() or any(p.glob("*/c*.pt"))))
-
-
-def _released_names(path: str, name: str | None) -> list[str]:
-    from sdm.released import list_released
-
-    try:
-        return [name] if name else list_released(path)
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
-def _released_encoders(names: list[str], dino: str, device: str | None, tiny: bool):  # -> PromptEncoders
-    """The encoders the released prompts `names` need, loaded once (DINOv2 when one of them is a CPM)."""
-    from sdm.released import parse_released_name
-
-    try:
-        kinds = {parse_released_name(n).kind for n in names}
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    return _encoders("cpm" if "cpm" in kinds else "single", dino, device, tiny)
-
-
-def _import_released(path: str, name: str | None, featurizer, encoders):  # -> (module, entry)
-    from sdm.released import import_sd4match
-
-    try:
-        return import_sd4match(path, featurizer, name=name, encoders=encoders)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-
-
 def cmd_import_prompt(args: argparse.Namespace) -> int:
     from sdm.features import SDFeaturizer
+    from sdm.methods import released_encoders
     from sdm.prompt_files import save_prompt
+    from sdm.released import import_sd4match, list_released
 
-    names = _released_names(args.path, args.name)
+    names = [args.name] if args.name else list_released(args.path)
     tiny = args.model == "tiny"
-    encoders = _released_encoders(names, args.dino, args.device, tiny)
+    encoders = released_encoders(names, args.dino, args.device, tiny)
     sd = _load_sd(args.model, args.device)
     featurizer = SDFeaturizer(sd, image_size=64 if tiny else 768)
     out = Path(args.out)
     for name in names:
-        module, entry = _import_released(args.path, name, featurizer, encoders)
+        module, entry = import_sd4match(args.path, featurizer, name=name, encoders=encoders)
         source = {"release": "SD4Match (github ActiveVisionLab/SD4Match)", "folder": name, "train_dataset": entry.dataset, "from": str(args.path)}
         written = save_prompt(module, out / name, featurizer, source=source)
         print(f"{name}: {entry.kind} prompt trained on {entry.dataset} -> {written}")
     return 0
-
-
-def _evaluate_attention(args: argparse.Namespace) -> int:
-
-    import torch
-
-    from sdm.attention import AttentionMatcher, compile_for_matcher
-    from sdm.evaluate import evaluate_predictions
-    from sdm.predictors import attention_predictor
-    from sdm.records import attention_record
-
-    size = args.image_size or (64 if args.model == "tiny" else 512)
-    dataset = _dataset(args, args.split, size)
-    _check_threshold(dataset, args.threshold, args.frame)
-    # every --attention-<field> (dest attention_<field>) that was given; the config's defaults otherwise
-    config = AttentionMatcherConfig(**_given(args, AttentionMatcherConfig, "attention_"), image_size=size, progress=False)
-    # the authors ran SD1.4 in float32 (eval/eval.py:62-63); bfloat16 with --attention-batch 50 --attention-compile
-    # is 5.4x faster on an H100 (benchmarks/README.md)
-    sd = _load_sd(args.model, args.device, getattr(torch, args.attention_dtype))
-    if args.attention_compile:
-        # channels-last pays with UNet batches of 50 (6 % per optimisation step on an H200) and costs 20 % at 10, where
-        # the step is bound by the host (benchmarks/results/attention_step_h200_b*.json)
-        compile_for_matcher(sd, channels_last=(config.max_batch or 50) >= 50)
-    matcher = AttentionMatcher(sd, config)
-    result = evaluate_predictions(
-        dataset, attention_predictor(matcher), batch_size=1, max_pairs=args.max_pairs, threshold=args.threshold, frame=args.frame,
-        desc="attention matcher",
-    )
-    result.info["protocol"].update(attention_record(matcher))
-    result.info["environment"]["device"] = str(sd.device)
-    result.label_weights()
-    if args.attention_compile:  # other kernels, other rounding: not the protocol of an eager run
-        result.info["protocol"]["compiled"] = True
-    result.info.update({"dataset": args.dataset, "split": args.split, "model": args.model, "matcher": "attention"})
-    return _report(result, args, "attention")
 
 
 def _positive(text: str) -> int:
