@@ -183,6 +183,39 @@ def show(fig: Any, path: str | Path) -> Path:
     return out
 
 
+def correlation_panels(methods: dict[str, Any], pairs: Any, n_points: int, matcher: str) -> tuple[dict[str, list[Any]], dict[str, dict[str, Any]]]:
+    """Notebook 07's figure: for each pair and method, the source with its first `n_points` points, then each
+    point's similarity map over the target with its match (dot) and the truth (cross), titled "point j" with a
+    check mark when the match lies within 0.1 x threshold. Returns the keyword arguments of
+    `sdm.viz.heatmap_panels` (images, maps, points, crosses, titles; rows padded to 1 + n_points panels) and per
+    method the points within 0.1 x threshold ("correct" of "points") and each point's peak similarity ("peak")."""
+    from sdm.evaluate import pair_correlation
+    from sdm.metrics import pck
+
+    panels: dict[str, list[Any]] = {key: [] for key in ("images", "maps", "points", "crosses", "titles")}
+
+    def add(image: Any, heat: Any, point: Any, cross: Any, title: str) -> None:
+        for key, value in zip(panels, (image, heat, point, cross, title)):
+            panels[key].append(value)
+
+    stats = {name: {"correct": 0, "points": 0, "peak": []} for name in methods}
+    for i in range(len(pairs)):
+        pair = pairs[i]
+        k = min(n_points, pair.n_kps)
+        for name, extractor in methods.items():
+            maps, pred = pair_correlation(extractor, pair, k, matcher)
+            ok = pck(pred, pair.trg_kps[:k], pair.threshold, alpha=0.1)
+            stats[name]["correct"] += int(ok.sum())
+            stats[name]["points"] += k
+            stats[name]["peak"] += maps.flatten(1).max(dim=1).values.tolist()
+            add(pair.src_image, None, pair.src_kps[:k], None, f"{pair.category} source / {name}")
+            for j in range(k):
+                add(pair.trg_image, maps[j], pred[j], pair.trg_kps[j], f"point {j + 1}" + (" ✓" if ok[j] else ""))
+            for _ in range(n_points - k):  # rows stay aligned when a pair has fewer points
+                add(pair.trg_image, None, None, None, "")
+    return panels, stats
+
+
 def image_stats(images: list[Any]) -> list[dict[str, Any]]:
     """Per PIL image: mean and std of its pixels in [0, 1] and its (H, W), for the results JSON of notebook 06."""
     arrays = [np.asarray(im, dtype=np.float32) / 255 for im in images]
@@ -260,6 +293,7 @@ __all__ = [
     "PAPER_TRAINED_ON",
     "category_embeddings",
     "caveat",
+    "correlation_panels",
     "find_prompt",
     "generate_images",
     "image_stats",
