@@ -299,162 +299,195 @@ def _train(
     accelerator: Accelerator,
     log_with: str | None,
 ) -> TrainResult:
-    device = accelerator.device
-    autocast, scaler, precision = _precision(cfg.mixed_precision, device)
-    if cfg.mixed_precision != "no" and precision == "float32":
-        accelerator.print(f"note: mixed_precision {cfg.mixed_precision!r} needs a GPU: training in float32 on the {device.type} "
-                          "(prompt.json records the precision used under run.precision)")
-    backbone = build_backbone(cfg.backbone, encoders, cfg.image_size)
-    featurizer = backbone.featurizer(sd, image_size=cfg.image_size, timestep=cfg.timestep, up_block=cfg.up_block, ensemble=cfg.ensemble, seed=cfg.seed)
-    module = build_prompt(cfg.prompt, featurizer, categories=train_set.categories, encoders=encoders, cpm=cfg.cpm, seed=cfg.seed)
-    # the fused kernel on GPUs: one launch for all tensors, and with fp16 the scaler's inf check stays on the device
-    optimizer = torch.optim.Adam(module.parameter_groups(cfg.lr, cfg.lr_linear), fused=device.type == "cuda")
+    run = _Run(cfg, sd, train_set, val_set, out, encoders, accelerator, log_with)
+    if resume:
+        run.resume()
+    return run.loop(progress)
 
-    start, rows, best_pck, best_step, saved_step = 0, [], None, None, None
-    run_id = uuid.uuid4().hex[:12]
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain values only
-        _check_resume(state["config"], cfg)
-        run_id = state.get("run_id", run_id)
-        params = dict(module.named_parameters())
+
+class _Run:
+    """One training run, in the order it happens: set up (`__init__`), `resume`, `data` (latents encoded up
+    front, the step batches), `step` (one optimiser step), `validate`, `save`, and `loop`, which drives them."""
+
+    def __init__(
+        self, cfg: TrainConfig, sd: StableDiffusion, train_set: PairDataset, val_set: PairDataset | None, out: Path,
+        encoders: PromptEncoders | None, accelerator: Accelerator, log_with: str | None,
+    ) -> None:  # fmt: skip
+        self.cfg, self.sd, self.train_set, self.val_set, self.out = cfg, sd, train_set, val_set, out
+        self.accelerator, self.log_with, self.device = accelerator, log_with, accelerator.device
+        self.autocast, self.scaler, precision = _precision(cfg.mixed_precision, self.device)
+        if cfg.mixed_precision != "no" and precision == "float32":
+            accelerator.print(f"note: mixed_precision {cfg.mixed_precision!r} needs a GPU: training in float32 on the "
+                              f"{self.device.type} (prompt.json records the precision used under run.precision)")  # fmt: skip
+        self.backbone = build_backbone(cfg.backbone, encoders, cfg.image_size)
+        features = dict(image_size=cfg.image_size, up_block=cfg.up_block, seed=cfg.seed)
+        self.featurizer = self.backbone.featurizer(sd, timestep=cfg.timestep, ensemble=cfg.ensemble, **features)  # type: ignore[arg-type]
+        self.val_featurizer = self.backbone.featurizer(sd, timestep=cfg.val_timestep, ensemble=cfg.val_ensemble, **features)  # type: ignore[arg-type]
+        self.module = build_prompt(cfg.prompt, self.featurizer, categories=train_set.categories, encoders=encoders, cpm=cfg.cpm, seed=cfg.seed)
+        # the fused kernel on GPUs: one launch for all tensors, and with fp16 the scaler's inf check stays on the device
+        self.optimizer = torch.optim.Adam(self.module.parameter_groups(cfg.lr, cfg.lr_linear), fused=self.device.type == "cuda")
+        self.extractor = SDExtractor(self.featurizer, self.module, encode_batch=ENCODE_BATCH)  # its latent cache serves training
+        self.step_no, self.rows, self.best_pck, self.best_step, self.saved_step = 0, [], None, None, None
+        self.run_id = uuid.uuid4().hex[:12]
+        self.ckpt_path = out / CHECKPOINT
+        self.trained_on = {**dataset_record(train_set), "dino": encoder_name(encoders.dino if encoders else None)}
+        if val_set is not None:
+            self.trained_on["validation"] = dataset_record(val_set)
+        self.precision = precision
+
+    def resume(self) -> None:
+        """Continues from the folder's checkpoint: prompt, optimiser, scaler, log and best so far."""
+        if not self.ckpt_path.is_file():
+            self.accelerator.print(f"no checkpoint at {self.ckpt_path}; starting from step 0")
+            return
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain values only
+        _check_resume(state["config"], self.cfg)
+        self.run_id = state.get("run_id", self.run_id)
+        params = dict(self.module.named_parameters())
         with torch.no_grad():
             for k, v in state["prompt"].items():
                 params[k].copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start, rows, best_pck, best_step = state["step"], state["log"], state["best_pck"], state["best_step"]
-        saved_step = start
-    elif resume:
-        accelerator.print(f"no checkpoint at {ckpt_path}; starting from step 0")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step_no, self.rows, self.best_pck, self.best_step = state["step"], state["log"], state["best_pck"], state["best_step"]
+        self.saved_step = self.step_no
 
-    val_featurizer = backbone.featurizer(sd, image_size=cfg.image_size, timestep=cfg.val_timestep, up_block=cfg.up_block, ensemble=cfg.val_ensemble, seed=cfg.seed)
-    extractor = SDExtractor(featurizer, module, encode_batch=ENCODE_BATCH)  # its latent cache also serves training
-    # Prompts that never look at the images (Single, Class) need only the images' latents: encode the images the
-    # remaining steps draw once up front, then load keypoints alone (no image decoding or transfer per step).
-    pairs = pairs_of_steps(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed)
-    skip_images = not backbone.needs_images and _preencode_latents(extractor, train_set, module, device, pairs)
-    train_set = decoding(train_set, train_set.decode_images and not skip_images)  # a view: the caller's set stays as it is
-    val_every = validation_interval(cfg, len(train_set))
-    sampler = StepBatchSampler(len(train_set), cfg.batch_size, start, cfg.steps, cfg.seed)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_pairs, pin_memory=device.type == "cuda")
-    if log_with and accelerator.is_main_process:
-        accelerator.init_trackers("sdm-train")
+    def data(self) -> DataLoader:
+        """The batches of the remaining steps. Prompts that never look at the images (Single, Class) need only
+        the images' latents: the images those steps draw are encoded once here, then only keypoints are loaded
+        (no image decoding or transfer per step)."""
+        cfg, start = self.cfg, self.step_no
+        pairs = pairs_of_steps(len(self.train_set), cfg.batch_size, start, cfg.steps, cfg.seed)
+        self.skip_images = not self.backbone.needs_images and _preencode_latents(self.extractor, self.train_set, self.module, self.device, pairs)
+        # a view: the caller's set stays as it is
+        self.train_set = decoding(self.train_set, self.train_set.decode_images and not self.skip_images)
+        sampler = StepBatchSampler(len(self.train_set), cfg.batch_size, start, cfg.steps, cfg.seed)
+        return DataLoader(
+            self.train_set, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_pairs, pin_memory=self.device.type == "cuda"
+        )
 
-    trained_on = {**dataset_record(train_set), "dino": encoder_name(encoders.dino if encoders else None)}
-    if val_set is not None:
-        trained_on["validation"] = dataset_record(val_set)
-    # what the run is and where it ran (prompt.json's "run"): kept across resumes but for the environment
-    identity = {"id": run_id, "folder": str(out.resolve()), "precision": precision, **code_record(),
-                "environment": environment_record(str(device))}
+    def step(self, batch: Any) -> torch.Tensor:
+        """One optimiser step on `batch`; returns its loss (on the device: reading it costs a host sync)."""
+        cfg, module, featurizer = self.cfg, self.module, self.featurizer
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        batch = batch.to(self.device, non_blocking=True)
+        b = len(batch)
+        mine = image_share(2 * b, rank, world)
+        g = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, self.step_no))
+        draws = BatchRows(g, mine.start, mine.stop, 2 * b) if world > 1 else g
+        # CPM's DINOv2 input: the images as stored (None for prompts that do not look at them)
+        originals = tuple(originals_for(module, ids, self.train_set.original_image) for ids in (batch.src_ids, batch.trg_ids))
+        images = torch.cat([batch.src_image, batch.trg_image])[mine]
+        with self.autocast():
+            p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories, originals)  # type: ignore[arg-type]
+            src_rows, trg_rows = slice(min(mine.start, b), min(mine.stop, b)), slice(max(mine.start, b) - b, max(mine.stop, b) - b)
+            hidden = torch.cat([_encode_rows(featurizer, p, r, b) for p, r in ((p_src, src_rows), (p_trg, trg_rows)) if r.stop > r.start])
+            # a fresh posterior draw and fresh noise at every step, as the authors' training calls the VAE's
+            # latent_dist.sample() and randn_like each time (sd_feature_extractor.py:76,111)
+            lat = self.extractor.latents(images, [*batch.src_ids, *batch.trg_ids][mine], generator=draws)
+            feats = featurizer.features_from_latents(lat, hidden, generator=draws)
+        feats = gather_rows(self.backbone.features(feats, images), 2 * b, rank, world)  # "sd": feats as they are
+        src_f, trg_f = feats[:b].float(), feats[b:].float()
+        size = tuple(self.train_set.image_size) if self.skip_images else tuple(batch.src_image.shape[-2:])
+        src_xy = to_feature_coords(batch.src_kps, size, tuple(src_f.shape[-2:]))
+        trg_xy = to_feature_coords(batch.trg_kps, size, tuple(trg_f.shape[-2:]))
+        loss = gaussian_cross_entropy(src_f, trg_f, src_xy, trg_xy, batch.n_kps, temperature=cfg.temperature, kernel_size=cfg.kernel_size, sigma=cfg.sigma)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if world > 1:  # the prompt module is not DDP-wrapped: sum the shares' gradients
+            sum_gradients(list(module.parameters()))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_no += 1
+        return loss.detach()
 
-    def save(step: int) -> None:
-        nonlocal saved_step
-        saved_step = step
-        if not accelerator.is_main_process:
-            return
-        state = {
-            "step": step,
-            "config": asdict(cfg),
-            "prompt": {k: v.cpu() for k, v in module.trainable_state().items()},
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "log": rows,
-            "best_pck": best_pck,
-            "best_step": best_step,
-            "run_id": run_id,
-        }
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-        save_prompt(module, out / "prompt", featurizer, step=step, train_config=asdict(cfg), trained_on=trained_on, run=identity)
-        _write_log(rows, out / "log.csv", sd.random_weights)
-
-    def validate(step: int) -> float | None:
-        nonlocal best_pck, best_step
-        if val_set is None or not accelerator.is_main_process:
+    def validate(self) -> float | None:
+        """PCK@0.1 on the validation split (main process); a new best is saved as best.*."""
+        if self.val_set is None or not self.accelerator.is_main_process:
             return None
-        result = evaluate(backbone.extractor(SDExtractor(val_featurizer, module)), val_set, matcher=cfg.val_matcher, max_pairs=cfg.val_pairs, progress=False)
+        extractor = self.backbone.extractor(SDExtractor(self.val_featurizer, self.module))
+        result = evaluate(extractor, self.val_set, matcher=self.cfg.val_matcher, max_pairs=self.cfg.val_pairs, progress=False)
         pck = float(result.table.loc["all", "per_image@0.1"])
-        if best_pck is None or pck > best_pck:
-            best_pck, best_step = pck, step
-            save_prompt(module, out / "best", featurizer, step=step, train_config=asdict(cfg), trained_on=trained_on, run=identity)
+        if self.best_pck is None or pck > self.best_pck:
+            self.best_pck, self.best_step = pck, self.step_no
+            self._save_prompt("best")
         return pck
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.prompt}", disable=not (progress and accelerator.is_main_process))
-    step = start
-    # The first step whose loss was not finite, and that loss (-1: none), kept on the device: reading it costs a
-    # host sync, so it is read only when a step logs, validates or saves (nothing bad is ever saved).
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    bad_loss = torch.zeros((), device=device)
-    try:
-        for batch in loader:
-            batch = batch.to(device, non_blocking=True)
-            b = len(batch)
-            mine = image_share(2 * b, rank, world)
-            g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
-            draws = BatchRows(g, mine.start, mine.stop, 2 * b) if world > 1 else g
-            # CPM's DINOv2 input: the images as stored (None for prompts that do not look at them)
-            originals = (originals_for(module, batch.src_ids, train_set.original_image), originals_for(module, batch.trg_ids, train_set.original_image))
-            images = torch.cat([batch.src_image, batch.trg_image])[mine]
-            with autocast():
-                p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories, originals)  # type: ignore[arg-type]
-                src_rows, trg_rows = slice(min(mine.start, b), min(mine.stop, b)), slice(max(mine.start, b) - b, max(mine.stop, b) - b)
-                hidden = torch.cat([_encode_rows(featurizer, p, r, b) for p, r in ((p_src, src_rows), (p_trg, trg_rows)) if r.stop > r.start])
-                # a fresh posterior draw and fresh noise at every step, as the authors' training calls the VAE's
-                # latent_dist.sample() and randn_like each time (sd_feature_extractor.py:76,111)
-                lat = extractor.latents(images, [*batch.src_ids, *batch.trg_ids][mine], generator=draws)
-                feats = featurizer.features_from_latents(lat, hidden, generator=draws)
-            feats = gather_rows(backbone.features(feats, images), 2 * b, rank, world)  # "sd": feats as they are
-            src_f, trg_f = feats[:b].float(), feats[b:].float()
-            size = tuple(train_set.image_size) if skip_images else tuple(batch.src_image.shape[-2:])
-            src_xy = to_feature_coords(batch.src_kps, size, tuple(src_f.shape[-2:]))
-            trg_xy = to_feature_coords(batch.trg_kps, size, tuple(trg_f.shape[-2:]))
-            loss = gaussian_cross_entropy(
-                src_f, trg_f, src_xy, trg_xy, batch.n_kps, temperature=cfg.temperature, kernel_size=cfg.kernel_size, sigma=cfg.sigma
-            )
-            first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
-            bad_step = torch.where(first_bad, step + 1, bad_step)
-            bad_loss = torch.where(first_bad, loss.detach(), bad_loss)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            if world > 1:  # the prompt module is not DDP-wrapped: sum the shares' gradients
-                sum_gradients(list(module.parameters()))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            logging = step % cfg.log_every == 0 or step == cfg.steps
-            validating = bool(val_every) and step % val_every == 0
-            saving = step % cfg.checkpoint_every == 0 or step == cfg.steps
-            if not (logging or validating or saving):
-                continue
-            if int(bad_step) >= 0:
-                raise TrainingDiverged(
-                    f"the loss became {float(bad_loss)} at step {int(bad_step)}; training stopped. The last good "
-                    f"checkpoint ({ckpt_path}, step {saved_step}) is kept: lower the learning rate or "
-                    "use mixed_precision='bf16'/'no', then resume."
-                )
-            loss_value = float(loss.detach())  # the whole batch's loss: the same on every process
-            val_pck = validate(step) if validating else None
-            if logging or val_pck is not None:
-                rows.append({"step": step, "loss": loss_value, "val_pck": val_pck if val_pck is not None else math.nan})
-                val = {"val": f"{val_pck:.1f}" + (" (random weights)" if sd.random_weights else "")} if val_pck is not None else {}
-                bar.set_postfix(loss=f"{loss_value:.3f}", **val)
-                if log_with:
-                    accelerator.log({"loss": loss_value, **({"val_pck": val_pck} if val_pck is not None else {})}, step=step)
-            if saving:
-                save(step)
-    finally:
-        bar.close()
-        if log_with:
-            accelerator.end_training()
-    if accelerator.is_main_process and step == start:  # nothing to do (already at cfg.steps): keep files consistent
-        save(step)
-    return TrainResult(module, pd.DataFrame(rows, columns=["step", "loss", "val_pck"]), best_pck, best_step, out)
+    def save(self) -> None:
+        """checkpoint.pt, prompt.* and log.csv of this step (main process), each written atomically."""
+        self.saved_step = self.step_no
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "step": self.step_no, "config": asdict(self.cfg), "prompt": {k: v.cpu() for k, v in self.module.trainable_state().items()},
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "log": self.rows, "best_pck": self.best_pck, "best_step": self.best_step, "run_id": self.run_id,
+        }  # fmt: skip
+        atomic_write(self.ckpt_path, lambda tmp: torch.save(state, tmp))
+        self._save_prompt("prompt")
+        _write_log(self.rows, self.out / "log.csv", self.sd.random_weights)
+
+    def _save_prompt(self, name: str) -> None:
+        # what the run is and where it ran (prompt.json's "run"): its id is kept across resumes
+        run = {"id": self.run_id, "folder": str(self.out.resolve()), "precision": self.precision, **code_record(),
+               "environment": environment_record(str(self.device))}  # fmt: skip
+        save_prompt(self.module, self.out / name, self.featurizer, step=self.step_no, train_config=asdict(self.cfg), trained_on=self.trained_on, run=run)
+
+    def loop(self, progress: bool) -> TrainResult:
+        """Steps to `cfg.steps`, logging, validating and saving on their schedules; stops on a non-finite loss."""
+        cfg, accelerator, start = self.cfg, self.accelerator, self.step_no
+        loader = self.data()
+        val_every = validation_interval(cfg, len(self.train_set))
+        if self.log_with and accelerator.is_main_process:
+            accelerator.init_trackers("sdm-train")
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.prompt}", disable=not (progress and accelerator.is_main_process))
+        # The first step whose loss was not finite, and that loss (-1: none), kept on the device: reading it costs a
+        # host sync, so it is read only when a step logs, validates or saves (nothing bad is ever saved).
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        bad_loss = torch.zeros((), device=self.device)
+        try:
+            for batch in loader:
+                loss = self.step(batch)
+                first_bad = (bad_step < 0) & ~torch.isfinite(loss)
+                bad_step = torch.where(first_bad, self.step_no, bad_step)
+                bad_loss = torch.where(first_bad, loss, bad_loss)
+                bar.update(1)
+                step = self.step_no
+                logging = step % cfg.log_every == 0 or step == cfg.steps
+                validating = bool(val_every) and step % val_every == 0
+                saving = step % cfg.checkpoint_every == 0 or step == cfg.steps
+                if not (logging or validating or saving):
+                    continue
+                if int(bad_step) >= 0:
+                    raise TrainingDiverged(
+                        f"the loss became {float(bad_loss)} at step {int(bad_step)}; training stopped. The last good "
+                        f"checkpoint ({self.ckpt_path}, step {self.saved_step}) is kept: lower the learning rate or "
+                        "use mixed_precision='bf16'/'no', then resume."
+                    )
+                self._record(float(loss), self.validate() if validating else None, logging, bar)
+                if saving:
+                    self.save()
+        finally:
+            bar.close()
+            if self.log_with:
+                accelerator.end_training()
+        if accelerator.is_main_process and self.step_no == start:  # nothing to do (already at cfg.steps): keep files consistent
+            self.save()
+        return TrainResult(self.module, pd.DataFrame(self.rows, columns=["step", "loss", "val_pck"]), self.best_pck, self.best_step, self.out)
+
+    def _record(self, loss: float, val_pck: float | None, logging: bool, bar: Any) -> None:
+        """A log row (the whole batch's loss: the same on every process) when the step logs or validated."""
+        if not (logging or val_pck is not None):
+            return
+        self.rows.append({"step": self.step_no, "loss": loss, "val_pck": val_pck if val_pck is not None else math.nan})
+        val = {"val": f"{val_pck:.1f}" + (" (random weights)" if self.sd.random_weights else "")} if val_pck is not None else {}
+        bar.set_postfix(loss=f"{loss:.3f}", **val)
+        if self.log_with:
+            self.accelerator.log({"loss": loss, **({"val_pck": val_pck} if val_pck is not None else {})}, step=self.step_no)
 
 
 ENCODE_BATCH = 8  # images per VAE call in training (padded: `FeatureStore.fetch`)
