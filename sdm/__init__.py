@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from sdm.config import VERSION
+
 if TYPE_CHECKING:
     from sdm import loss, matching, metrics
     from sdm.features import SDFeaturizer
@@ -45,6 +47,7 @@ _HOMES = {
     "matching": "sdm.matching",
     "metrics": "sdm.metrics",
 }
+__version__ = VERSION
 __all__ = [
     "SDFeaturizer",
     "StableDiffusion",
@@ -57,7 +60,6 @@ __all__ = [
     "sd21_architecture",
     "tiny_stable_diffusion",
 ]
-__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:

