@@ -20,7 +20,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from tqdm import tqdm
 
@@ -151,25 +151,7 @@ def fetch(remote: Remote, dest: Path, timeout: float = TIMEOUT_S) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
-    headers = {"User-Agent": "sdm-download/0.1"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    try:
-        response = urllib.request.urlopen(
-            urllib.request.Request(remote.url, headers=headers), timeout=timeout
-        )
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and have:  # nothing left to send: the .part file is already whole
-            response = None
-        else:
-            raise DownloadError(
-                f"{remote.url}: HTTP {err.code} {err.reason}. {_manual_hint(remote, dest)}"
-            ) from err
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise DownloadError(
-            f"cannot reach {remote.url} ({reason}); are you offline? {_manual_hint(remote, dest)}"
-        ) from err
+    response = _open(remote, dest, have, timeout)
     total: int | None = have if response is None else None
     if response is not None:
         with response:
@@ -177,32 +159,54 @@ def fetch(remote: Remote, dest: Path, timeout: float = TIMEOUT_S) -> Path:
             if status != 206:
                 have = 0  # the server ignored the Range header: start over
             total = _total_from_headers(status, response.headers, have)
-            if "text/html" in str(response.headers.get("Content-Type", "")) and not remote.filename.endswith(
-                ".html"
-            ):
-                raise DownloadError(
-                    f"{remote.url} returned a web page instead of {remote.filename}. {_manual_hint(remote, dest)}"
-                )
-            try:
-                with (
-                    open(part, "ab" if have else "wb") as out,
-                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=remote.filename) as bar,
-                ):
-                    while chunk := response.read(CHUNK):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as err:
-                raise DownloadError(
-                    f"{remote.url}: interrupted ({err}); {part} keeps what arrived, run the command again to resume"
-                ) from err
+            _stream(remote, dest, response, part, have, total)
+    _verify(remote, part, total)
+    part.replace(dest)
+    return dest
+
+
+def _open(remote: Remote, dest: Path, have: int, timeout: float) -> Any:
+    """The server's response, asking for the bytes after the `have` already there; None when the .part file is
+    already whole (HTTP 416)."""
+    headers = {"User-Agent": "sdm-download/0.1"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        return urllib.request.urlopen(urllib.request.Request(remote.url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # nothing left to send: the .part file is already whole
+            return None
+        raise DownloadError(f"{remote.url}: HTTP {err.code} {err.reason}. {_manual_hint(remote, dest)}") from err
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise DownloadError(f"cannot reach {remote.url} ({reason}); are you offline? {_manual_hint(remote, dest)}") from err
+
+
+def _stream(remote: Remote, dest: Path, response: Any, part: Path, have: int, total: int | None) -> None:
+    """Appends the response's body to `part` (after its first `have` bytes), with a progress bar."""
+    if "text/html" in str(response.headers.get("Content-Type", "")) and not remote.filename.endswith(".html"):
+        raise DownloadError(f"{remote.url} returned a web page instead of {remote.filename}. {_manual_hint(remote, dest)}")
+    try:
+        with (
+            open(part, "ab" if have else "wb") as out,
+            tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=remote.filename) as bar,
+        ):
+            while chunk := response.read(CHUNK):
+                out.write(chunk)
+                bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as err:
+        raise DownloadError(f"{remote.url}: interrupted ({err}); {part} keeps what arrived, run the command again to resume") from err
+
+
+def _verify(remote: Remote, part: Path, total: int | None) -> None:
+    """Checks the downloaded size against the server's and the recorded one, and the recorded sha256; a file
+    that fails a recorded check is removed."""
     size = part.stat().st_size
     if total is not None and size != total:
         raise DownloadError(f"{remote.url}: got {size} of {total} bytes; run the command again to resume")
     if remote.size is not None and size != remote.size:
         part.unlink()
-        raise DownloadError(
-            f"{remote.url}: {size} bytes, expected {remote.size}; the partial file was removed"
-        )
+        raise DownloadError(f"{remote.url}: {size} bytes, expected {remote.size}; the partial file was removed")
     if remote.sha256 is not None:
         digest = hashlib.sha256()
         with open(part, "rb") as f:
@@ -210,11 +214,7 @@ def fetch(remote: Remote, dest: Path, timeout: float = TIMEOUT_S) -> Path:
                 digest.update(block)
         if digest.hexdigest() != remote.sha256:
             part.unlink()
-            raise DownloadError(
-                f"{remote.url}: sha256 {digest.hexdigest()} does not match {remote.sha256}; file removed"
-            )
-    part.replace(dest)
-    return dest
+            raise DownloadError(f"{remote.url}: sha256 {digest.hexdigest()} does not match {remote.sha256}; file removed")
 
 
 def _safe_target(base: Path, member: str) -> Path | None:
