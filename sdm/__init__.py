@@ -17,10 +17,10 @@ The names load on first use (PEP 562), so `import sdm` and the command line's `-
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sdm.config import VERSION
+from sdm.lazy import lazy_names
 
 if TYPE_CHECKING:
     from sdm import loss, matching, metrics
@@ -62,14 +62,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'sdm' has no attribute {name!r}")
-    module = importlib.import_module(_HOMES[name])
-    value = module if module.__name__ == f"sdm.{name}" else getattr(module, name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+__getattr__, __dir__ = lazy_names("sdm", _HOMES, globals())

@@ -21,13 +21,22 @@ CITATION = re.compile(r"((?:[A-Za-z0-9_]+/)*[A-Za-z0-9_]+\.(?:py|sh)):(\d+(?:-\d
 OWN = ("sdm/", "tests/", "benchmarks/", "notebooks/", ".ci/")  # citations of our own files are not the authors'
 
 
+def tracked_files() -> list[str]:
+    """The repository's files: git's list in a checkout, else every file outside hidden and virtual-env folders."""
+    done = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if done.returncode == 0:
+        return done.stdout.split()
+    skip = (".", "venv", "node_modules")
+    return [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file() and not any(part.startswith(skip) for part in p.relative_to(REPO).parts)]
+
+
 def authors_files() -> dict[tuple[str, str], int]:
     return {(repo, path): f["lines"] for repo, info in TABLE["repositories"].items() for path, f in info["files"].items()}
 
 
 def citations() -> list[tuple[str, int, str, list[tuple[int, int]]]]:
     """(file, line, cited path, [(first, last), ...]) for every citation in the tracked text files."""
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    tracked = tracked_files()
     found = []
     for name in tracked:
         path = REPO / name
@@ -69,7 +78,7 @@ def test_the_table_matches_a_local_checkout_of_the_authors_code() -> None:
 def test_links_in_the_docs_and_notebooks_stay_inside_the_repository() -> None:
     """Every relative Markdown link of the README, docs/ and the notebooks names a file or folder of a clone; none
     points outside it (a clone has no ../shared)."""
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    tracked = tracked_files()
     dead = []
     for name in tracked:
         if not name.endswith((".md", ".ipynb")):

@@ -41,46 +41,11 @@ Reading of the paper's settings (all in `AttentionMatcherConfig`, all configurab
   first (only the shape of the map matters then).
 """
 
-from sdm.attention.capture import AttentionStore, CrossAttentionCapture, capture_cross_attention
-from sdm.attention.geometry import (
-    crop_images,
-    crop_side,
-    cut_crops,
-    gaussian_maps,
-    gaussian_profiles,
-    layer_softmax_readout,
-    margin_crop_offsets,
-    paste_maps,
-    random_crops,
-    resize_matrix,
-    upsampled_mse,
-)
-from sdm.attention.layers import CrossAttentionLayer, cross_attention_layers, execution_key, hedlin_layers
-from sdm.attention.matcher import AttentionMatcher, OptimizationResult, compile_for_matcher
+from sdm.attention import capture, geometry, layers, matcher
+from sdm.attention.capture import *  # noqa: F403  (each module's __all__, handed on)
+from sdm.attention.geometry import *  # noqa: F403
+from sdm.attention.layers import *  # noqa: F403
+from sdm.attention.matcher import *  # noqa: F403
 from sdm.config import HEDLIN_MODEL, AttentionMatcherConfig
 
-__all__ = [
-    "HEDLIN_MODEL",
-    "AttentionMatcher",
-    "AttentionMatcherConfig",
-    "AttentionStore",
-    "CrossAttentionCapture",
-    "CrossAttentionLayer",
-    "OptimizationResult",
-    "capture_cross_attention",
-    "compile_for_matcher",
-    "crop_images",
-    "crop_side",
-    "cross_attention_layers",
-    "cut_crops",
-    "execution_key",
-    "gaussian_maps",
-    "gaussian_profiles",
-    "hedlin_layers",
-    "layer_softmax_readout",
-    "margin_crop_offsets",
-    "paste_maps",
-    "random_crops",
-    "resize_matrix",
-    "upsampled_mse",
-]
+__all__ = ["HEDLIN_MODEL", "AttentionMatcherConfig", *layers.__all__, *capture.__all__, *geometry.__all__, *matcher.__all__]

@@ -6,8 +6,7 @@ the dataset's PCK threshold in that resized space); ``collate_pairs`` batches th
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sdm.lazy import lazy_names
 
 # public name -> the module that defines it; loaded on first use (PEP 562), so that `sdm download` and the
 # command line's parser need no torch
@@ -91,13 +90,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'sdm.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+__getattr__, __dir__ = lazy_names("sdm.data", _HOMES, globals())
