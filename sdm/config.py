@@ -4,7 +4,9 @@ can build its parser, check its arguments and answer `--help` before anything he
 The config dataclasses are defined here and re-exported where they are used (`sdm.train.TrainConfig`,
 `sdm.attention.AttentionMatcherConfig`, `sdm.matching.MatchConfig`, `sdm.prompts.CPMConfig`). The name tuples
 are the registries' keys (`sdm.prompts.PROMPTS`, `sdm.backbones.BACKBONES`, `sdm.metrics.THRESHOLDS`,
-`sdm.data.DATASETS`); tests check that each registry holds exactly these names.
+`sdm.data.DATASETS`, `sdm.matching.MATCHER_FUNCTIONS`); tests check that each registry holds exactly these names.
+They are lists: `register_matcher`, `register_prompt` and `register_dataset` add a name here and its code there,
+so a new matcher, prompt kind or dataset is one call, and the command line's choices follow.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ HEDLIN_MODEL = "CompVis/stable-diffusion-v1-4"  # the model of every table of He
 
 # ---- registry names ----------------------------------------------------------------------------------------------
 Matcher = Literal["nearest", "soft_argmax", "kernel_soft_argmax"]
-MATCHERS: tuple[str, ...] = get_args(Matcher)
+MATCHERS: list[str] = list(get_args(Matcher))  # + sdm.matching.register_matcher
 # The score of a query against a target cell. "cosine": both L2-normalised (docs/specification.md, the authors'
 # learned-prompt evaluation, config/learnedToken.py ENABLE_L2_NORM = True); "dot": the raw inner product, what the
 # authors' matchers compute when ENABLE_L2_NORM is False (utils/matching.py:47-49, 156-158, 195-197;
@@ -29,15 +31,15 @@ MATCHERS: tuple[str, ...] = get_args(Matcher)
 Similarity = Literal["cosine", "dot"]
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 PromptKind = Literal["empty", "template", "captioner", "single", "class", "cpm"]
-PROMPT_KINDS: tuple[str, ...] = get_args(PromptKind)
-LEARNED: tuple[str, ...] = ("captioner", "single", "class", "cpm")  # the kinds with trained parameters
+PROMPT_KINDS: list[str] = list(get_args(PromptKind))  # + sdm.prompts.register_prompt
+LEARNED: list[str] = ["captioner", "single", "class", "cpm"]  # the kinds with trained parameters
 TemplateWords = Literal["raw", "readable"]
 BackboneName = Literal["sd", "sd+dino"]
-BACKBONE_NAMES: tuple[str, ...] = get_args(BackboneName)
+BACKBONE_NAMES: list[str] = list(get_args(BackboneName))
 DatasetName = Literal["spair", "spair-u", "pfpascal", "pfwillow", "cub", "synthetic"]
-DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+DATASET_NAMES: list[str] = list(get_args(DatasetName))  # + sdm.data.register_dataset
 ThresholdMode = Literal["trg-bbox", "src-bbox", "trg-bbox-xscale", "image", "kps-extent", "kps-extent-hedlin"]
-THRESHOLD_MODES: tuple[str, ...] = get_args(ThresholdMode)
+THRESHOLD_MODES: list[str] = list(get_args(ThresholdMode))
 Frame = Literal["resized", "original"]
 RecipeName = Literal["paper", "authors"]
 MixedPrecision = Literal["no", "fp16", "bf16"]

@@ -7,6 +7,7 @@ W-1 is cell w-1. All matchers take and return keypoints as B x N x 2 in feature-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -163,27 +164,49 @@ def kernel_soft_argmax(
     return kernel_soft_argmax_2d(_scores(src_feats, trg_feats, query_xy, similarity), temperature, sigma)
 
 
+def _nearest(src: torch.Tensor, trg: torch.Tensor, query: torch.Tensor, *, temperature: float, sigma: float, similarity: Similarity) -> torch.Tensor:
+    return nearest_neighbour(src, trg, query, similarity=similarity)
+
+
+def _soft(src: torch.Tensor, trg: torch.Tensor, query: torch.Tensor, *, temperature: float, sigma: float, similarity: Similarity) -> torch.Tensor:
+    return soft_argmax(src, trg, query, temperature=temperature, similarity=similarity)
+
+
+def _kernel(src: torch.Tensor, trg: torch.Tensor, query: torch.Tensor, *, temperature: float, sigma: float, similarity: Similarity) -> torch.Tensor:
+    return kernel_soft_argmax(src, trg, query, temperature=temperature, sigma=sigma, similarity=similarity)
+
+
+MatcherFunction = Callable[..., torch.Tensor]
+# The registry: name -> f(src_feats, trg_feats, query_xy, *, temperature, sigma, similarity) -> B x N x 2 cells.
+MATCHER_FUNCTIONS: dict[str, MatcherFunction] = {"nearest": _nearest, "soft_argmax": _soft, "kernel_soft_argmax": _kernel}
+
+
+def register_matcher(name: str, function: MatcherFunction) -> None:
+    """Adds a matcher: `function(src_feats, trg_feats, query_xy, *, temperature, sigma, similarity)` returns
+    B x N x 2 feature cells (shapes as `nearest_neighbour`). `MatchConfig(name)`, `evaluate(..., matcher=name)`
+    and the command line's `--matcher` then take it."""
+    MATCHER_FUNCTIONS[name] = function
+    if name not in MATCHERS:
+        MATCHERS.append(name)
+
+
 def match(
     src_feats: torch.Tensor,
     trg_feats: torch.Tensor,
     query_xy: torch.Tensor,
-    matcher: Matcher | MatchConfig = "kernel_soft_argmax",
+    matcher: Matcher | MatchConfig | str = "kernel_soft_argmax",
     *,
     temperature: float = 0.04,
     sigma: float = 7.0,
     similarity: Similarity = "cosine",
 ) -> torch.Tensor:
-    """Dispatches to one of `MATCHERS` by name, or by a `MatchConfig` (whose temperature, sigma and similarity
-    then apply; a similarity None is cosine). Shapes as `nearest_neighbour`."""
+    """The matcher of `MATCHER_FUNCTIONS` named `matcher`, or given by a `MatchConfig` (whose temperature, sigma
+    and similarity then apply; a similarity None is cosine). Shapes as `nearest_neighbour`."""
     if isinstance(matcher, MatchConfig):
         matcher, temperature, sigma, similarity = matcher.matcher, matcher.temperature, matcher.sigma, matcher.similarity or "cosine"
-    if matcher == "nearest":
-        return nearest_neighbour(src_feats, trg_feats, query_xy, similarity=similarity)
-    if matcher == "soft_argmax":
-        return soft_argmax(src_feats, trg_feats, query_xy, temperature=temperature, similarity=similarity)
-    if matcher == "kernel_soft_argmax":
-        return kernel_soft_argmax(src_feats, trg_feats, query_xy, temperature=temperature, sigma=sigma, similarity=similarity)
-    raise ValueError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
+    if matcher not in MATCHER_FUNCTIONS:
+        raise ValueError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
+    return MATCHER_FUNCTIONS[matcher](src_feats, trg_feats, query_xy, temperature=temperature, sigma=sigma, similarity=similarity)
 
 
 def match_points(
@@ -235,9 +258,11 @@ def match_points(
 
 __all__ = [
     "MATCHERS",
+    "MATCHER_FUNCTIONS",
     "SIMILARITIES",
     "MatchConfig",
     "Matcher",
+    "MatcherFunction",
     "Similarity",
     "argmax_2d",
     "cell_grid",
@@ -248,6 +273,7 @@ __all__ = [
     "match_points",
     "nearest_neighbour",
     "normalise_coords",
+    "register_matcher",
     "sample_features",
     "soft_argmax",
     "soft_argmax_2d",

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from sdm.encoders import PromptEncoders
 from sdm.features import SDFeaturizer
 from sdm.prompt_meta import PromptMetadata, prompt_base, read_metadata
-from sdm.prompts import TEMPLATE, CPMConfig, PromptModule, build_prompt
+from sdm.prompts import PROMPTS, PromptModule, build_prompt
 from sdm.storage import atomic_write
 
 
@@ -110,17 +110,9 @@ def load_prompt(path: str | Path, featurizer: SDFeaturizer, *, encoders: PromptE
     meta = read_metadata(path)
     base = prompt_base(path)
     state = _upgrade_legacy(meta, load_file(str(base.with_name(base.name + ".safetensors"))), base)
-    cfg = meta.config
-    module = build_prompt(
-        meta.kind,  # type: ignore[arg-type]
-        featurizer,
-        categories=cfg.get("categories"),
-        encoders=encoders,
-        cpm=CPMConfig(**cfg["cpm"]) if "cpm" in cfg else None,
-        n_tokens=cfg.get("n_tokens", 75),
-        template=cfg.get("template", TEMPLATE),
-        template_words=cfg.get("words", "raw"),
-    )
+    if meta.kind not in PROMPTS:
+        raise ValueError(f"the prompt at {base} is of kind {meta.kind!r}, which no registered prompt class builds ({', '.join(PROMPTS)})")
+    module = build_prompt(meta.kind, featurizer, encoders=encoders, **PROMPTS[meta.kind].options(meta.config))  # type: ignore[arg-type]
     check_fits(module, state, f"the {meta.kind!r} prompt at {base}", meta.model, meta.embed_dim, featurizer)
     return load_state(module, state)
 

@@ -16,7 +16,7 @@ lists where sdm offers another reading than the authors' code (github ActiveVisi
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from sdm.config import CPM_ABLATIONS, LEARNED, CPMConfig, PromptKind, TemplateWords
+from sdm.config import CPM_ABLATIONS, LEARNED, PROMPT_KINDS, CPMConfig, PromptKind, TemplateWords
 from sdm.data import OriginalLoader, category_label
 from sdm.encoders import (
     CLIP_MEAN,
@@ -156,8 +156,15 @@ class PromptModule(nn.Module):
         return self.image_prompt(featurizer, src, categories, src_o), self.image_prompt(featurizer, trg, categories, trg_o)
 
     def config(self) -> dict[str, Any]:
-        """What `build_prompt` needs to rebuild this module (saved beside the weights)."""
+        """What `build_prompt` needs to rebuild this module (saved beside the weights; `options` reads it back)."""
         return {}
+
+    @classmethod
+    def options(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The `BuildOptions` fields that a saved `config()` stands for: the same names by default; a kind whose
+        saved names differ maps them here, so saving and loading a kind is defined in its own class."""
+        known = {f.name for f in fields(BuildOptions)}
+        return {k: v for k, v in config.items() if k in known}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The learned tensors (frozen encoders such as DINOv2 are not saved)."""
@@ -222,6 +229,10 @@ class TemplatePrompt(PromptModule):
 
     def config(self) -> dict[str, Any]:
         return {"template": self.template, "words": self.words}
+
+    @classmethod
+    def options(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {"template": config.get("template", TEMPLATE), "template_words": config.get("words", "raw")}
 
 
 class ImplicitCaptioner(PromptModule):
@@ -516,11 +527,26 @@ class CPMPrompt(PromptModule):
     def config(self) -> dict[str, Any]:
         return {"cpm": asdict(self.cfg)}
 
+    @classmethod
+    def options(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {"cpm": CPMConfig(**config["cpm"])}
+
 
 # ---- registry ----------------------------------------------------------------------------------------------
 PROMPTS: dict[str, type[PromptModule]] = {
     cls.kind: cls for cls in (EmptyPrompt, TemplatePrompt, ImplicitCaptioner, SinglePrompt, ClassPrompt, CPMPrompt)
 }
+
+
+def register_prompt(cls: type[PromptModule], learned: bool = False) -> type[PromptModule]:
+    """Adds a prompt kind (a `PromptModule` subclass with its `kind`, `conditioning`, `build`, `config` and, when
+    its saved names differ from `BuildOptions`, `options`). `build_prompt`, `load_prompt`, `sdm.load_method` and the
+    command line then take `cls.kind`; `learned` kinds can be trained (`sdm train --prompt`)."""
+    PROMPTS[cls.kind] = cls
+    for names, wanted in ((PROMPT_KINDS, True), (LEARNED, learned)):
+        if wanted and cls.kind not in names:
+            names.append(cls.kind)
+    return cls
 
 
 def build_prompt(
@@ -577,5 +603,6 @@ __all__ = [  # CPM_ABLATIONS, CPMConfig and LEARNED (sdm.config) are re-exported
     "learned_vectors",
     "originals_for",
     "random_token_vectors",
+    "register_prompt",
     "seeded_linear",
 ]

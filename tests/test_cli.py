@@ -83,13 +83,15 @@ def test_registries_hold_the_names_of_sdm_config() -> None:
     from sdm import config
     from sdm.backbones import BACKBONES
     from sdm.data import DATASETS
+    from sdm.matching import MATCHER_FUNCTIONS
     from sdm.metrics import THRESHOLDS
     from sdm.prompts import PROMPTS
 
-    assert tuple(PROMPTS) == config.PROMPT_KINDS and set(config.LEARNED) <= set(PROMPTS)
-    assert tuple(BACKBONES) == config.BACKBONE_NAMES
-    assert tuple(DATASETS) == config.DATASET_NAMES
-    assert tuple(THRESHOLDS) == config.THRESHOLD_MODES
+    assert list(PROMPTS) == config.PROMPT_KINDS and set(config.LEARNED) <= set(PROMPTS)
+    assert list(BACKBONES) == config.BACKBONE_NAMES
+    assert list(DATASETS) == config.DATASET_NAMES
+    assert list(THRESHOLDS) == config.THRESHOLD_MODES
+    assert list(MATCHER_FUNCTIONS) == config.MATCHERS
 
 
 def test_ruff_clean() -> None:

@@ -47,6 +47,7 @@ _HOMES = {
     "parse_spair_annotation": "sdm.data.spair",
     "read_cub": "sdm.data.cub",
     "read_pfpascal_mat": "sdm.data.pfpascal",
+    "register_dataset": "sdm.data.registry",
     "spread_subset": "sdm.data.base",
 }
 __all__ = [
@@ -86,6 +87,7 @@ __all__ = [
     "parse_spair_annotation",
     "read_cub",
     "read_pfpascal_mat",
+    "register_dataset",
     "spread_subset",
 ]
 

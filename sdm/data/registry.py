@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sdm.config import DatasetName
+from sdm.config import DATASET_NAMES, DatasetName
 
 from .base import ImageSize, PairDataset, PairSubset
 from .cub import CUB200
@@ -30,6 +30,16 @@ DATASETS: dict[str, type[PairDataset]] = {
 }
 # Synthetic "splits" are disjoint seeds, so trn / val / test never share a pair: split -> (seed, n).
 SYNTHETIC_SPLITS: dict[str, tuple[int, int]] = {"trn": (0, 512), "val": (1, 64), "test": (2, 64)}
+
+
+def register_dataset(name: str, cls: type[PairDataset]) -> type[PairDataset]:
+    """Adds a dataset: a `PairDataset` subclass built as `cls(root, split=..., image_size=..., category=...)`, with
+    `recognises(root)` when `infer_dataset` should tell it from a folder. `load_dataset(name, ...)`, `infer_dataset`,
+    `dataset_record` and the command line's `--dataset` then take it."""
+    DATASETS[name] = cls
+    if name not in DATASET_NAMES:
+        DATASET_NAMES.append(name)
+    return cls
 
 
 def load_dataset(
@@ -85,4 +95,4 @@ def dataset_record(dataset: Any) -> dict[str, Any]:
     return {"dataset": name, "split": split, "pairs": len(dataset), "split_pairs": len(base)}
 
 
-__all__ = ["DATASETS", "SYNTHETIC_SPLITS", "dataset_record", "infer_dataset", "load_dataset"]
+__all__ = ["DATASETS", "SYNTHETIC_SPLITS", "dataset_record", "infer_dataset", "load_dataset", "register_dataset"]
