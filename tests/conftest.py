@@ -1,7 +1,10 @@
-"""Shared test settings: no network (model hubs are unreachable here), paths to the shared test data."""
+"""Shared test settings: no network (model hubs are unreachable here), paths to the shared test data, and the
+fixtures many modules use (the tiny random-weight model and a featurizer on it, one of each per test module)."""
 
 import os
 from pathlib import Path
+
+import pytest
 
 # Set before anything imports huggingface_hub, so hub look-ups fail at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,3 +15,19 @@ SHARED_DATA = Path(os.environ.get("SDM_TEST_DATA") or REPO.parent / "shared" / "
 # Subprocess tests run quick commands (seconds on an idle 2-core machine) but CI machines may be busy (load 3-6
 # made a 29 s command take 6 minutes): a limit that only catches a hang.
 SUBPROCESS_TIMEOUT = 1800
+
+
+@pytest.fixture(scope="module")
+def sd():  # -> sdm.StableDiffusion
+    """The tiny random-weight Stable Diffusion (seed 0), one per test module."""
+    import sdm
+
+    return sdm.tiny_stable_diffusion(0)
+
+
+@pytest.fixture(scope="module")
+def featurizer(sd):  # -> sdm.SDFeaturizer
+    """An `SDFeaturizer` on `sd` at 64 px (timestep 50, ensemble 8), one per test module."""
+    import sdm
+
+    return sdm.SDFeaturizer(sd, image_size=64)

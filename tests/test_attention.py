@@ -46,11 +46,6 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def sd() -> sdm.StableDiffusion:
-    return sdm.tiny_stable_diffusion(seed=0)
-
-
-@pytest.fixture(scope="module")
 def image() -> torch.Tensor:
     from skimage import data
 

@@ -15,16 +15,6 @@ from sdm.loss import gaussian_cross_entropy, gaussian_window
 from sdm.metrics import pck, pck_table, pfpascal_threshold, pfwillow_threshold, point_records, spair_threshold
 
 
-@pytest.fixture(scope="module")
-def sd() -> sdm.StableDiffusion:
-    return sdm.tiny_stable_diffusion(seed=0)
-
-
-@pytest.fixture(scope="module")
-def featurizer(sd: sdm.StableDiffusion) -> SDFeaturizer:
-    return SDFeaturizer(sd, image_size=64, timestep=50)
-
-
 # ---- models ------------------------------------------------------------------------------------------------
 def test_tiny_model_is_deterministic_per_seed() -> None:
     a, b, c = sdm.tiny_stable_diffusion(0), sdm.tiny_stable_diffusion(0), sdm.tiny_stable_diffusion(1)

@@ -20,11 +20,6 @@ WILLOW = SHARED_DATA / "pf-willow"
 needs_willow = pytest.mark.skipif(not (WILLOW / "test_pairs.csv").is_file(), reason=f"PF-Willow not at {WILLOW}")
 
 
-@pytest.fixture(scope="module")
-def featurizer() -> sdm.SDFeaturizer:
-    return sdm.SDFeaturizer(sdm.tiny_stable_diffusion(0), image_size=64)
-
-
 @needs_willow
 def test_oracle_scores_pck_one_on_pf_willow() -> None:
     ds = PFWillow(WILLOW, image_size=768)

@@ -21,11 +21,6 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def sd() -> sdm.StableDiffusion:
-    return sdm.tiny_stable_diffusion(0)
-
-
-@pytest.fixture(scope="module")
 def pairs() -> SyntheticPairs:
     return SyntheticPairs(n=3, image_size=SIZE, seed=5)
 

@@ -31,11 +31,6 @@ CATS = ["cat", "dog", "car(G)"]
 
 
 @pytest.fixture(scope="module")
-def featurizer() -> SDFeaturizer:
-    return SDFeaturizer(sdm.tiny_stable_diffusion(0), image_size=64)
-
-
-@pytest.fixture(scope="module")
 def encoders() -> PromptEncoders:
     return PromptEncoders(dino=tiny_dinov2(0), clip=tiny_clip_vision(0))
 

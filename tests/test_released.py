@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import SUBPROCESS_TIMEOUT
 
-import sdm
 from sdm.encoders import PromptEncoders, dino_pixels, tiny_dinov2
 from sdm.features import SDFeaturizer
 from sdm.prompt_files import load_prompt
@@ -20,11 +19,6 @@ from sdm.prompts import CPMConfig
 from sdm.released import import_sd4match, list_released, parse_released_name
 
 D = 32  # the tiny model's text width
-
-
-@pytest.fixture(scope="module")
-def featurizer() -> SDFeaturizer:
-    return SDFeaturizer(sdm.tiny_stable_diffusion(0), image_size=64)
 
 
 def authors_token_embeds(featurizer: SDFeaturizer, learned: torch.Tensor) -> torch.Tensor:
