@@ -98,6 +98,8 @@ def load_method(
     template_words: str = "raw",
     prompt_name: str | None = None,
     dino: str | nn.Module = "facebook/dinov2-base",
+    clip: str | nn.Module = "openai/clip-vit-large-patch14",
+    backbone: str | None = None,
     vit_size: int = 840,
     attention: AttentionMatcherConfig | None = None,
 ) -> Method:
@@ -107,8 +109,10 @@ def load_method(
         SD1.4 for "attention". image_size: default 768 (128 for the tiny model; 512 for "attention").
     timestep, ensemble, up_block, latent, seed: the `SDFeaturizer`'s settings. similarity: how features are
         scored ("cosine", "dot"; None: the extractor's own). categories: the dataset's, for Class and template
-        prompts. dino: DINOv2 (hub id, folder, "tiny" or a loaded module) for CPM and the sd+dino backbone.
-    vit_size: input side of a "vit:" baseline. attention: the matcher's settings (its image_size is replaced).
+        prompts. dino: DINOv2 (hub id, folder, "tiny" or a loaded module) for CPM and the sd+dino backbone; clip:
+        CLIP vision (the same forms) for the captioner. backbone: what the features are matched on ("sd",
+        "sd+dino"; None: "sd", or what a saved prompt was trained on). vit_size: input side of a "vit:" baseline.
+        attention: the matcher's settings (its image_size is replaced).
     """
     if spec.startswith(VIT_PREFIX):
         return _vit_method(spec, device, vit_size)
@@ -125,7 +129,8 @@ def load_method(
 
     size = image_size or (128 if tiny else 768)
     featurizer = SDFeaturizer(sd, image_size=size, timestep=timestep, ensemble=ensemble, up_block=up_block, latent=latent, seed=seed)  # type: ignore[arg-type]
-    method = _prompt_method(spec, featurizer, categories, template_words, prompt_name, dino, device, tiny)
+    encoders = {"dino": dino, "clip": clip, "device": device, "tiny": tiny}
+    method = _prompt_method(spec, featurizer, categories, template_words, prompt_name, encoders, backbone)
     if similarity is not None:
         method.extractor.similarity = similarity  # type: ignore[union-attr]
     return method
@@ -142,23 +147,24 @@ def _vit_method(spec: str, device: Any, vit_size: int) -> Method:
 
 
 def _prompt_method(
-    spec: str, featurizer: SDFeaturizer, categories: Any, template_words: str, prompt_name: str | None, dino: Any, device: Any, tiny: bool
+    spec: str, featurizer: SDFeaturizer, categories: Any, template_words: str, prompt_name: str | None, given: dict[str, Any], backbone: str | None
 ) -> Method:
     from sdm.extractors import SDExtractor
 
-    backbone, protocol, notes = "sd", {}, []
+    protocol, notes = {}, []
     if spec in PROMPT_KINDS:
         from sdm.prompts import build_prompt
 
-        kind = spec
-        encoders = prompt_encoders(kind, dino, device, tiny)
+        kind, backbone = spec, backbone or "sd"
+        encoders = prompt_encoders(kind, backbone=backbone, **given)
         module = build_prompt(kind, featurizer, categories=categories, encoders=encoders, template_words=template_words)  # type: ignore[arg-type]
         if kind in LEARNED:
             protocol["prompt_state"] = "untrained (initial vectors)"
             notes.append(f"{kind} is an UNTRAINED {kind} prompt (its initial vectors); pass a trained prompt file (sdm train, "
                          "sdm import-prompt) to evaluate a learned one")  # fmt: skip
     elif is_release(spec):
-        module, kind, encoders = _released(spec, prompt_name, featurizer, dino, device, tiny)
+        backbone = backbone or "sd"
+        module, kind, encoders = _released(spec, prompt_name, featurizer, given, backbone)
         protocol.update(prompt_file=spec, prompt_hash=file_hash(spec))
     else:
         from sdm.prompt_files import load_prompt
@@ -167,8 +173,8 @@ def _prompt_method(
         base, note = find_saved_prompt(spec)
         notes += [note] if note else []
         meta = read_metadata(base)
-        kind, backbone = meta.kind, (meta.train_config or {}).get("backbone", "sd")
-        encoders = prompt_encoders(kind, dino, device, tiny, backbone)
+        kind, backbone = meta.kind, backbone or (meta.train_config or {}).get("backbone", "sd")
+        encoders = prompt_encoders(kind, backbone=backbone, **given)
         module = load_prompt(base, featurizer, encoders=encoders)
         weights = str(base.with_name(base.name + ".safetensors"))
         protocol.update(prompt_file=weights, prompt_hash=file_hash(weights))
@@ -177,15 +183,17 @@ def _prompt_method(
         from sdm.backbones import build_backbone
 
         extractor = build_backbone(backbone, encoders, featurizer.image_size[0]).extractor(extractor)
-        notes.append(f"backbone {backbone} (from the prompt's training config)")
+        notes.append(f"backbone {backbone}")
     untrained = "-untrained" if protocol.get("prompt_state") else ""
     name = f"{kind}{'' if backbone == 'sd' else '-' + backbone}{untrained}_t{featurizer.timestep}_e{featurizer.ensemble}"
     return Method(spec, name, featurizer.sd.name, extractor=extractor, featurizer=featurizer, protocol=protocol, notes=notes)
 
 
-def prompt_encoders(kind: str, dino: Any, device: Any, tiny: bool, backbone: str = "sd") -> PromptEncoders:
+def prompt_encoders(
+    kind: str, dino: Any, device: Any, tiny: bool, backbone: str = "sd", clip: Any = "openai/clip-vit-large-patch14"
+) -> PromptEncoders:
     """The image encoders a prompt kind (and a backbone) needs, loaded: DINOv2 for CPM and sd+dino, CLIP vision
-    for the captioner, nothing else. `dino` may be a loaded module, shared."""
+    for the captioner, nothing else. `dino` and `clip` may be loaded modules, shared; "tiny" model: tiny ones."""
     from sdm.backbones import backbone_class
     from sdm.encoders import PromptEncoders, load_clip_vision, load_dino
     from sdm.prompts import PROMPTS
@@ -193,27 +201,26 @@ def prompt_encoders(kind: str, dino: Any, device: Any, tiny: bool, backbone: str
     uses = set(PROMPTS[kind].uses) | ({"dino"} if backbone_class(backbone).needs_dino else set())
     if "dino" in uses and isinstance(dino, str):
         dino = load_dino("tiny" if tiny else dino, device)
-    return PromptEncoders(
-        dino=dino if "dino" in uses else None,
-        clip=load_clip_vision("tiny" if tiny else "openai/clip-vit-large-patch14", device) if "clip" in uses else None,
-    )
+    if "clip" in uses and isinstance(clip, str):
+        clip = load_clip_vision("tiny" if tiny else clip, device)
+    return PromptEncoders(dino=dino if "dino" in uses else None, clip=clip if "clip" in uses else None)
 
 
-def _released(spec: str, prompt_name: str | None, featurizer: Any, dino: Any, device: Any, tiny: bool) -> tuple[Any, str, Any]:
+def _released(spec: str, prompt_name: str | None, featurizer: Any, given: dict[str, Any], backbone: str) -> tuple[Any, str, Any]:
     from sdm.released import import_sd4match, list_released
 
     names = [prompt_name] if prompt_name else list_released(spec)
-    encoders = released_encoders(names, dino, device, tiny) if len(names) == 1 else None
+    encoders = released_encoders(names, given["dino"], given["device"], given["tiny"], backbone) if len(names) == 1 else None
     module, entry = import_sd4match(spec, featurizer, name=prompt_name, encoders=encoders)
     return module, entry.kind, encoders
 
 
-def released_encoders(names: list[str], dino: Any, device: Any, tiny: bool) -> PromptEncoders:
+def released_encoders(names: list[str], dino: Any, device: Any, tiny: bool, backbone: str = "sd") -> PromptEncoders:
     """The encoders the released prompts `names` need, loaded once (DINOv2 when one of them is a CPM)."""
     from sdm.released import parse_released_name
 
     kinds = {parse_released_name(n).kind for n in names}
-    return prompt_encoders("cpm" if "cpm" in kinds else "single", dino, device, tiny)
+    return prompt_encoders("cpm" if "cpm" in kinds else "single", dino, device, tiny, backbone)
 
 
 def _model(model: Any, default: str, device: Any, dtype: Any) -> StableDiffusion:

@@ -167,6 +167,32 @@ def load_learned(prompts_dir: str | Path, kind: str, trained_on: str, featurizer
     return load_prompt(path, featurizer, encoders=encoders), f"{kind} (trained on {trained_on})"
 
 
+def keep_trained(trained: dict[tuple[str, str], Any], results_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Notebook 02's results: for each (kind, dataset) -> `TrainResult`, its chosen prompt (best.*, else prompt.*)
+    copied to results_dir/02_KIND_DATASET_prompt.* (where notebooks 01, 03, 05-07 find it) and its log.csv to
+    02_train_KIND_DATASET_log.csv; returns per run what was trained and chosen, for the results JSON."""
+    import shutil
+
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for (kind, name), result in trained.items():
+        chosen = result.out_dir / ("best" if result.best_step is not None else "prompt")
+        target = results_dir / f"02_{kind}_{name}_prompt"
+        for ext in (".safetensors", ".json"):
+            shutil.copyfile(chosen.with_suffix(ext), target.with_suffix(ext))
+        shutil.copyfile(result.out_dir / "log.csv", results_dir / f"02_train_{kind}_{name}_log.csv")  # says so if weights are random
+        log = result.log
+        runs[f"{kind}_{name}"] = {
+            "prompt": kind, "dataset": name, "steps": int(log["step"].max()) if len(log) else 0,
+            "loss_first": float(log["loss"].iloc[0]), "loss_last": float(log["loss"].iloc[-1]),
+            "val_pck": {int(s): float(v) for s, v in zip(log["step"], log["val_pck"]) if v == v},
+            "best_pck": result.best_pck, "best_step": result.best_step,
+            "prompt_path": str(target.with_suffix(".safetensors")), "selected": chosen.name, "run_dir": str(result.out_dir),
+        }  # fmt: skip
+    return runs
+
+
 def show(fig: Any, path: str | Path) -> Path:
     """Saves a figure (`viz.save_figure`, which closes it) and displays the saved PNG in a notebook."""
     from sdm.viz import save_figure
@@ -214,6 +240,38 @@ def correlation_panels(methods: dict[str, Any], pairs: Any, n_points: int, match
             for _ in range(n_points - k):  # rows stay aligned when a pair has fewer points
                 add(pair.trg_image, None, None, None, "")
     return panels, stats
+
+
+def point_picker(pair: Any, src_f: torch.Tensor, trg_f: torch.Tensor, image_size: tuple[int, int], matcher: str, title: str = "") -> Any:
+    """Notebook 00's point picker: two sliders (x, y) choose a pixel of the pair's source; each move redraws its
+    match in the target and its similarity map (`viz.plot_correspondences`). src_f, trg_f: 1 x C x h x w features
+    of the pair's images at `image_size` (H, W). Returns the ipywidgets box; display it."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from sdm.matching import correlation, match, sample_features, to_feature_coords, to_image_coords
+    from sdm.viz import plot_correspondences
+
+    h, w = pair.src_image.shape[-2:]
+    fsize = tuple(src_f.shape[-2:])
+    x_pick = widgets.IntSlider(value=int(pair.src_kps[0, 0]), min=0, max=w - 1, description="x")
+    y_pick = widgets.IntSlider(value=int(pair.src_kps[0, 1]), min=0, max=h - 1, description="y")
+    picked = widgets.Output()
+
+    def update(_: Any = None) -> None:
+        q_px = torch.tensor([[x_pick.value, y_pick.value]], dtype=torch.float32)
+        q = to_feature_coords(q_px.to(src_f.device), image_size, fsize)[None]
+        pred = to_image_coords(match(src_f, trg_f, q, matcher)[0].cpu(), fsize, image_size)
+        heat = correlation(sample_features(src_f, q), trg_f)[0, 0].cpu()
+        with picked:
+            picked.clear_output(wait=True)
+            plot_correspondences(pair.src_image, pair.trg_image, q_px, pred, heatmap=heat, title=title)
+            plt.show()
+
+    x_pick.observe(update, names="value")
+    y_pick.observe(update, names="value")
+    update()
+    return widgets.VBox([widgets.HBox([x_pick, y_pick]), picked])
 
 
 def image_stats(images: list[Any]) -> list[dict[str, Any]]:
@@ -297,9 +355,11 @@ __all__ = [
     "find_prompt",
     "generate_images",
     "image_stats",
+    "keep_trained",
     "learned_prompt",
     "load_learned",
     "pair_embeddings",
+    "point_picker",
     "prompt_trained_on",
     "run_header",
     "show",

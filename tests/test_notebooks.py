@@ -16,6 +16,7 @@ from typing import Any
 
 import nbformat
 import pytest
+import torch
 
 from sdm.runner import (
     QUICK,
@@ -224,6 +225,9 @@ def test_notebook_is_clean(path: Path) -> None:
             assert cell.execution_count is None, f"{path.name}: a cell has an execution count"
             assert "%matplotlib widget" not in cell.source and "pip install" not in cell.source
             assert ".cuda()" not in cell.source, f"{path.name}: use the device parameter, not .cuda()"
+            lines = [line for line in cell.source.splitlines() if line.strip()]
+            if "parameters" not in cell.metadata.get("tags", []):
+                assert len(lines) <= 15, f"{path.name}: a code cell of {len(lines)} lines (at most 15: calls and plots; move logic to sdm)"
     assert nb.cells[0].cell_type == "markdown"
     params = notebook_parameters(path)
     assert set(papermill.inspect_notebook(str(path))) == set(params), "papermill cannot parse every parameter line"
@@ -231,6 +235,26 @@ def test_notebook_is_clean(path: Path) -> None:
     assert params["model"] != "tiny" and params["device"] == "cuda", "defaults are the paper's settings"
     unknown = set(QUICK.get(notebook_key(path), {})) - set(params)
     assert not unknown, f"QUICK[{notebook_key(path)!r}] sets parameters {path.name} does not have: {unknown}"
+
+
+def test_point_picker_follows_its_sliders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Notebook 00's picker: it draws the first source point at once, and moving a slider redraws the match of the
+    picked pixel (the widget without a browser; the drawing itself is `viz.plot_correspondences`)."""
+    import sdm.viz
+    from sdm.data import SyntheticPairs
+    from sdm.notebooks import point_picker
+
+    drawn: list[list[float]] = []
+    monkeypatch.setattr(sdm.viz, "plot_correspondences", lambda src, trg, q, pred, **k: drawn.append(q[0].tolist() + pred[0].tolist()))
+    pair = SyntheticPairs(n=1, image_size=64, seed=0, n_kps=3)[0]
+    feats = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    box = point_picker(pair, feats[:1], feats[1:], (64, 64), "nearest", title="test")
+    (x_slider, y_slider), _ = box.children[0].children, box.children[1]
+    assert drawn[0][:2] == [float(int(pair.src_kps[0, 0])), float(int(pair.src_kps[0, 1]))] and x_slider.max == 63
+    x_slider.value = 10
+    y_slider.value = 20
+    assert [d[:2] for d in drawn[1:]] == [[10.0, drawn[0][1]], [10.0, 20.0]]
+    assert all(0 <= v <= 63 for d in drawn for v in d[2:])  # matches inside the target
 
 
 def test_every_notebook_has_a_profile_and_a_check() -> None:
