@@ -215,6 +215,7 @@ class PairDataset(Dataset):
 
     categories: list[str]
     image_size: tuple[int, int]
+    threshold_mode: str  # the standard PCK threshold (a mode of sdm.metrics.THRESHOLDS); Pair.threshold follows it
     # False: pairs carry empty 3 x 0 x 0 images (evaluation with per-image feature caches loads images itself).
     decode_images: bool = True
 
@@ -241,21 +242,31 @@ class PairDataset(Dataset):
         sizes: tuple[tuple[int, int], tuple[int, int]],
         *,
         category: str,
-        threshold: float,
         pair_id: str,
         extra: dict[str, Any] | None = None,
     ) -> Pair:
-        """A Pair from (source, target) ids, resized keypoints and stored (H, W) sizes; the images through
-        `pair_image` (so `decode_images` holds for every dataset)."""
+        """A Pair from (source, target) ids, resized keypoints, stored sizes and facts (`extra`: boxes, flags); the
+        images through `pair_image` (so `decode_images` holds for every dataset), the threshold from the facts
+        (`pair_threshold`)."""
+        extra = extra or {}
         return Pair(
             src_image=self.pair_image(ids[0]), trg_image=self.pair_image(ids[1]), src_kps=kps[0], trg_kps=kps[1],
-            n_kps=len(kps[0]), category=category, threshold=threshold, src_id=ids[0], trg_id=ids[1],
-            src_size=sizes[0], trg_size=sizes[1], pair_id=pair_id, extra=extra or {},
+            n_kps=len(kps[0]), category=category, threshold=self.pair_threshold(kps, sizes, extra), src_id=ids[0], trg_id=ids[1],
+            src_size=sizes[0], trg_size=sizes[1], pair_id=pair_id, extra=extra,
         )  # fmt: skip
+
+    def pair_threshold(self, kps: tuple[torch.Tensor, torch.Tensor], sizes: tuple[tuple[int, int], tuple[int, int]], extra: dict[str, Any]) -> float:
+        """A pair's PCK threshold in the resized input under the dataset's `threshold_mode`, from its facts
+        (keypoints, boxes, sizes): the one function every threshold comes from, here and in `evaluate`
+        (`sdm.metrics.threshold_of`)."""
+        from sdm.metrics import pair_facts, threshold_of
+
+        return threshold_of(pair_facts(kps[0], kps[1], extra, sizes[0], sizes[1], tuple(self.image_size), "resized"), self.threshold_mode)
 
     def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Pair i's resized (src_kps K x 2, trg_kps K x 2, threshold) without decoding its images."""
-        raise NotImplementedError
+        pair = decoding(self, False)[i]
+        return pair.src_kps, pair.trg_kps, pair.threshold
 
     def image_ids(self) -> list[str]:
         """Ids of every image used by the split (src and trg), unique, in first-use order."""

@@ -127,22 +127,15 @@ class CUB200(FilePairDataset):
             raise AnnotationError(f"CUB pair {i} ({src.path} -> {trg.path}): no part visible in both images")
         return np.array([vis_src[k] for k in both]), np.array([vis_trg[k] for k in both]), np.array(both)
 
-    def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def __getitem__(self, i: int) -> Pair:
         src, trg = self.pairs[i]
         s, t, _ = self._points(i)
         src_kps, trg_kps = self.resized_points(s, self._id(src.path)), self.resized_points(t, self._id(trg.path))
-        w_orig = self._size(trg)[0]
-        threshold = max(trg.bbox[2], trg.bbox[3]) * self.image_size[1] / w_orig  # both sides by the x factor
-        return src_kps, trg_kps, float(threshold)
-
-    def __getitem__(self, i: int) -> Pair:
-        src, trg = self.pairs[i]
-        src_kps, trg_kps, threshold = self.keypoints(i)
         src_id, trg_id = self._id(src.path), self._id(trg.path)
         box = lambda im: self.resized_box(torch.tensor([im.bbox[0], im.bbox[1], im.bbox[0] + im.bbox[2], im.bbox[1] + im.bbox[3]]), self._id(im.path))  # noqa: E731
         return self.make_pair(
             (src_id, trg_id), (src_kps, trg_kps), (self._size(src), self._size(trg)), category=src.path.split("/")[0],
-            threshold=threshold, pair_id=f"{i}:{src_id}->{trg_id}",
+            pair_id=f"{i}:{src_id}->{trg_id}",
             extra={"src_bbox": box(src), "trg_bbox": box(trg), "parts": self._points(i)[2].tolist()},
         )  # fmt: skip
 

@@ -13,8 +13,6 @@ import scipy.io
 import torch
 from PIL import Image
 
-from sdm.metrics import pfpascal_threshold
-
 from .base import FilePairDataset, ImageSize, Pair, valid_point_mask
 from .errors import AnnotationError, missing_root_error, read_csv
 from .layouts import PFPASCAL_LAYOUT
@@ -212,13 +210,6 @@ class PFPascal(FilePairDataset):
                     boxes[side] = self._flip_x(box, (0, 2))[[2, 1, 0, 3]]
         return {"src_kps": src_kps, "trg_kps": trg_kps, "src_bbox": boxes["src"], "trg_bbox": boxes["trg"]}
 
-    def _threshold(self) -> float:
-        return float(pfpascal_threshold(torch.tensor(self.image_size)))
-
-    def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        ann = self._annotation(i)
-        return ann["src_kps"], ann["trg_kps"], self._threshold()
-
     def __getitem__(self, i: int) -> Pair:
         r = self.records[i]
         ann = self._annotation(i)
@@ -227,7 +218,7 @@ class PFPascal(FilePairDataset):
             raise AnnotationError(f"PF-Pascal pair {r.row} ({r.src} -> {r.trg}): no valid keypoint")
         return self.make_pair(
             (src_id, trg_id), (ann["src_kps"], ann["trg_kps"]), (self.stored_size(src_id), self.stored_size(trg_id)), category=r.category,
-            threshold=self._threshold(), pair_id=f"{r.row}:{Path(r.src).stem}->{Path(r.trg).stem}",
+            pair_id=f"{r.row}:{Path(r.src).stem}->{Path(r.trg).stem}",
             extra={"flipped": r.flip, "src_bbox": ann["src_bbox"], "trg_bbox": ann["trg_bbox"]},
         )  # fmt: skip
 

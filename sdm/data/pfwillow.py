@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdm.metrics import pfwillow_threshold
-
 from .base import FilePairDataset, ImageSize, Pair, valid_point_mask
 from .errors import AnnotationError, check_category, read_csv
 from .layouts import PFWILLOW_LAYOUT
@@ -113,21 +111,21 @@ class PFWillow(FilePairDataset):
         ids = [self._id(r.src) for r in self.records] + [self._id(r.trg) for r in self.records]
         return list(dict.fromkeys(ids))
 
-    def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _points(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.records[i]
         keep = valid_point_mask(r.src_kps, r.trg_kps)
         src_kps = self.resized_points(r.src_kps[keep], self._id(r.src))
         trg_kps = self.resized_points(r.trg_kps[keep], self._id(r.trg))
         if len(trg_kps) < 2:
             raise AnnotationError(f"PF-Willow pair {i} ({r.src} -> {r.trg}): fewer than 2 valid keypoints")
-        return src_kps, trg_kps, float(pfwillow_threshold(trg_kps))
+        return src_kps, trg_kps
 
     def __getitem__(self, i: int) -> Pair:
         r = self.records[i]
-        src_kps, trg_kps, threshold = self.keypoints(i)
+        src_kps, trg_kps = self._points(i)
         src_id, trg_id = self._id(r.src), self._id(r.trg)
         sizes = (self.stored_size(src_id), self.stored_size(trg_id))
-        return self.make_pair((src_id, trg_id), (src_kps, trg_kps), sizes, category=r.category, threshold=threshold, pair_id=f"{r.row}:{src_id}->{trg_id}")
+        return self.make_pair((src_id, trg_id), (src_kps, trg_kps), sizes, category=r.category, pair_id=f"{r.row}:{src_id}->{trg_id}")
 
 
 __all__ = [

@@ -157,22 +157,17 @@ class SPair71k(FilePairDataset):
             self.resized_box(r.trg_bbox, trg_id),
         )
 
-    def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        src_kps, trg_kps, _, trg_box = self._scaled(i)
-        return src_kps, trg_kps, float(spair_threshold(trg_box))
-
     def __getitem__(self, i: int) -> Pair:
         r = self.records[i]
         src_id, trg_id = self._ids(r)
         src_kps, trg_kps, src_box, trg_box = self._scaled(i)
-        threshold = float(spair_threshold(trg_box))
-        if threshold <= 0:
+        if float(spair_threshold(trg_box)) <= 0:
             raise AnnotationError(
                 f"SPair-71k pair {r.name}: field 'trg_bndbox' is empty ({r.trg_bbox.tolist()})"
             )
         return self.make_pair(
             (src_id, trg_id), (src_kps, trg_kps), (self.stored_size(src_id), self.stored_size(trg_id)), category=r.category,
-            threshold=threshold, pair_id=r.name, extra={"src_bbox": src_box, "trg_bbox": trg_box, **r.flags},
+            pair_id=r.name, extra={"src_bbox": src_box, "trg_bbox": trg_box, **r.flags},
         )  # fmt: skip
 
 

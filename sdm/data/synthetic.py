@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sdm.metrics import pfwillow_threshold
-
 from .base import ImageSize, Pair, PairDataset, as_hw, pil_to_tensor
 from .errors import check_category
 
@@ -237,7 +235,7 @@ class SyntheticPairs(PairDataset):
             trg_kps=trg_kps,
             n_kps=self.n_kps,
             category=name,
-            threshold=float(pfwillow_threshold(trg_kps)),
+            threshold=self.pair_threshold((src_kps, trg_kps), (wh, wh), {}),
             src_id=f"{prefix}:src",
             trg_id=f"{prefix}:trg",
             src_size=wh,
@@ -245,10 +243,6 @@ class SyntheticPairs(PairDataset):
             pair_id=prefix,
             extra={"homography": torch.from_numpy(src_to_trg / src_to_trg[2, 2]), "photo": name},
         )
-
-    def keypoints(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        pair = self[i]
-        return pair.src_kps, pair.trg_kps, pair.threshold
 
     def image_ids(self) -> list[str]:
         return [f"synthetic:{self.seed}:{i}:{side}" for i in range(self.n) for side in ("src", "trg")]
