@@ -41,11 +41,12 @@ Reading of the paper's settings (all in `AttentionMatcherConfig`, all configurab
   first (only the shape of the map matters then).
 """
 
-from sdm.attention import capture, geometry, layers, matcher
+from sdm.attention import capture, crops, geometry, layers, matcher
 from sdm.attention.capture import *  # noqa: F403  (each module's __all__, handed on)
+from sdm.attention.crops import *  # noqa: F403
 from sdm.attention.geometry import *  # noqa: F403
 from sdm.attention.layers import *  # noqa: F403
 from sdm.attention.matcher import *  # noqa: F403
 from sdm.config import HEDLIN_MODEL, AttentionMatcherConfig
 
-__all__ = ["HEDLIN_MODEL", "AttentionMatcherConfig", *layers.__all__, *capture.__all__, *geometry.__all__, *matcher.__all__]
+__all__ = ["HEDLIN_MODEL", "AttentionMatcherConfig", *layers.__all__, *capture.__all__, *geometry.__all__, *crops.__all__, *matcher.__all__]

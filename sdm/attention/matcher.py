@@ -14,16 +14,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sdm.attention.capture import AttentionStore, capture_cross_attention
+from sdm.attention.crops import GEOMETRIES
 from sdm.attention.geometry import (
-    crop_images,
     crop_side,
     cut_crops,
     gaussian_maps,
     gaussian_profiles,
     layer_softmax_readout,
-    margin_crop_offsets,
-    paste_maps,
-    random_crops,
     upsampled_mse,
 )
 from sdm.attention.layers import _module_name, cross_attention_layers, execution_key, hedlin_layers
@@ -43,6 +40,11 @@ def compile_for_matcher(sd: StableDiffusion, channels_last: bool = False) -> Sta
     `channels_last`. Compiling takes minutes and pays on whole datasets with UNet batches of 50
     (benchmarks/README.md); results differ by rounding only."""
     return optimize(sd, channels_last=channels_last, fuse_qkv=False, compile=True, compile_scope="blocks", dynamic=False)
+
+
+# The read-outs of the target's per-layer maps N x layers x H x W -> N x H x W: the authors' softmax per layer then
+# the mean (utils/optimize.py:61-82), or the mean map (sdm 0.2).
+READOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"authors": layer_softmax_readout, "mean-map": lambda maps: maps.mean(dim=1)}
 
 
 # ---- the matcher ----------------------------------------------------------------------------------------------
@@ -111,6 +113,7 @@ class AttentionMatcher:
         self.map_size: tuple[int, int] = cfg.map_size or cfg.image_size  # type: ignore[assignment]
         # latents of every crop of an image, by (pixel digest, crop side); `crop_store.reset()` if the VAE changes
         self.crop_store = FeatureStore(max(cfg.crop_store, 1))
+        self.geometry = GEOMETRIES[cfg.geometry]  # how crops are drawn and maps placed (sdm.attention.crops)
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     @property
@@ -203,8 +206,7 @@ class AttentionMatcher:
         """Noisy latents M x 4 x h x w and hidden states M x L x D -> M x H x W maps of the chosen token (the mean
         over layers), or M x layers x H x W with `per_layer`; H x W = `size` (default `map_size`)."""
         self._run_unet(noisy, hidden, timestep)
-        align = self.config.geometry == "continuous"
-        maps = store.layer_maps(self.config.token_index, size or self.map_size, self.config.heads, align)[:, :, 0]  # M x layers x H x W
+        maps = store.layer_maps(self.config.token_index, size or self.map_size, self.config.heads, self.geometry.align_corners)[:, :, 0]  # M x layers x H x W
         if self.config.normalize == "minmax":
             lo = maps.flatten(2).amin(2)[..., None, None]
             hi = maps.flatten(2).amax(2)[..., None, None]
@@ -236,7 +238,7 @@ class AttentionMatcher:
         if cfg.loss_resolution == "native" and cfg.loss == "per-layer" and cfg.normalize == "none":
             self._run_unet(noisy, hidden, cfg.opt_timestep)
             g_y, g_x = gaussian_profiles(target_px, size, sigma)
-            align = cfg.geometry == "continuous"
+            align = self.geometry.align_corners
             per_layer = [upsampled_mse(m[:, 0], g_y, g_x, align) for m in store.native_maps(cfg.token_index, cfg.heads)]
             return torch.stack(per_layer, dim=1).mean(dim=1)
         maps = self._unet_maps(noisy, hidden, cfg.opt_timestep, store, per_layer=True)
@@ -268,30 +270,15 @@ class AttentionMatcher:
         embeddings = nn.Parameter(init.to(self.device))
         optimizer = torch.optim.Adam([embeddings], lr=cfg.lr)
         centers_px = pts.repeat_interleave(e, dim=0)  # B x 2 resized pixels, point-major
-        map_h, map_w = self.map_size
-        size_h, size_w = cfg.image_size  # type: ignore[misc]
         frac = cfg.crop_frac
-        side = crop_side((size_h, size_w), frac)
-        centers = centers_px / torch.tensor([size_w - 1, size_h - 1])  # normalised align-corners: the continuous crops
-        # offsets -> VAE latents of those crops; continuous offsets are new at every draw, so nothing is kept
-        crop_latents: Callable[[torch.Tensor], torch.Tensor] = (
-            self._crop_bank(pixels, side) if cfg.geometry == "authors" else lambda o: self._encode(crop_images(pixels, o, frac))
-        )
+        side = crop_side(tuple(cfg.image_size), frac)  # type: ignore[arg-type]
+        crop_latents = self.geometry.crop_latents(self, pixels, side, frac)  # offsets -> VAE latents of those crops
         # Half-precision backward can underflow on these small losses; Adam is invariant to the scale.
         grad_scale = 256.0 if self.sd.unet.dtype == torch.float16 else 1.0
         losses = torch.zeros(cfg.steps, b, device=self.device)  # on the device: one host sync per step, not per batch
         with capture_cross_attention(self.sd.unet, self.layers) as store:
             for step in tqdm(range(cfg.steps), desc="optimise embeddings", disable=not cfg.progress, leave=False):
-                if cfg.geometry == "authors":
-                    offsets = margin_crop_offsets(centers_px, (size_h, size_w), frac, cfg.crop_margin, gen)
-                    # their new_pixel = (x - x0) / crop side, times the map side, on the grid arange(side)
-                    q = (centers_px - offsets) / torch.tensor([side[1], side[0]])
-                    target_px = q * torch.tensor([map_w, map_h])
-                else:
-                    offsets = random_crops(b, frac, gen)
-                    # The Gaussian moves with the crop: centre in the crop frame q = (p - o) / s, in map pixels.
-                    q = (centers - offsets) / frac
-                    target_px = q * torch.tensor([map_w - 1, map_h - 1])
+                offsets, target_px = self.geometry.draw(centers_px, self, side, frac, gen)
                 target_px = target_px.to(self.device)
                 optimizer.zero_grad(set_to_none=True)
                 for chunk in self._chunks(b):
@@ -351,81 +338,12 @@ class AttentionMatcher:
         pixels = self._pixels(image)
         flat = embeddings.reshape(n * e, *embeddings.shape[2:]).to(self.device)
         with capture_cross_attention(self.sd.unet, self.layers) as store:
-            if cfg.geometry == "authors":
-                per_layer = self._maps_over_margin_crops(pixels, flat, timestep, crops, frac, gen, store)
-            else:
-                per_layer = self._maps_over_random_crops(pixels, flat, timestep, 1.0 if crops == 1 else frac, crops, gen, store)
+            per_layer = self.geometry.target_maps(self, pixels, flat, timestep, crops, frac, gen, store)
         per_layer = per_layer.view(n, e, *per_layer.shape[1:]).mean(dim=1)  # N x layers x H' x W'
         if not torch.isfinite(per_layer).all():  # an argmax of NaNs would silently answer (0, 0)
             raise FloatingPointError("non-finite attention maps on the target; run the UNet in float32 or bfloat16")
-        out = layer_softmax_readout(per_layer) if cfg.readout == "authors" else per_layer.mean(dim=1)
+        out = READOUTS[cfg.readout](per_layer)
         return out.cpu()
-
-    def _maps_over_margin_crops(
-        self,
-        pixels: torch.Tensor,
-        flat: torch.Tensor,
-        timestep: int,
-        crops: int,
-        frac: float,
-        gen: torch.Generator,
-        store: AttentionStore,
-    ) -> torch.Tensor:
-        """Hedlin et al.'s inference (utils/optimize_token.py:256-310), for every embedding at once: crops centred
-        (with the margin rule) on the four corners, then on the argmax of the maps gathered so far; fresh noise for
-        each; each crop's per-layer maps upsampled to the crop side and added where the crop lies. Returns
-        M x layers x H' x W' (M = embeddings), the per-pixel mean over the crops covering it."""
-        size = tuple(self.config.image_size)  # type: ignore[arg-type]
-        if tuple(self.map_size) != size:
-            raise ValueError("geometry 'authors' pastes crops in image pixels: leave map_size at image_size")
-        h, w = size
-        side = crop_side(size, frac)
-        m, layers = flat.shape[0], len(self.layers)
-        sums = torch.zeros(m, layers, h, w, device=self.device)
-        counts = torch.zeros(m, 1, h, w, device=self.device)
-        corners = torch.tensor([[0.0, 0.0], [0.0, float(h)], [float(w), 0.0], [float(w), float(h)]])  # (x, y) as the code
-        crop_latents = self._crop_bank(pixels, side)
-        for it in tqdm(range(crops), desc="attention maps", disable=not self.config.progress, leave=False):
-            if it < 4:
-                locs = corners[it].expand(m, 2)
-            else:
-                running = torch.nan_to_num(sums / counts).mean(dim=1)  # uncovered pixels (0 / 0) count as 0
-                locs = argmax_2d(running).float().cpu() + 0.5
-            offsets = margin_crop_offsets(locs, size, frac, self.config.crop_margin, gen)
-            noisy = self._noisy(crop_latents(offsets), timestep, gen)
-            for chunk in self._chunks(m):
-                maps = self._unet_maps(noisy[chunk], flat[chunk], timestep, store, per_layer=True, size=side)
-                for i, (x0, y0) in zip(range(chunk.start, chunk.stop), offsets[chunk].tolist()):
-                    sums[i, :, y0 : y0 + side[0], x0 : x0 + side[1]] += maps[i - chunk.start]
-                    counts[i, :, y0 : y0 + side[0], x0 : x0 + side[1]] += 1
-        return sums / counts.clamp_min(1.0)
-
-    def _maps_over_random_crops(
-        self,
-        pixels: torch.Tensor,
-        flat: torch.Tensor,
-        timestep: int,
-        frac: float,
-        crops: int,
-        gen: torch.Generator,
-        store: AttentionStore,
-    ) -> torch.Tensor:
-        """sdm 0.2's inference (geometry "continuous"): `crops` random continuous crops shared by all embeddings,
-        one noise draw per crop, maps pasted back with align corners. Returns M x layers x H' x W'."""
-        offsets = random_crops(crops, frac, gen)
-        latents = torch.cat([self._encode(crop_images(pixels, offsets[c], frac)) for c in self._chunks(crops)])
-        noisy = self._noisy(latents, timestep, gen)  # one noise draw per crop, shared by all embeddings
-        m, layers = flat.shape[0], len(self.layers)
-        # Items are (embedding, crop) pairs, crop-minor: item i uses embedding i // crops and crop i % crops.
-        acc = torch.zeros(m, layers, *self.map_size, device=self.device)
-        _, coverage = paste_maps(torch.zeros(crops, *self.map_size, device=self.device), offsets, frac)
-        for chunk in self._chunks(m * crops):
-            idx = torch.arange(chunk.start, chunk.stop)
-            emb_idx, crop_idx = idx // crops, idx % crops
-            maps = self._unet_maps(noisy[crop_idx.to(noisy.device)], flat[emb_idx.to(self.device)], timestep, store, per_layer=True)
-            pasted, _ = paste_maps(maps.flatten(0, 1), offsets[crop_idx].repeat_interleave(layers, dim=0), frac)
-            acc.index_add_(0, emb_idx.to(self.device), pasted.view(-1, layers, *self.map_size))
-        return acc / coverage.sum(0).clamp_min(1.0)
 
     def peaks(self, maps: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """Peaks of N x H' x W' maps (from `attention_maps`) -> N x 2 pixel (x, y) in an image of size
@@ -436,17 +354,7 @@ class AttentionMatcher:
         else:
             scaled = maps / maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
             cells = soft_argmax_2d(scaled, cfg.soft_argmax_temperature)
-        map_h, map_w = maps.shape[-2:]
-        h, w = image_hw
-        size_h, size_w = cfg.image_size  # type: ignore[misc]
-        if cfg.geometry == "authors":
-            # the code's pixel of the argmax + 0.5 on the resized image (utils/optimize.py:79-82), then per axis
-            # back to the original image: x = x' * W / W'
-            return (cells.float() + 0.5) * cells.new_tensor([w / size_w, h / size_h])
-        # map cell -> normalised [0, 1] -> original pixels (align corners on the resized image, then per-axis
-        # resize back: x = x' * W / W').
-        norm = cells / cells.new_tensor([map_w - 1, map_h - 1])
-        return norm * cells.new_tensor([(size_w - 1) * w / size_w, (size_h - 1) * h / size_h])
+        return self.geometry.to_pixels(cells, tuple(maps.shape[-2:]), tuple(cfg.image_size), image_hw)  # type: ignore[arg-type]
 
     def match(
         self, src_image: ImageInput, trg_image: ImageInput, src_points_xy: torch.Tensor | Sequence[Sequence[float]]
@@ -461,6 +369,7 @@ class AttentionMatcher:
 
 
 __all__ = [
+    "READOUTS",
     "AttentionMatcher",
     "OptimizationResult",
     "compile_for_matcher",
