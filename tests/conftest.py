@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Set before anything imports huggingface_hub, so hub look-ups fail at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,3 +32,13 @@ def featurizer(sd):  # -> sdm.SDFeaturizer
     import sdm
 
     return sdm.SDFeaturizer(sd, image_size=64)
+
+
+def one_hot_maps(h: int = 6, w: int = 8):  # -> (src 1 x C x h x w, trg, query 1 x 2 x 2)
+    """Source cell (x, y) holds basis vector e_(y*w+x); the target is the source shifted by (+1, +2)."""
+    c = h * w
+    src = torch.eye(c).view(c, h, w).unsqueeze(0)
+    trg = torch.zeros_like(src)
+    trg[..., 2:, 1:] = src[..., :-2, :-1]
+    query = torch.tensor([[[1.0, 1.0], [4.0, 2.0]]])
+    return src, trg, query
