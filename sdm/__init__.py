@@ -6,9 +6,11 @@ The public API is small::
     featurizer = sdm.SDFeaturizer(sd, timestep=50, ensemble=8)
     feats = featurizer(images, "a photo of a cat")   # B x C x h x w
     matches = sdm.matching.kernel_soft_argmax(src, trg, query_xy)
-    result = sdm.load_method("runs/single/best.safetensors").evaluate(dataset)   # any method by name -> PCK
+    dataset = sdm.load_dataset("pfwillow", "data/PF-Willow")
+    result = sdm.load_method("runs/single").evaluate(dataset)   # any method by name (a run folder: its best prompt)
+    sdm.train.train(sdm.TrainConfig(prompt="cpm"), sd, sdm.load_dataset("spair", "data/SPair-71k", split="trn"))
 
-Submodules: `config` (every setting, importable without torch), `matching`, `loss`, `metrics`, `data`, `prompts`
+`sdm.train` is the training module (`sdm.train.train`). Submodules: `config` (every setting, importable without torch), `matching`, `loss`, `metrics`, `data`, `prompts`
 (prompt modules), `encoders` (DINOv2, CLIP vision), `prompt_files` (saving and loading prompts), `released` (the
 authors' released prompts), `backbones`, `train`, `evaluate`, `attention`, `viz`.
 
@@ -24,6 +26,8 @@ from sdm.lazy import lazy_names
 
 if TYPE_CHECKING:
     from sdm import loss, matching, metrics
+    from sdm.config import TrainConfig
+    from sdm.data import load_dataset
     from sdm.features import SDFeaturizer
     from sdm.methods import load_method
     from sdm.models import (
@@ -40,6 +44,8 @@ _HOMES = {
     "StableDiffusion": "sdm.models",
     "load_stable_diffusion": "sdm.models",
     "load_method": "sdm.methods",
+    "load_dataset": "sdm.data",
+    "TrainConfig": "sdm.config",
     "sd14_architecture": "sdm.models",
     "sd21_architecture": "sdm.models",
     "tiny_stable_diffusion": "sdm.models",
@@ -51,6 +57,8 @@ __version__ = VERSION
 __all__ = [
     "SDFeaturizer",
     "StableDiffusion",
+    "TrainConfig",
+    "load_dataset",
     "load_method",
     "load_stable_diffusion",
     "loss",
