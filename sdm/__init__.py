@@ -8,9 +8,10 @@ The public API is small::
     matches = sdm.matching.kernel_soft_argmax(src, trg, query_xy)
     dataset = sdm.load_dataset("pfwillow", "data/PF-Willow")
     result = sdm.load_method("runs/single").evaluate(dataset)   # any method by name (a run folder: its best prompt)
-    sdm.train.train(sdm.TrainConfig(prompt="cpm"), sd, sdm.load_dataset("spair", "data/SPair-71k", split="trn"))
+    from sdm.train import train
+    train(sdm.TrainConfig(prompt="cpm"), sd, sdm.load_dataset("spair", "data/SPair-71k", split="trn"))
 
-`sdm.train` is the training module (`sdm.train.train`). Submodules: `config` (every setting, importable without torch), `matching`, `loss`, `metrics`, `data`, `prompts`
+Submodules: `config` (every setting, importable without torch), `matching`, `loss`, `metrics`, `data`, `prompts`
 (prompt modules), `encoders` (DINOv2, CLIP vision), `prompt_files` (saving and loading prompts), `released` (the
 authors' released prompts), `backbones`, `train`, `evaluate`, `attention`, `viz`.
 
