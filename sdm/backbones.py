@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from sdm.config import BackboneName
+from sdm.config import BACKBONE_NAMES, BackboneName
 from sdm.encoders import PromptEncoders
 from sdm.extractors import FeatureExtractor
 from sdm.features import SDFeaturizer
@@ -103,6 +103,15 @@ BACKBONES: dict[str, type[Backbone]] = {
 }
 
 
+def register_backbone(name: str, cls: type[Backbone]) -> type[Backbone]:
+    """Adds a backbone (a `Backbone` class); `TrainConfig(backbone=name)`, `sdm train --backbone` and
+    `sdm.load_method(..., backbone=name)` then take it."""
+    BACKBONES[name] = cls
+    if name not in BACKBONE_NAMES:
+        BACKBONE_NAMES.append(name)
+    return cls
+
+
 def backbone_class(name: str) -> type[Backbone]:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
@@ -114,4 +123,4 @@ def build_backbone(name: str, encoders: PromptEncoders | None = None, image_size
     return backbone_class(name).build(encoders, image_size)
 
 
-__all__ = ["BACKBONES", "Backbone", "BackboneName", "backbone_class", "build_backbone"]
+__all__ = ["BACKBONES", "Backbone", "BackboneName", "backbone_class", "build_backbone", "register_backbone"]

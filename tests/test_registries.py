@@ -12,6 +12,7 @@ import torch
 
 import sdm
 from sdm import config
+from sdm.backbones import BACKBONES, StableDiffusionOnly, register_backbone
 from sdm.cli import build_parser, main
 from sdm.data import DATASETS, SyntheticPairs, register_dataset
 from sdm.matching import MATCHER_FUNCTIONS, MatchConfig, nearest_neighbour, register_matcher
@@ -22,8 +23,8 @@ from sdm.prompts import PROMPTS, SinglePrompt, build_prompt, register_prompt
 @pytest.fixture(autouse=True)
 def registries_restored() -> Iterator[None]:
     """What a test registers is gone after it (the registries and the names of sdm.config)."""
-    saved = [(r, copy.copy(r)) for r in (MATCHER_FUNCTIONS, PROMPTS, DATASETS)]
-    names = [(n, list(n)) for n in (config.MATCHERS, config.PROMPT_KINDS, config.LEARNED, config.DATASET_NAMES)]
+    saved = [(r, copy.copy(r)) for r in (MATCHER_FUNCTIONS, PROMPTS, DATASETS, BACKBONES)]
+    names = [(n, list(n)) for n in (config.MATCHERS, config.PROMPT_KINDS, config.LEARNED, config.DATASET_NAMES, config.BACKBONE_NAMES)]
     yield
     for registry, before in saved:
         registry.clear()
@@ -90,3 +91,14 @@ def test_a_dataset_registered_in_one_call(tmp_path: Path) -> None:
     assert main([*args, "--ensemble", "1", "--out", str(tmp_path / "r")]) == 0
     (written,) = (tmp_path / "r").glob("few_test_*.json")
     assert written.name.startswith("few_test_empty_t50_e1")
+
+
+def test_a_backbone_registered_in_one_call() -> None:
+    class Plain(StableDiffusionOnly):
+        """The SD features as they are, under another name."""
+
+    register_backbone("plain", Plain)
+    assert build_parser().parse_args(["train", "--backbone", "plain"]).backbone == "plain"
+    sd = sdm.tiny_stable_diffusion(0)
+    method = sdm.load_method("empty", model=sd, image_size=64, ensemble=1, backbone="plain")
+    assert method.name == "empty-plain_t50_e1"
