@@ -266,12 +266,13 @@ def _processes(device: str | None):  # -> (accelerate.PartialState | None, devic
     return state, str(state.device)
 
 
-def _check_threshold(dataset, mode: str | None, frame: str) -> None:
+def _check_threshold(dataset, mode: str | None, frame: str | None) -> None:
     """Fails before any model loads when the threshold mode does not apply to the dataset (no boxes, ...)."""
     from sdm.metrics import pair_facts, threshold_of
 
     if mode is None or len(dataset) == 0:
         return
+    frame = frame or getattr(dataset, "standard_frame", "resized")
     from sdm.data import decoding
 
     try:
@@ -437,7 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--matcher", default="kernel_soft_argmax", choices=[*MATCHERS, "attention"], help="'attention': Hedlin et al.'s training-free matcher"
     )
     e.add_argument("--threshold", default=None, choices=sorted(THRESHOLD_MODES), help="PCK threshold mode (default: the dataset's standard; docs/protocols.md)")
-    e.add_argument("--frame", default="resized", choices=["resized", "original"], help="measure in the resized input or the stored image")
+    e.add_argument(
+        "--frame", default=None, choices=["resized", "original"],
+        help="measure in the resized input or the stored image (default: the dataset's standard, resized but for SPair-U)",
+    )
     e.add_argument(
         "--similarity", default=None, choices=list(SIMILARITIES),
         help="how features are scored: cosine (default for SD features), dot (the SD4Match code's config/dift.py and "

@@ -113,7 +113,7 @@ def evaluate_predictions(
     alphas: Sequence[float] = ALPHAS,
     max_pairs: int | None = None,
     threshold: str | None = None,
-    frame: Frame = "resized",
+    frame: Frame | None = None,
     progress: bool = True,
     desc: str = "evaluate",
     decode_images: bool = True,
@@ -126,6 +126,7 @@ def evaluate_predictions(
             category is covered); None: all pairs.
         threshold: a mode of `sdm.metrics.THRESHOLDS`; None: the dataset's standard (`threshold_mode`).
         frame: "resized" (distances and thresholds in the network's input pixels, SD4Match) or "original"
+            (None: the dataset's `standard_frame`, "resized" unless its authors measure otherwise)
             (in the stored image's pixels, DIFT's SPair-71k script).
         decode_images: False gives batches with empty images (for predictors that need only keypoints and ids).
         processes: Accelerate's process state (`accelerate.PartialState()` under `accelerate launch`). With
@@ -138,6 +139,7 @@ def evaluate_predictions(
     if n == 0:
         raise ValueError("the dataset has no pairs")
     mode = threshold or standard_threshold(dataset)
+    frame = frame or getattr(dataset, "standard_frame", "resized")
     if mode is None and frame != "resized":
         raise ValueError("this dataset sets its own thresholds in the resized frame; name a threshold mode for frame='original'")
     result = _evaluate_loop(pairs, predict, batch_size, num_workers, alphas, progress, desc, mode, frame, processes)
@@ -246,7 +248,7 @@ class Scoring(TypedDict, total=False):
     num_workers: int
     alphas: Sequence[float]
     threshold: str | None
-    frame: Frame
+    frame: Frame | None
     progress: bool
     desc: str
     processes: PartialState | None

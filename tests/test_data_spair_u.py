@@ -67,3 +67,21 @@ def test_missing_annotations_say_where_to_get_them(tmp_path: Path) -> None:
 
 def test_registered_once() -> None:
     assert DATASETS["spair-u"] is SPairU
+
+
+def test_evaluated_under_jamais_vus_protocol(tmp_path: Path) -> None:
+    """Jamais Vu (github VICO-UoE/JamaisVu) measures after an aspect-preserving resize (utils/utils_dataset.py:13-30), which scales distances
+    and the target box alike: sdm's original frame, by default for SPair-U. The target image is 50 x 20 and its box
+    40 x 18; the input is 100 x 60 (x by 2, y by 3). A miss of 6 resized pixels along y is 2 px in the original,
+    against a box side of 40 there (2 / 40 = 0.05), but 6 / 80 = 0.075 of the squashed box (80 x 54): at alpha 0.06
+    the original frame counts it correct and the resized one does not."""
+    from sdm.evaluate import evaluate_predictions
+
+    _images(tmp_path / "SPair-71k")
+    _write(tmp_path / "SPair-U" / "PairAnnotation" / "test" / f"{NAME}.json", {**PAIR, "src_kps": [[4, 6]], "trg_kps": [[10, 5]]})
+    data = load_dataset("spair-u", tmp_path / "SPair-U", image_size=(60, 100))
+    miss = lambda batch: batch.trg_kps + torch.tensor([0.0, 6.0])  # noqa: E731
+    default = evaluate_predictions(data, miss, alphas=(0.06,), progress=False)
+    resized = evaluate_predictions(data, miss, alphas=(0.06,), frame="resized", progress=False)
+    assert default.info["protocol"]["frame"] == "original" and default.overall("per_image@0.06") == 100.0
+    assert resized.info["protocol"]["frame"] == "resized" and resized.overall("per_image@0.06") == 0.0

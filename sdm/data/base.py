@@ -216,6 +216,9 @@ class PairDataset(Dataset):
     categories: list[str]
     image_size: tuple[int, int]
     threshold_mode: str  # the standard PCK threshold (a mode of sdm.metrics.THRESHOLDS); Pair.threshold follows it
+    # where distances and thresholds are measured by default: "resized" (the network's input, SD4Match) or
+    # "original" (the stored image, or any frame that scales it uniformly)
+    standard_frame: str = "resized"
     # False: pairs carry empty 3 x 0 x 0 images (evaluation with per-image feature caches loads images itself).
     decode_images: bool = True
 

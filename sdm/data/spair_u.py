@@ -48,6 +48,11 @@ class SPairU(SPair71k):
     threshold (max side of the target box)."""
 
     title, layout, splits = "SPair-U", SPAIR_U_LAYOUT, ("test",)
+    # Jamais Vu's protocol (github VICO-UoE/JamaisVu d236e73): max(h, w) of the target box, measured after an aspect-preserving resize with padding
+    # (utils/utils_dataset.py:13-30, 265-267; pck_train.py:230-240), which scales distances and threshold alike:
+    # the original frame. Per image, each category's pairs averaged, categories weighted by their pairs
+    # (utils/logger.py:25-44, 64-75): the mean over all pairs, sdm's "all" row.
+    standard_frame = "original"
 
     def download_hint(self) -> str:
         return (f"Get the annotations from {SPAIR_U_URL} (github VICO-UoE/JamaisVu, terms as SPair-71k's) and the images "
