@@ -21,6 +21,7 @@ from sdm.data import OriginalLoader
 from sdm.features import Draws, SDFeaturizer
 from sdm.matching import Similarity
 from sdm.prompts import Conditioning, PromptModule, StoredImages, originals_for
+from sdm.records import featurizer_record, prompt_record, vit_record
 from sdm.storage import FeatureStore
 
 
@@ -114,6 +115,10 @@ class SDExtractor:
         whichever batch meets it first."""
         return self.store.fetch(list(ids), lambda idx: self.featurizer.encode_posterior(images_at(idx)), self.encode_batch)
 
+    def describe(self) -> dict[str, Any]:
+        """Its part of the protocol record: the featurizer's settings and weights, and the prompt."""
+        return {**featurizer_record(self.featurizer), **prompt_record(self.prompt)}
+
     def reset(self) -> None:
         """Forget the stored posteriors (after changing the VAE or the images behind the ids)."""
         self.store.reset()
@@ -158,6 +163,10 @@ class ModuleExtractor:
     def __init__(self, module: nn.Module, device: torch.device | str | None = None) -> None:
         self.module = module.eval()
         self.device = torch.device(device) if device else next(module.parameters()).device
+
+    def describe(self) -> dict[str, Any]:
+        """Its part of the protocol record: the module's name and weights (`records.vit_record`)."""
+        return vit_record(self.module)
 
     @torch.no_grad()
     def image_features(self, batch: ImageBatch) -> torch.Tensor:

@@ -11,8 +11,9 @@ are L2-normalised per location (x / (|x| + 1e-6), `utils/matching.py:11-13`) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import nn
 from sdm.extractors import ImageBatch, ViTFeatures, ViTPixels
 from sdm.matching import SIMILARITIES, Similarity
 from sdm.prompts import Conditioning
+from sdm.records import vit_record
 
 L2_EPS = 1e-6  # the code's L2normalization: x / (|x| + 1e-6) (utils/matching.py:13)
 
@@ -127,6 +129,12 @@ class FusedExtractor:
     @property
     def vit(self) -> ViTFeatures:
         return self.fusion.vit
+
+    def describe(self) -> dict[str, Any]:
+        """Its part of the protocol record: the SD extractor's, the ViT's (random weights if either has them) and
+        the fusion settings."""
+        inner = getattr(self.sd_extractor, "describe", dict)()
+        return {**inner, **vit_record(self.vit, inner.get("random_weights", False)), "fusion": json.loads(json.dumps(asdict(self.fusion.config)))}
 
     @torch.no_grad()
     def image_features(self, batch: ImageBatch) -> torch.Tensor:

@@ -14,12 +14,14 @@ for SD2-1), as inversion code usually does. Epsilon, v and sample predictions ar
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 
 from sdm.extractors import ImageBatch, pair_prompts
 from sdm.features import PromptInput, SDFeaturizer
 from sdm.prompts import Conditioning, PromptModule
+from sdm.records import featurizer_record, prompt_record
 
 
 def inversion_timesteps(timestep: int, steps: int) -> list[int]:
@@ -87,6 +89,11 @@ class InversionExtractor:
         self.prompt = prompt
         self.steps = int(steps)
         self.conditioning: Conditioning = prompt.conditioning
+
+    def describe(self) -> dict[str, Any]:
+        """Its part of the protocol record: the featurizer's settings and weights, and the prompt (the inversion's
+        steps are not recorded, as before)."""
+        return {**featurizer_record(self.featurizer), **prompt_record(self.prompt)}
 
     @torch.no_grad()
     def image_features(self, batch: ImageBatch) -> torch.Tensor:

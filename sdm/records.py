@@ -125,31 +125,45 @@ def featurizer_of(extractor: Any) -> Any:
     return getattr(extractor, "featurizer", None) or getattr(getattr(extractor, "sd_extractor", None), "featurizer", None)
 
 
+def featurizer_record(featurizer: Any) -> dict[str, Any]:
+    """An `SDFeaturizer`'s part of a protocol record: model, weights, timestep, ensemble, size, block, seed, latent."""
+    return {
+        **model_record(featurizer.sd), "timestep": featurizer.timestep, "ensemble": featurizer.ensemble,
+        "image_size": list(featurizer.image_size), "up_block": featurizer.up_block, "seed": featurizer.seed, "latent": featurizer.latent,
+    }  # fmt: skip
+
+
+def prompt_record(prompt: Any) -> dict[str, Any]:
+    """A prompt module's part of a protocol record: its kind and its saved config."""
+    return {"prompt": prompt.kind, "prompt_config": prompt.config()}
+
+
+def vit_record(vit: nn.Module, random_weights: bool | str = False) -> dict[str, Any]:
+    """A ViT's part of a protocol record (a `ViTFeatures` or the transformers model itself): its name, a weights
+    fingerprint, and `random_weights` combined with the record's so far."""
+    inner = getattr(vit, "model", vit)  # ViTFeatures wraps the transformers model
+    name = encoder_name(inner)
+    return {"backbone": name, "backbone_weights": model_fingerprint(inner), "random_weights": _combined(random_weights, _vit_weights(name))}
+
+
 def extractor_record(extractor: Any) -> dict[str, Any]:
-    """What an extractor adds to the protocol record: model id, weights fingerprint, timestep, ensemble, ..."""
-    featurizer = featurizer_of(extractor)
-    record: dict[str, Any] = {"extractor": type(extractor).__name__, "conditioning": extractor.conditioning}
-    if featurizer is not None:
-        record.update(
-            **model_record(featurizer.sd),
-            timestep=featurizer.timestep, ensemble=featurizer.ensemble, image_size=list(featurizer.image_size),
-            up_block=featurizer.up_block, seed=featurizer.seed, latent=featurizer.latent,
-        )
-    vit = getattr(extractor, "vit", None) or getattr(extractor, "module", None)  # FusedExtractor's / ModuleExtractor's
-    if vit is not None:
-        inner = getattr(vit, "model", vit)  # ViTFeatures wraps the transformers model
-        name = encoder_name(inner)
-        record.update(
-            backbone=name, backbone_weights=model_fingerprint(inner),
-            random_weights=_combined(record.get("random_weights", False), _vit_weights(name)),
-        )
-    prompt = getattr(extractor, "prompt", None) or getattr(getattr(extractor, "sd_extractor", None), "prompt", None)
-    if prompt is not None:
-        record.update(prompt=prompt.kind, prompt_config=prompt.config())
-    fusion = getattr(extractor, "fusion", None)
-    if fusion is not None:
-        record["fusion"] = json.loads(json.dumps(dataclasses.asdict(fusion.config)))
-    return record
+    """What an extractor adds to the protocol record: its class and conditioning, and what its `describe()` says
+    (sdm's extractors describe their featurizer, prompt, ViT and fusion; an extractor without one adds nothing)."""
+    describe = getattr(extractor, "describe", None)
+    return {"extractor": type(extractor).__name__, "conditioning": extractor.conditioning, **(describe() if describe else {})}
 
 
-__all__ = ["LIBRARIES", "attention_record", "code_record", "environment_record", "extractor_record", "featurizer_of", "model_fingerprint", "model_record", "protocol_id"]
+__all__ = [
+    "LIBRARIES",
+    "attention_record",
+    "code_record",
+    "environment_record",
+    "extractor_record",
+    "featurizer_of",
+    "featurizer_record",
+    "model_fingerprint",
+    "model_record",
+    "prompt_record",
+    "protocol_id",
+    "vit_record",
+]
