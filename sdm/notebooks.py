@@ -159,14 +159,6 @@ def find_prompt(folder: str | Path, kind: str, trained_on: str) -> Path:
     raise ValueError(f"several {kind} prompts trained on {trained_on} in {folder}/: {[p.name for p, _ in found]}; pass one path")
 
 
-def load_learned(prompts_dir: str | Path, kind: str, trained_on: str, featurizer: Any, encoders: Any = None) -> tuple[Any, str]:
-    """The learned prompt `find_prompt` finds, loaded for `featurizer`, with a label saying what it is."""
-    from sdm.prompt_files import load_prompt
-
-    path = find_prompt(prompts_dir, kind, trained_on)
-    return load_prompt(path, featurizer, encoders=encoders), f"{kind} (trained on {trained_on})"
-
-
 def keep_trained(trained: dict[tuple[str, str], Any], results_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Notebook 02's results: for each (kind, dataset) -> `TrainResult`, its chosen prompt (best.*, else prompt.*)
     copied to results_dir/02_KIND_DATASET_prompt.* (where notebooks 01, 03, 05-07 find it) and its log.csv to
@@ -357,7 +349,6 @@ __all__ = [
     "image_stats",
     "keep_trained",
     "learned_prompt",
-    "load_learned",
     "pair_embeddings",
     "point_picker",
     "prompt_trained_on",
