@@ -272,7 +272,9 @@ def _check_threshold(dataset, mode: str | None, frame: str | None) -> None:
 
     if mode is None or len(dataset) == 0:
         return
-    frame = frame or getattr(dataset, "standard_frame", "resized")
+    from sdm.evaluate import standard_frame
+
+    frame = frame or standard_frame(dataset)
     from sdm.data import decoding
 
     try:

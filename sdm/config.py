@@ -2,11 +2,11 @@
 can build its parser, check its arguments and answer `--help` before anything heavy loads.
 
 The config dataclasses are defined here and re-exported where they are used (`sdm.train.TrainConfig`,
-`sdm.attention.AttentionMatcherConfig`, `sdm.matching.MatchConfig`, `sdm.prompts.CPMConfig`). The name tuples
+`sdm.attention.AttentionMatcherConfig`, `sdm.matching.MatchConfig`, `sdm.prompts.CPMConfig`). The name lists
 are the registries' keys (`sdm.prompts.PROMPTS`, `sdm.backbones.BACKBONES`, `sdm.metrics.THRESHOLDS`,
 `sdm.data.DATASETS`, `sdm.matching.MATCHER_FUNCTIONS`); tests check that each registry holds exactly these names.
-They are lists: `register_matcher`, `register_prompt` and `register_dataset` add a name here and its code there,
-so a new matcher, prompt kind or dataset is one call, and the command line's choices follow.
+`register_matcher`, `register_prompt`, `register_dataset` and `register_backbone` add a name here and its code
+there, so a new matcher, prompt kind, dataset or backbone is one call, and the command line's choices follow.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ MATCHER_TEMPERATURES: dict[str, float] = {"window_soft_argmax": 0.02}
 SOFT_EVAL_WINDOW = 7
 
 
+def matcher_temperature(matcher: str) -> float:
+    """The temperature a matcher reads out at unless told: its authors' (`MATCHER_TEMPERATURES`), else SD4Match's."""
+    return MATCHER_TEMPERATURES.get(matcher, 0.04)
+
+
 @dataclass(frozen=True)
 class MatchConfig:
     """How source points are found in target features: one of `MATCHERS` with its parameters. The defaults are the
@@ -87,7 +92,7 @@ class MatchConfig:
         if self.matcher not in MATCHERS:
             raise ValueError(f"unknown matcher {self.matcher!r}; choose one of {MATCHERS}")
         if self.temperature is None:  # frozen: set once, here
-            object.__setattr__(self, "temperature", MATCHER_TEMPERATURES.get(self.matcher, 0.04))
+            object.__setattr__(self, "temperature", matcher_temperature(self.matcher))
         if self.similarity is not None and self.similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}")
         if not (self.temperature > 0 and self.sigma > 0):  # type: ignore[operator]
@@ -364,6 +369,7 @@ __all__ = [
     "Similarity",
     "ThresholdMode",
     "TrainConfig",
+    "matcher_temperature",
     "recipe",
     "size_pair",
 ]

@@ -104,6 +104,11 @@ def standard_threshold(dataset: PairDataset) -> str | None:
     return getattr(dataset, "threshold_mode", None)
 
 
+def standard_frame(dataset: PairDataset) -> Frame:
+    """The frame the dataset's authors measure in (`standard_frame`): "resized" unless they measure otherwise."""
+    return getattr(dataset, "standard_frame", "resized")
+
+
 def evaluate_predictions(
     dataset: PairDataset,
     predict: Predictor,
@@ -126,8 +131,7 @@ def evaluate_predictions(
             category is covered); None: all pairs.
         threshold: a mode of `sdm.metrics.THRESHOLDS`; None: the dataset's standard (`threshold_mode`).
         frame: "resized" (distances and thresholds in the network's input pixels, SD4Match) or "original"
-            (None: the dataset's `standard_frame`, "resized" unless its authors measure otherwise)
-            (in the stored image's pixels, DIFT's SPair-71k script).
+            (in the stored image's pixels, DIFT's SPair-71k script); None: the dataset's (`standard_frame`).
         decode_images: False gives batches with empty images (for predictors that need only keypoints and ids).
         processes: Accelerate's process state (`accelerate.PartialState()` under `accelerate launch`). With
             several processes each one predicts a contiguous run of whole batches (so every batch is the one a
@@ -139,7 +143,7 @@ def evaluate_predictions(
     if n == 0:
         raise ValueError("the dataset has no pairs")
     mode = threshold or standard_threshold(dataset)
-    frame = frame or getattr(dataset, "standard_frame", "resized")
+    frame = frame or standard_frame(dataset)
     if mode is None and frame != "resized":
         raise ValueError("this dataset sets its own thresholds in the resized frame; name a threshold mode for frame='original'")
     result = _evaluate_loop(pairs, predict, batch_size, num_workers, alphas, progress, desc, mode, frame, processes)
@@ -313,5 +317,6 @@ def paper_table(results: dict[str, EvalResult], column: str = "per_image@0.1") -
 
 __all__ = [
     "EvalResult", "evaluate", "evaluate_predictions", "pair_correlation", "paper_table", "protocol_id", "score_protocols",
+    "standard_frame",
     "standard_threshold",
 ]

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdm.config import (
-    MATCHER_TEMPERATURES,
     MATCHERS,
     SIMILARITIES,
     SOFT_EVAL_WINDOW,
     MatchConfig,
     Matcher,
     Similarity,
+    matcher_temperature,
 )
 
 if TYPE_CHECKING:
@@ -209,12 +209,12 @@ def _kernel(src: torch.Tensor, trg: torch.Tensor, query: torch.Tensor, *, temper
     return kernel_soft_argmax(src, trg, query, temperature=temperature, sigma=sigma, similarity=similarity)
 
 
-MatcherFunction = Callable[..., torch.Tensor]
-# The registry: name -> f(src_feats, trg_feats, query_xy, *, temperature, sigma, similarity) -> B x N x 2 cells.
 def _window(src: torch.Tensor, trg: torch.Tensor, query: torch.Tensor, *, temperature: float, sigma: float, similarity: Similarity) -> torch.Tensor:
     return window_soft_argmax(src, trg, query, temperature=temperature, similarity=similarity)
 
 
+MatcherFunction = Callable[..., torch.Tensor]
+# The registry: name -> f(src_feats, trg_feats, query_xy, *, temperature, sigma, similarity) -> B x N x 2 cells.
 MATCHER_FUNCTIONS: dict[str, MatcherFunction] = {
     "nearest": _nearest, "soft_argmax": _soft, "kernel_soft_argmax": _kernel, "window_soft_argmax": _window,
 }  # fmt: skip
@@ -241,10 +241,10 @@ def match(
 ) -> torch.Tensor:
     """The matcher of `MATCHER_FUNCTIONS` named `matcher`, or given by a `MatchConfig` (whose temperature, sigma
     and similarity then apply; a similarity None is cosine). A temperature None is the matcher's own
-    (`MATCHER_TEMPERATURES`, else 0.04). Shapes as `nearest_neighbour`."""
+    (`sdm.config.matcher_temperature`). Shapes as `nearest_neighbour`."""
     if isinstance(matcher, MatchConfig):
         matcher, temperature, sigma, similarity = matcher.matcher, matcher.temperature, matcher.sigma, matcher.similarity or "cosine"
-    temperature = MATCHER_TEMPERATURES.get(str(matcher), 0.04) if temperature is None else temperature
+    temperature = matcher_temperature(str(matcher)) if temperature is None else temperature
     if matcher not in MATCHER_FUNCTIONS:
         raise ValueError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
     return MATCHER_FUNCTIONS[matcher](src_feats, trg_feats, query_xy, temperature=temperature, sigma=sigma, similarity=similarity)

@@ -334,6 +334,7 @@ class _Run:
         if val_set is not None:
             self.trained_on["validation"] = dataset_record(val_set)
         self.precision = precision
+        self.where = {**code_record(), "environment": environment_record(str(self.device))}  # once per run
 
     def resume(self) -> None:
         """Continues from the folder's checkpoint: prompt, optimiser, scaler, log and best so far."""
@@ -433,8 +434,7 @@ class _Run:
 
     def _save_prompt(self, name: str) -> None:
         # what the run is and where it ran (prompt.json's "run"): its id is kept across resumes
-        run = {"id": self.run_id, "folder": str(self.out.resolve()), "precision": self.precision, **code_record(),
-               "environment": environment_record(str(self.device))}  # fmt: skip
+        run = {"id": self.run_id, "folder": str(self.out.resolve()), "precision": self.precision, **self.where}
         save_prompt(self.module, self.out / name, self.featurizer, step=self.step_no, train_config=asdict(self.cfg), trained_on=self.trained_on, run=run)
 
     def loop(self, progress: bool) -> TrainResult:

@@ -1,6 +1,5 @@
 """The dataset registry: name -> class, and the functions that read it (`load_dataset`, `infer_dataset`,
-`dataset_record`). A new dataset is its module plus one line in `DATASETS` (and its name in
-`sdm.config.DatasetName`)."""
+`dataset_record`). A new dataset is its module and a `register_dataset` call; the built-in ones are listed here."""
 
 from __future__ import annotations
 
