@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from sdm.config import BACKBONE_NAMES, BackboneName
+from sdm.config import BACKBONE_NAMES, BackboneName, enrol
 from sdm.encoders import PromptEncoders
 from sdm.extractors import FeatureExtractor
 from sdm.features import SDFeaturizer
@@ -106,9 +106,7 @@ BACKBONES: dict[str, type[Backbone]] = {
 def register_backbone(name: str, cls: type[Backbone]) -> type[Backbone]:
     """Adds a backbone (a `Backbone` class); `TrainConfig(backbone=name)`, `sdm train --backbone` and
     `sdm.load_method(..., backbone=name)` then take it."""
-    BACKBONES[name] = cls
-    if name not in BACKBONE_NAMES:
-        BACKBONE_NAMES.append(name)
+    enrol(BACKBONES, name, cls, BACKBONE_NAMES)
     return cls
 
 

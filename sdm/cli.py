@@ -41,7 +41,7 @@ def _open_image(path: str):  # -> PIL.Image.Image
         raise SystemExit(f"error: cannot read image {p}: {err}") from None
 
 
-def cmd_match(args: argparse.Namespace) -> int:
+def _cmd_match(args: argparse.Namespace) -> int:
     import torch
 
     from sdm.features import SDFeaturizer
@@ -124,7 +124,7 @@ def _load_sd(model: str, device: str | None, dtype=None):  # -> StableDiffusion
         ) from None
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
     from sdm.runs import existing_run
 
     _check_device(args.device)
@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _cmd_evaluate(args: argparse.Namespace) -> int:
     _check_device(args.device)
     attention = args.matcher == "attention"
     matcher = None if attention else MatchConfig(**_given(args, MatchConfig))  # checked before anything loads
@@ -284,7 +284,7 @@ def _check_threshold(dataset, mode: str | None, frame: str | None) -> None:
         raise SystemExit(f"error: --threshold {mode}: {err}") from None
 
 
-def cmd_import_prompt(args: argparse.Namespace) -> int:
+def _cmd_import_prompt(args: argparse.Namespace) -> int:
     from sdm.features import SDFeaturizer
     from sdm.methods import released_encoders
     from sdm.prompt_files import save_prompt
@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--matcher", default="kernel_soft_argmax", choices=["nearest", "soft_argmax", "kernel_soft_argmax"])
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     m.add_argument("--out", default="match.png", help="where to save the figure")
-    m.set_defaults(func=cmd_match)
+    m.set_defaults(func=_cmd_match)
 
     t = sub.add_parser("train", help="train a Single, Class or CPM prompt (Accelerate; `accelerate launch -m sdm.cli train` for several GPUs)")
     _add_data_args(t, "trn")
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     t.add_argument("--overwrite", action="store_true", help="delete the run already in --out before training")
     _config_args(t, TrainConfig)  # every other field of TrainConfig
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="PCK of a prompt (or a DINO baseline) on a dataset split")
     _add_data_args(e, "test", matchers=True)
@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive, default=8)
     e.add_argument("--num-workers", type=int, default=0)
     e.add_argument("--out", default="results", help="folder for the PCK tables (CSV, JSON), named by the protocol")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=_cmd_evaluate)
 
     i = sub.add_parser("import-prompt", help="convert the authors' released prompts (pretrained_prompts.zip) to sdm prompts")
     i.add_argument("path", help="pretrained_prompts.zip, the folder it unzips to, or one prompt folder")
@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dino", default="facebook/dinov2-base", help="DINOv2 for CPM prompts")
     i.add_argument("--device", default=None)
     i.add_argument("--out", default="prompts/released", help="folder for <name>.safetensors + <name>.json")
-    i.set_defaults(func=cmd_import_prompt)
+    i.set_defaults(func=_cmd_import_prompt)
 
     for register in _extra_commands():
         register(sub)

@@ -55,6 +55,15 @@ Readout = Literal["authors", "mean-map"]
 LossResolution = Literal["native", "map"]
 
 
+def enrol(registry: dict[str, Any], name: str, entry: Any, *names: list[str]) -> None:
+    """Puts `entry` in `registry` under `name` and `name` at the end of each name list that lacks it: what every
+    `register_*` function does, so the command line's choices and the Literals' lists follow the registries."""
+    registry[name] = entry
+    for known in names:
+        if name not in known:
+            known.append(name)
+
+
 def size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
     """`image_size` as (H, W), checked: each side a multiple of 8 and at least 64."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
@@ -369,6 +378,7 @@ __all__ = [
     "Similarity",
     "ThresholdMode",
     "TrainConfig",
+    "enrol",
     "matcher_temperature",
     "recipe",
     "size_pair",

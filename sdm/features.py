@@ -36,10 +36,10 @@ class _StopForward(Exception):
 
 
 @contextlib.contextmanager
-def stop_after(module: nn.Module) -> Iterator[None]:
+def _stop_after(module: nn.Module) -> Iterator[None]:
     """Within the context, the forward of the enclosing model ends right after `module` has run.
 
-    Use with `capture_stop`: ``with stop_after(unet.up_blocks[1]): out = capture_stop(unet, ...)``.
+    Use with `capture_stop`: ``with _stop_after(unet.up_blocks[1]): out = capture_stop(unet, ...)``.
     The hook is removed on exit, so the model is untouched afterwards.
     """
 
@@ -55,7 +55,7 @@ def stop_after(module: nn.Module) -> Iterator[None]:
 
 def run_until(model: nn.Module, block: nn.Module, *args, **kwargs) -> torch.Tensor:
     """Runs `model(*args, **kwargs)` and returns the output of its sub-module `block`, skipping the rest."""
-    with stop_after(block):
+    with _stop_after(block):
         try:
             model(*args, **kwargs)
         except _StopForward as stop:
@@ -509,7 +509,6 @@ __all__ = [
     "BatchRows",
     "Draws",
     "ImageInput",
-    "LatentMode",
     "PromptInput",
     "SDFeaturizer",
     "content_keys",
@@ -518,6 +517,5 @@ __all__ = [
     "keyed_normal",
     "optimize",
     "run_until",
-    "stop_after",
     "to_pixel_tensor",
 ]

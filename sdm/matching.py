@@ -21,6 +21,7 @@ from sdm.config import (
     MatchConfig,
     Matcher,
     Similarity,
+    enrol,
     matcher_temperature,
 )
 
@@ -60,7 +61,7 @@ def _check_points(xy: torch.Tensor, feats: torch.Tensor, name: str = "query_xy")
         raise ValueError(f"{name} holds no keypoints (N = 0)")
 
 
-def normalise_coords(xy: torch.Tensor, feature_size: tuple[int, int]) -> torch.Tensor:
+def _normalise_coords(xy: torch.Tensor, feature_size: tuple[int, int]) -> torch.Tensor:
     """Feature-cell (x, y) -> grid_sample's [-1, 1] coordinates (align_corners=True)."""
     h, w = feature_size
     return torch.stack([2 * xy[..., 0] / (w - 1) - 1, 2 * xy[..., 1] / (h - 1) - 1], dim=-1)
@@ -73,7 +74,7 @@ def sample_features(feats: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """
     _check_feats("feats", feats)
     _check_points(xy, feats, "xy")
-    grid = normalise_coords(xy.to(feats.dtype), feats.shape[-2:]).unsqueeze(2)  # B x N x 1 x 2
+    grid = _normalise_coords(xy.to(feats.dtype), feats.shape[-2:]).unsqueeze(2)  # B x N x 1 x 2
     out = F.grid_sample(feats, grid, mode="bilinear", padding_mode="border", align_corners=True)
     return out.squeeze(-1).transpose(1, 2)
 
@@ -95,7 +96,7 @@ def correlation(query: torch.Tensor, trg_feats: torch.Tensor, similarity: Simila
     return torch.bmm(q, t).view(b, -1, h, w)
 
 
-def cell_grid(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+def _cell_grid(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
     """(x, y) of every cell, h x w x 2, float."""
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     return torch.stack([xs, ys], dim=-1).float()
@@ -112,7 +113,7 @@ def soft_argmax_2d(scores: torch.Tensor, temperature: float = 0.04) -> torch.Ten
     """Expected (x, y) cell under softmax(scores / temperature): ... x h x w -> ... x 2."""
     h, w = scores.shape[-2:]
     prob = torch.softmax(scores.flatten(-2).float() / temperature, dim=-1)
-    grid = cell_grid(h, w, scores.device).view(-1, 2)
+    grid = _cell_grid(h, w, scores.device).view(-1, 2)
     return prob @ grid
 
 
@@ -121,7 +122,7 @@ def kernel_soft_argmax_2d(scores: torch.Tensor, temperature: float = 0.04, sigma
     the argmax (so the kernel peaks at 1 there), then `soft_argmax_2d`. ... x h x w -> ... x 2."""
     h, w = scores.shape[-2:]
     peak = argmax_2d(scores)  # ... x 2
-    grid = cell_grid(h, w, scores.device)  # h x w x 2
+    grid = _cell_grid(h, w, scores.device)  # h x w x 2
     d2 = ((grid - peak[..., None, None, :]) ** 2).sum(-1)
     kernel = torch.exp(-d2 / (2 * sigma**2))
     return soft_argmax_2d(scores.float() * kernel, temperature)
@@ -134,7 +135,7 @@ def window_soft_argmax_2d(scores: torch.Tensor, temperature: float = 0.02, windo
     under softmax(scores / temperature) (their `soft_argmax`, :234-256, at beta 0.02). ... x h x w -> ... x 2."""
     h, w = scores.shape[-2:]
     peak = argmax_2d(scores)  # ... x 2
-    offsets = cell_grid(h, w, scores.device) - peak[..., None, None, :]  # ... x h x w x 2
+    offsets = _cell_grid(h, w, scores.device) - peak[..., None, None, :]  # ... x h x w x 2
     inside = (offsets.abs() <= window).all(dim=-1)
     return soft_argmax_2d(scores * inside, temperature)
 
@@ -224,9 +225,7 @@ def register_matcher(name: str, function: MatcherFunction) -> None:
     """Adds a matcher: `function(src_feats, trg_feats, query_xy, *, temperature, sigma, similarity)` returns
     B x N x 2 feature cells (shapes as `nearest_neighbour`). `MatchConfig(name)`, `evaluate(..., matcher=name)`
     and the command line's `--matcher` then take it."""
-    MATCHER_FUNCTIONS[name] = function
-    if name not in MATCHERS:
-        MATCHERS.append(name)
+    enrol(MATCHER_FUNCTIONS, name, function, MATCHERS)
 
 
 def match(
@@ -304,17 +303,14 @@ __all__ = [
     "SOFT_EVAL_WINDOW",
     "MatchConfig",
     "Matcher",
-    "MatcherFunction",
     "Similarity",
     "argmax_2d",
-    "cell_grid",
     "correlation",
     "kernel_soft_argmax",
     "kernel_soft_argmax_2d",
     "match",
     "match_points",
     "nearest_neighbour",
-    "normalise_coords",
     "register_matcher",
     "sample_features",
     "soft_argmax",

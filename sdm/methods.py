@@ -165,7 +165,7 @@ def _prompt_method(
     elif is_release(spec):
         backbone = backbone or "sd"
         module, kind, encoders = _released(spec, prompt_name, featurizer, given, backbone)
-        protocol.update(prompt_file=spec, prompt_hash=file_hash(spec))
+        protocol.update(prompt_file=spec, prompt_hash=_file_hash(spec))
     else:
         from sdm.prompt_files import load_prompt
         from sdm.prompt_meta import find_saved_prompt, read_metadata
@@ -177,7 +177,7 @@ def _prompt_method(
         encoders = prompt_encoders(kind, backbone=backbone, **given)
         module = load_prompt(base, featurizer, encoders=encoders)
         weights = str(base.with_name(base.name + ".safetensors"))
-        protocol.update(prompt_file=weights, prompt_hash=file_hash(weights))
+        protocol.update(prompt_file=weights, prompt_hash=_file_hash(weights))
     extractor: Any = SDExtractor(featurizer, module)
     if backbone != "sd":  # scored on the features it was trained on
         from sdm.backbones import build_backbone
@@ -238,7 +238,7 @@ def is_release(path: str) -> bool:
     return p.suffix == ".zip" or (p.is_dir() and ((p / "caption.pt").is_file() or (p / "ckpt.pt").is_file() or any(p.glob("*/c*.pt"))))
 
 
-def file_hash(path: str) -> str | None:
+def _file_hash(path: str) -> str | None:
     """blake2b of a prompt's weights file (its safetensors, the release's zip; None for a folder)."""
     p = Path(path)
     p = p.with_suffix(".safetensors") if p.suffix == ".json" else p
@@ -251,4 +251,4 @@ def tell(method: Method) -> None:
         print(f"warning: {note}" if "UNTRAINED" in note else note, file=sys.stderr)
 
 
-__all__ = ["VIT_PREFIX", "Method", "file_hash", "is_release", "load_method", "prompt_encoders", "released_encoders", "tell"]
+__all__ = ["VIT_PREFIX", "Method", "is_release", "load_method", "prompt_encoders", "released_encoders", "tell"]

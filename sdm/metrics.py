@@ -257,8 +257,6 @@ __all__ = [
     "HEDLIN_PROTOCOL",
     "THRESHOLDS",
     "Frame",
-    "PairFacts",
-    "ThresholdRule",
     "frame_scale",
     "pair_facts",
     "pck",

@@ -25,7 +25,7 @@ from sdm.config import DEFAULT_MODEL
 WITHDRAWN_MODELS = {"stabilityai/stable-diffusion-2-1": DEFAULT_MODEL}
 
 # SD2-1's noise schedule (its scheduler_config.json); the scheduler class only decides how noise is added.
-SD21_SCHEDULER: dict[str, Any] = dict(
+_SD21_SCHEDULER: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
@@ -202,7 +202,7 @@ def load_model(model: str, device: torch.device | str | None = None, dtype: torc
     return load_stable_diffusion(model, device=device, dtype=dtype)
 
 
-def tiny_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+def _tiny_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """A working byte-level CLIP tokenizer built in memory (no download): every byte is a token.
 
     Its pad token is "!" as in SD2-1's tokenizer. Vocabulary size: `TINY_VOCAB_SIZE`.
@@ -277,7 +277,7 @@ def _build(
     text: tuple[int, int, int, int, int],
     device: torch.device | str | None,
     dtype: torch.dtype | None,
-    scheduler: dict[str, Any] = SD21_SCHEDULER,
+    scheduler: dict[str, Any] = _SD21_SCHEDULER,
 ) -> StableDiffusion:
     """A model of random weights drawn from `seed` (the global generator is restored afterwards)."""
     gen_state = torch.random.get_rng_state()
@@ -287,7 +287,7 @@ def _build(
             vae=_vae(*vae),
             unet=unet(),
             text_encoder=CLIPTextModel(_text_config(*text)),
-            tokenizer=tiny_tokenizer(),
+            tokenizer=_tiny_tokenizer(),
             scheduler=DDPMScheduler(**scheduler),
             name=name,
             random_weights=True,
@@ -316,7 +316,7 @@ def tiny_stable_diffusion(
     )
 
 
-SD14_SCHEDULER: dict[str, Any] = {**SD21_SCHEDULER, "prediction_type": "epsilon"}
+_SD14_SCHEDULER: dict[str, Any] = {**_SD21_SCHEDULER, "prediction_type": "epsilon"}
 
 
 def sd14_architecture(
@@ -336,7 +336,7 @@ def sd14_architecture(
 
     return _build(
         "sd14-architecture", seed, vae=((128, 256, 512, 512), 2, 32), unet=unet, text=(768, 12, 12, 3072, 49408),
-        device=device, dtype=dtype, scheduler=SD14_SCHEDULER,
+        device=device, dtype=dtype, scheduler=_SD14_SCHEDULER,
     )
 
 
@@ -360,8 +360,6 @@ def sd21_architecture(
 
 
 __all__ = [
-    "SD14_SCHEDULER",
-    "SD21_SCHEDULER",
     "TINY_VOCAB_SIZE",
     "WITHDRAWN_MODELS",
     "RandomWeightsWarning",
@@ -372,5 +370,4 @@ __all__ = [
     "sd14_architecture",
     "sd21_architecture",
     "tiny_stable_diffusion",
-    "tiny_tokenizer",
 ]

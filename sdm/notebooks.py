@@ -118,10 +118,10 @@ PAPER_PCK: dict[str, dict[str, float]] = {
     "pfwillow": {"single": 77.8, "cpm": 80.4},
 }
 # Which training dataset's prompts the paper evaluates on each dataset (PF-Willow has no training split).
-PAPER_TRAINED_ON: dict[str, str] = {"spair": "spair", "pfpascal": "pfpascal", "pfwillow": "pfpascal"}
+_PAPER_TRAINED_ON: dict[str, str] = {"spair": "spair", "pfpascal": "pfpascal", "pfwillow": "pfpascal"}
 
 
-def prompt_trained_on(meta: Any) -> str | None:
+def _prompt_trained_on(meta: Any) -> str | None:
     """The training dataset recorded in a prompt's metadata (trained by sdm, or imported from the release)."""
     if meta.trained_on:
         return meta.trained_on.get("dataset")
@@ -142,7 +142,7 @@ def find_prompt(folder: str | Path, kind: str, trained_on: str) -> Path:
             meta = read_metadata(meta_path)
         except (ValueError, KeyError):
             continue  # another JSON file (results)
-        if meta.kind == kind and prompt_trained_on(meta) == trained_on and meta_path.with_suffix(".safetensors").is_file():
+        if meta.kind == kind and _prompt_trained_on(meta) == trained_on and meta_path.with_suffix(".safetensors").is_file():
             found.append((meta_path.with_suffix(".safetensors"), meta))
     if len(found) > 1 and kind == "cpm":
         paper = asdict(CPMConfig())
@@ -340,7 +340,6 @@ def generate_images(
 
 __all__ = [
     "PAPER_PCK",
-    "PAPER_TRAINED_ON",
     "category_embeddings",
     "caveat",
     "correlation_panels",
@@ -351,7 +350,6 @@ __all__ = [
     "learned_prompt",
     "pair_embeddings",
     "point_picker",
-    "prompt_trained_on",
     "run_header",
     "show",
     "subset",

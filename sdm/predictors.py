@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 Predictor = Callable[[PairBatch], torch.Tensor]  # batch -> B x K x 2 predicted target pixels
 
 
-def feature_keys(pairs: Any, conditioning: Conditioning) -> dict[Hashable, tuple[str, str]]:
+def _feature_keys(pairs: Any, conditioning: Conditioning) -> dict[Hashable, tuple[str, str]]:
     """Feature-cache keys of the pairs' images in order of first use (image id; (id, category) for category
     prompts), each with its (image id, category). Reads only annotations (images are not decoded)."""
     pairs = decoding(pairs, False)
@@ -64,7 +64,7 @@ def feature_predictor(
     cache = store if store is not None else FeatureStore(feature_cache)
     size = tuple(dataset.image_size)
     per_image = extractor.conditioning != "pair"
-    planned = feature_keys(dataset if pairs is None else pairs, extractor.conditioning) if per_image else {}
+    planned = _feature_keys(dataset if pairs is None else pairs, extractor.conditioning) if per_image else {}
     order = list(planned)
     groups = {k: order[i - i % group : i - i % group + group] for i, k in enumerate(order)}
 
@@ -168,4 +168,4 @@ def attention_predictor(matcher: AttentionMatcher, cache_size: int = 256) -> Pre
     return predict
 
 
-__all__ = ["Predictor", "attention_predictor", "feature_keys", "feature_predictor", "recorded", "stored_predictor"]
+__all__ = ["Predictor", "attention_predictor", "feature_predictor", "recorded", "stored_predictor"]

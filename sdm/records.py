@@ -60,7 +60,7 @@ def _git_dirty() -> bool | None:
     return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
-LIBRARIES = ("torch", "diffusers", "transformers", "accelerate")
+_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate")
 
 
 def environment_record(device: str | None = None) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def environment_record(device: str | None = None) -> dict[str, Any]:
     import torch
 
     versions: dict[str, str | None] = {}
-    for name in LIBRARIES:
+    for name in _LIBRARIES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -82,7 +82,7 @@ def environment_record(device: str | None = None) -> dict[str, Any]:
     return {"git_dirty": _git_dirty(), **versions, "python": platform.python_version(), "device": device, "gpu": gpu}
 
 
-def model_fingerprint(*modules: nn.Module) -> str:
+def _model_fingerprint(*modules: nn.Module) -> str:
     """A short hash of the modules' parameters (names, shapes, and the first 64 values of each), enough to tell
     two sets of weights apart."""
     h = hashlib.blake2b(digest_size=8)
@@ -93,17 +93,17 @@ def model_fingerprint(*modules: nn.Module) -> str:
     return h.hexdigest()
 
 
-def model_record(sd: Any) -> dict[str, Any]:
+def _model_record(sd: Any) -> dict[str, Any]:
     """Model id, a fingerprint of its UNet, text encoder and VAE weights, and whether they are random."""
     return {
-        "model": sd.name, "weights": model_fingerprint(sd.unet, sd.text_encoder, sd.vae), "random_weights": bool(sd.random_weights)
+        "model": sd.name, "weights": _model_fingerprint(sd.unet, sd.text_encoder, sd.vae), "random_weights": bool(sd.random_weights)
     }
 
 
 def attention_record(matcher: AttentionMatcher) -> dict[str, Any]:
     """What Hedlin et al.'s matcher adds to the protocol record: model, weights, every setting but the progress bar."""
     params = {k: v for k, v in dataclasses.asdict(matcher.config).items() if k != "progress"}
-    return {"matcher": "attention", "matcher_params": json.loads(json.dumps(params, default=list)), **model_record(matcher.sd)}
+    return {"matcher": "attention", "matcher_params": json.loads(json.dumps(params, default=list)), **_model_record(matcher.sd)}
 
 
 def _vit_weights(name: str | None) -> bool | str:
@@ -128,7 +128,7 @@ def featurizer_of(extractor: Any) -> Any:
 def featurizer_record(featurizer: Any) -> dict[str, Any]:
     """An `SDFeaturizer`'s part of a protocol record: model, weights, timestep, ensemble, size, block, seed, latent."""
     return {
-        **model_record(featurizer.sd), "timestep": featurizer.timestep, "ensemble": featurizer.ensemble,
+        **_model_record(featurizer.sd), "timestep": featurizer.timestep, "ensemble": featurizer.ensemble,
         "image_size": list(featurizer.image_size), "up_block": featurizer.up_block, "seed": featurizer.seed, "latent": featurizer.latent,
     }  # fmt: skip
 
@@ -143,7 +143,7 @@ def vit_record(vit: nn.Module, random_weights: bool | str = False) -> dict[str, 
     fingerprint, and `random_weights` combined with the record's so far."""
     inner = getattr(vit, "model", vit)  # ViTFeatures wraps the transformers model
     name = encoder_name(inner)
-    return {"backbone": name, "backbone_weights": model_fingerprint(inner), "random_weights": _combined(random_weights, _vit_weights(name))}
+    return {"backbone": name, "backbone_weights": _model_fingerprint(inner), "random_weights": _combined(random_weights, _vit_weights(name))}
 
 
 def extractor_record(extractor: Any) -> dict[str, Any]:
@@ -154,15 +154,12 @@ def extractor_record(extractor: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "LIBRARIES",
     "attention_record",
     "code_record",
     "environment_record",
     "extractor_record",
     "featurizer_of",
     "featurizer_record",
-    "model_fingerprint",
-    "model_record",
     "prompt_record",
     "protocol_id",
     "vit_record",

@@ -118,12 +118,12 @@ RATES = {
     "attention_inf_s_per_pair": 15.0,
 }
 # Sizes of the test splits used by the estimates (images: upper bounds, at most 2 per pair).
-SPLITS = {"spair_test_pairs": 12_234, "spair_test_images": 1_800, "pfpascal_test_pairs": 299, "pfwillow_test_pairs": 900}
+_SPLITS = {"spair_test_pairs": 12_234, "spair_test_images": 1_800, "pfpascal_test_pairs": 299, "pfwillow_test_pairs": 900}
 
 
-def paper_plan() -> list[tuple[str, str, float]]:
+def _paper_plan() -> list[tuple[str, str, float]]:
     """What the paper profile runs, per notebook: (notebook, what, estimated GPU-hours from `RATES`)."""
-    r, n = RATES, SPLITS
+    r, n = RATES, _SPLITS
     img8 = n["spair_test_images"] / r["features_e8_images_per_s"]  # seconds for one per-image method on SPair test
     small = (2 * n["pfpascal_test_pairs"] + 2 * n["pfwillow_test_pairs"]) / r["features_e8_images_per_s"]
     cpm = lambda pairs: pairs / r["cpm_eval_pairs_per_s"]  # noqa: E731
@@ -147,9 +147,9 @@ def paper_plan() -> list[tuple[str, str, float]]:
     return rows
 
 
-def plan_table(keys: Sequence[str] | None = None) -> str:
+def _plan_table(keys: Sequence[str] | None = None) -> str:
     """The paper profile's plan as text: per notebook what runs and its estimated GPU-hours, and the total."""
-    rows = [row for row in paper_plan() if keys is None or row[0] in keys]
+    rows = [row for row in _paper_plan() if keys is None or row[0] in keys]
     lines = ["paper profile: what runs and estimated GPU-hours on one H200 (the README's benchmark rows; an H100 takes longer)"]
     lines += [f"  {key}  {hours:7.2f} h  {what}" for key, what, hours in rows]
     lines.append(f"  total {sum(h for _, _, h in rows):6.1f} h (estimates; the README's 'Speed' table has the measured rates)")
@@ -164,7 +164,7 @@ def notebook_key(path: str | Path) -> str:
 
 def find_notebooks(notebooks_dir: str | Path | None = None) -> list[Path]:
     """The numbered notebooks (NN_*.ipynb), sorted."""
-    folder = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
+    folder = Path(notebooks_dir) if notebooks_dir is not None else _default_notebooks_dir()
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb") if p.is_file())
 
 
@@ -180,7 +180,7 @@ def run_order(paths: Sequence[Path]) -> list[Path]:
     return sorted(paths, key=place)
 
 
-def default_notebooks_dir() -> Path:
+def _default_notebooks_dir() -> Path:
     """./notebooks when it exists (run from a checkout), else the one next to the package (editable install)."""
     here = Path("notebooks")
     return here if here.is_dir() else REPO / "notebooks"
@@ -212,7 +212,7 @@ def profile_parameters(path: str | Path, profile: str, figures_dir: str | Path, 
     return {k: v for k, v in params.items() if k in known}
 
 
-def check_parameters(paths: Sequence[Path], parameters: dict[str, Any]) -> None:
+def _check_parameters(paths: Sequence[Path], parameters: dict[str, Any]) -> None:
     """Fails before anything runs when a parameter is in no notebook's `parameters` cell, or its value is not of
     the type of the default there (an int for an int, a number for a float, a list for a list, ...; any value
     where the default is None)."""
@@ -267,6 +267,20 @@ def _written(before: dict[Path, int], folder: Path) -> list[str]:
     return sorted({str(folder / rel.parts[0]) + "/" if len(rel.parts) > 1 else str(folder / rel) for rel in changed})
 
 
+def _select(root: Path, only: Sequence[str] | None) -> list[Path]:
+    """The numbered notebooks in `root` that `only` names (numbers or name prefixes; None: all)."""
+    paths = find_notebooks(root)
+    if only:
+        wanted = [str(o).removesuffix(".ipynb") for o in only]
+        wanted = [w.zfill(2) if w.isdigit() else w for w in wanted]
+        paths = [p for p in paths if any(p.stem == w or p.stem.startswith(w + "_") or notebook_key(p) == w for w in wanted)]
+        if not paths:
+            raise ValueError(f"no notebook in {root} matches {list(only)}")
+    if not paths:
+        raise FileNotFoundError(f"no numbered notebooks (NN_*.ipynb) in {root}")
+    return paths
+
+
 def run_notebooks(
     profile: str = "quick",
     only: Sequence[str] | None = None,
@@ -296,17 +310,9 @@ def run_notebooks(
     import papermill
     from tqdm.auto import tqdm
 
-    root = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
-    paths = find_notebooks(root)
-    if only:
-        wanted = [str(o).removesuffix(".ipynb") for o in only]
-        wanted = [w.zfill(2) if w.isdigit() else w for w in wanted]
-        paths = [p for p in paths if any(p.stem == w or p.stem.startswith(w + "_") or notebook_key(p) == w for w in wanted)]
-        if not paths:
-            raise ValueError(f"no notebook in {root} matches {list(only)}")
-    if not paths:
-        raise FileNotFoundError(f"no numbered notebooks (NN_*.ipynb) in {root}")
-    check_parameters(paths, parameters or {})
+    root = Path(notebooks_dir) if notebooks_dir is not None else _default_notebooks_dir()
+    paths = _select(root, only)
+    _check_parameters(paths, parameters or {})
     paths = run_order(paths)
     out = Path(out_dir)
     repo = root.resolve().parent
@@ -333,19 +339,11 @@ def run_notebooks(
         except Exception as err:  # papermill raises PapermillExecutionError for a failing cell, others for setup
             if stop_on_error:
                 raise
-            status = "failed"
-            error = failure_line(err)
-        summaries.append(
-            {
-                "notebook": path.name,
-                "status": status,
-                "seconds": round(time.perf_counter() - start, 1),
-                "output": str(output),
-                "figures": _written(before_f, figures_dir),
-                "results": _written(before_r, results_dir),
-                "error": error,
-            }
-        )
+            status, error = "failed", failure_line(err)
+        summaries.append(dict(
+            notebook=path.name, status=status, seconds=round(time.perf_counter() - start, 1), output=str(output),
+            figures=_written(before_f, figures_dir), results=_written(before_r, results_dir), error=error,
+        ))  # fmt: skip
     bar.close()
     return summaries
 
@@ -368,7 +366,7 @@ def summary_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def cmd_notebooks(args: argparse.Namespace) -> int:
+def _cmd_notebooks(args: argparse.Namespace) -> int:
     try:
         import papermill  # noqa: F401
     except ImportError:
@@ -376,7 +374,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     parameters = {name: _parse_value(value) for name, value in args.parameter or []}
     if args.profile == "paper" or args.plan:
         keys = None if not args.only else [str(o).removesuffix(".ipynb")[:2].zfill(2) for o in args.only]
-        print(plan_table(keys))
+        print(_plan_table(keys))
         if args.plan:
             return 0
     try:
@@ -407,7 +405,7 @@ def add_notebooks_parser(subparsers: argparse._SubParsersAction) -> None:
         help="set a parameter in every notebook that has it, as papermill -p (e.g. -p model FOLDER -p device cuda:1)",
     )
     p.add_argument("--plan", action="store_true", help="print what the paper profile runs and its compute estimate, then stop")
-    p.set_defaults(func=cmd_notebooks)
+    p.set_defaults(func=_cmd_notebooks)
 
 
 def _parse_value(text: str) -> Any:
@@ -427,17 +425,11 @@ __all__ = [
     "RATES",
     "READS_FROM",
     "REPO",
-    "SPLITS",
     "add_notebooks_parser",
-    "check_parameters",
-    "cmd_notebooks",
-    "default_notebooks_dir",
     "failure_line",
     "find_notebooks",
     "notebook_key",
     "notebook_parameters",
-    "paper_plan",
-    "plan_table",
     "profile_parameters",
     "run_notebooks",
     "run_order",

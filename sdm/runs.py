@@ -1,4 +1,4 @@
-"""Training run folders: the files a run leaves (`RUN_FILES`), and the rule that a folder holding one is only
+"""Training run folders: the files a run leaves (`_RUN_FILES`), and the rule that a folder holding one is only
 continued (resume) or cleared (overwrite) on request. Standard library only: the command line checks `--out`
 before anything loads."""
 
@@ -14,12 +14,12 @@ class RunExistsError(FileExistsError):
     """The output folder already holds a training run."""
 
 
-RUN_FILES = (CHECKPOINT, "prompt.safetensors", "prompt.json", "best.safetensors", "best.json", "log.csv")
+_RUN_FILES = (CHECKPOINT, "prompt.safetensors", "prompt.json", "best.safetensors", "best.json", "log.csv")
 
 
 def existing_run(out: Path) -> list[str]:
     """The files of a training run that `out` already holds (empty: the folder is free)."""
-    return [name for name in RUN_FILES if (out / name).exists()]
+    return [name for name in _RUN_FILES if (out / name).exists()]
 
 
 def claim_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
@@ -37,4 +37,4 @@ def claim_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     shutil.rmtree(out / "sdm-train", ignore_errors=True)  # its tensorboard events
 
 
-__all__ = ["CHECKPOINT", "RUN_FILES", "RunExistsError", "claim_run_folder", "existing_run"]
+__all__ = ["CHECKPOINT", "RunExistsError", "claim_run_folder", "existing_run"]

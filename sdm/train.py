@@ -50,7 +50,7 @@ def validation_interval(cfg: TrainConfig, n_train: int) -> int:
 
 
 # Settings that may change when a run is resumed (the rest must match the checkpoint).
-RESUMABLE_CHANGES = {"steps", "val_every", "val_pairs", "checkpoint_every", "log_every", "num_workers"}
+_RESUMABLE_CHANGES = {"steps", "val_every", "val_pairs", "checkpoint_every", "log_every", "num_workers"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -158,7 +158,7 @@ class _GatherRows(torch.autograd.Function):
         return grad[ctx.start : ctx.stop], None, None
 
 
-def gather_rows(local: torch.Tensor, n_images: int, rank: int, world: int) -> torch.Tensor:
+def _gather_rows(local: torch.Tensor, n_images: int, rank: int, world: int) -> torch.Tensor:
     """The features of all `n_images` from each process's `image_share` (differentiable; world 1: `local`)."""
     if world == 1:
         return local
@@ -176,7 +176,7 @@ def _encode_rows(featurizer: SDFeaturizer, prompt: Any, rows: slice, b: int) -> 
     return featurizer.encode_prompt(prompt[rows] if per_item else prompt, n)
 
 
-def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+def _sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """All-reduces (sums) the gradients of `params` over the processes in one bucket; a missing gradient counts as
     zeros (Adam leaves a parameter whose gradients and moments are all zero where it is)."""
     import torch.distributed as dist
@@ -189,7 +189,7 @@ def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
         p.grad = part.view_as(p)
 
 
-RANDOM_WEIGHTS_LOG = "# random weights: this training only shows that the loop runs"
+_RANDOM_WEIGHTS_LOG = "# random weights: this training only shows that the loop runs"
 
 
 def _write_log(rows: list[dict[str, Any]], path: Path, random_weights: bool = False) -> None:
@@ -199,7 +199,7 @@ def _write_log(rows: list[dict[str, Any]], path: Path, random_weights: bool = Fa
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as fh:
             if random_weights:
-                fh.write(RANDOM_WEIGHTS_LOG + "\n")
+                fh.write(_RANDOM_WEIGHTS_LOG + "\n")
             writer = csv.DictWriter(fh, fieldnames=["step", "loss", "val_pck"])
             writer.writeheader()
             writer.writerows(rows)
@@ -209,7 +209,7 @@ def _write_log(rows: list[dict[str, Any]], path: Path, random_weights: bool = Fa
 
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = asdict(cfg)
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if diff:
         raise ValueError("cannot resume: the settings differ from the checkpoint's:\n  " + "\n  ".join(diff))
 
@@ -388,7 +388,7 @@ class _Run:
             # latent_dist.sample() and randn_like each time (sd_feature_extractor.py:76,111)
             lat = self.extractor.latents(images, [*batch.src_ids, *batch.trg_ids][mine], generator=draws)
             feats = featurizer.features_from_latents(lat, hidden, generator=draws)
-        feats = gather_rows(self.backbone.features(feats, images), 2 * b, rank, world)  # "sd": feats as they are
+        feats = _gather_rows(self.backbone.features(feats, images), 2 * b, rank, world)  # "sd": feats as they are
         src_f, trg_f = feats[:b].float(), feats[b:].float()
         size = tuple(self.train_set.image_size) if self.skip_images else tuple(batch.src_image.shape[-2:])
         src_xy = to_feature_coords(batch.src_kps, size, tuple(src_f.shape[-2:]))
@@ -396,7 +396,7 @@ class _Run:
         loss = gaussian_cross_entropy(src_f, trg_f, src_xy, trg_xy, batch.n_kps, temperature=cfg.temperature, kernel_size=cfg.kernel_size, sigma=cfg.sigma)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if world > 1:  # the prompt module is not DDP-wrapped: sum the shares' gradients
-            sum_gradients(list(module.parameters()))
+            _sum_gradients(list(module.parameters()))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -520,21 +520,16 @@ def _has_tensorboard() -> bool:
 
 __all__ = [  # TrainConfig, recipe (sdm.config) and RunExistsError (sdm.runs) are re-exported: train() takes and raises them
     "ENCODE_BATCH",
-    "RANDOM_WEIGHTS_LOG",
-    "RESUMABLE_CHANGES",
     "RunExistsError",
-    "StepBatchSampler",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
     "batch_indices",
     "epoch_seed",
-    "gather_rows",
     "image_share",
     "pairs_of_steps",
     "recipe",
     "step_seed",
-    "sum_gradients",
     "train",
     "validation_interval",
 ]

@@ -19,7 +19,7 @@ from PIL import Image
 from sdm.metrics import CATEGORY_MEAN
 
 
-def as_array(image: Image.Image | torch.Tensor | np.ndarray) -> np.ndarray:
+def _as_array(image: Image.Image | torch.Tensor | np.ndarray) -> np.ndarray:
     """PIL image, 3 x H x W tensor in [0, 1], or H x W x 3 array -> H x W x 3 float array in [0, 1]."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
@@ -45,7 +45,7 @@ def plot_correspondences(
     src_xy, trg_xy: N x 2 pixels in each image's own size; gt_xy (optional): N x 2 true target points,
     drawn as crosses. heatmap (optional): h x w map of point 1 drawn over the target in a third panel.
     """
-    src, trg = as_array(src_image), as_array(trg_image)
+    src, trg = _as_array(src_image), _as_array(trg_image)
     src_xy, trg_xy = np.asarray(src_xy, dtype=float).reshape(-1, 2), np.asarray(trg_xy, dtype=float).reshape(-1, 2)
     n_panels = 3 if heatmap is not None else 2
     fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 5))
@@ -171,7 +171,7 @@ def heatmap_panels(
         ax.axis("off")
         if i >= n:
             continue
-        img = as_array(images[i])
+        img = _as_array(images[i])
         ax.imshow(img)
         if maps[i] is not None:
             heat = np.asarray(torch.as_tensor(maps[i]).float().cpu())
@@ -275,7 +275,7 @@ def image_grid(images: list[Image.Image | torch.Tensor | np.ndarray], *, titles:
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
-            ax.imshow(as_array(images[i]))
+            ax.imshow(_as_array(images[i]))
             if titles:
                 ax.set_title(titles[i], fontsize=8)
     if title:
@@ -342,7 +342,7 @@ def map_pairs(
         for row, (image, maps, xy, name) in enumerate(rows):
             ax = axes[row, i]
             h, w = image.shape[-2:]
-            ax.imshow(as_array(image))
+            ax.imshow(_as_array(image))
             shown = ax.imshow(torch.as_tensor(maps[i]).float().cpu().numpy(), cmap="jet", alpha=0.5, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             ax.scatter(*xy[i].tolist(), c="white", edgecolors="black", s=50)
@@ -357,7 +357,6 @@ def map_pairs(
 
 
 __all__ = [
-    "as_array",
     "figure_path",
     "grouped_bar",
     "heatmap_panels",

@@ -35,7 +35,7 @@ def as_hw(image_size: ImageSize) -> tuple[int, int]:
     return hw[0], hw[1]
 
 
-def read_image(path: Path) -> Image.Image:
+def _read_image(path: Path) -> Image.Image:
     """Open an image fully as RGB; a missing or corrupt file raises ImageReadError naming ``path``."""
     try:
         with Image.open(path) as im:
@@ -47,7 +47,7 @@ def read_image(path: Path) -> Image.Image:
         raise ImageReadError(f"cannot read image {path}: {err}") from err
 
 
-def read_size(path: Path) -> tuple[int, int]:
+def _read_size(path: Path) -> tuple[int, int]:
     """Original (W, H) of an image from its header only (no decoding)."""
     try:
         with Image.open(path) as im:
@@ -67,20 +67,20 @@ def pil_to_tensor(image: Image.Image, size_hw: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def scale_factors(orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> tuple[float, float]:
+def _scale_factors(orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> tuple[float, float]:
     """Per-axis factors (sx, sy) = (W_new / W_orig, H_new / H_orig) used for keypoints and boxes."""
     return size_hw[1] / orig_wh[0], size_hw[0] / orig_wh[1]
 
 
-def scale_points(xy: torch.Tensor, orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> torch.Tensor:
+def _scale_points(xy: torch.Tensor, orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> torch.Tensor:
     """K x 2 (x, y) original pixels -> K x 2 resized pixels, per-axis scale."""
-    sx, sy = scale_factors(orig_wh, size_hw)
+    sx, sy = _scale_factors(orig_wh, size_hw)
     return xy.float() * torch.tensor([sx, sy], dtype=torch.float32)
 
 
-def scale_box(box: torch.Tensor, orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> torch.Tensor:
+def _scale_box(box: torch.Tensor, orig_wh: tuple[int, int], size_hw: tuple[int, int]) -> torch.Tensor:
     """(x1, y1, x2, y2) original pixels -> resized pixels, per-axis scale."""
-    sx, sy = scale_factors(orig_wh, size_hw)
+    sx, sy = _scale_factors(orig_wh, size_hw)
     return box.float() * torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
 
 
@@ -332,7 +332,7 @@ class FilePairDataset(PairDataset):
         """Original (W, H) of image `image_id` (its file's header, read once)."""
         path = self.image_file(image_id)
         if path not in self._stored_sizes:
-            self._stored_sizes[path] = read_size(path)
+            self._stored_sizes[path] = _read_size(path)
         return self._stored_sizes[path]
 
     @cached_property
@@ -340,18 +340,18 @@ class FilePairDataset(PairDataset):
         return {}
 
     def load_image(self, image_id: str) -> torch.Tensor:
-        return pil_to_tensor(read_image(self.image_file(image_id)), self.image_size)
+        return pil_to_tensor(_read_image(self.image_file(image_id)), self.image_size)
 
     def original_image(self, image_id: str) -> Image.Image:
-        return read_image(self.image_file(image_id))
+        return _read_image(self.image_file(image_id))
 
     def resized_points(self, xy: np.ndarray, image_id: str) -> torch.Tensor:
         """K x 2 (x, y) pixels of the stored image `image_id` -> K x 2 float pixels of the resized one."""
-        return scale_points(torch.from_numpy(xy), self.stored_size(image_id), self.image_size)
+        return _scale_points(torch.from_numpy(xy), self.stored_size(image_id), self.image_size)
 
     def resized_box(self, box: np.ndarray | torch.Tensor, image_id: str) -> torch.Tensor:
         """(x1, y1, x2, y2) pixels of the stored image `image_id` -> the same box in the resized image."""
-        return scale_box(torch.as_tensor(box), self.stored_size(image_id), self.image_size)
+        return _scale_box(torch.as_tensor(box), self.stored_size(image_id), self.image_size)
 
 
 class PairSubset:
@@ -431,11 +431,6 @@ __all__ = [
     "collate_pairs",
     "decoding",
     "pil_to_tensor",
-    "read_image",
-    "read_size",
-    "scale_box",
-    "scale_factors",
-    "scale_points",
     "spread_subset",
     "valid_point_mask",
 ]

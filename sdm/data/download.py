@@ -27,8 +27,8 @@ from tqdm import tqdm
 from .layouts import CUB_LAYOUT, PFPASCAL_LAYOUT, PFWILLOW_LAYOUT, SPAIR_LAYOUT
 
 DownloadName = Literal["spair", "pfpascal", "pfwillow", "cub"]
-CHUNK = 1 << 20
-TIMEOUT_S = 60.0
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60.0
 
 
 class DownloadError(RuntimeError):
@@ -67,9 +67,9 @@ class Source:
     files: tuple[SingleFile, ...] = ()
 
 
-PROPOSAL_FLOW = "https://www.di.ens.fr/willow/research/proposalflow/dataset"
+_PROPOSAL_FLOW = "https://www.di.ens.fr/willow/research/proposalflow/dataset"
 # Pair lists of Rocco et al. (CNNGeometric / WeakAlign), the standard PF-Pascal val/test and PF-Willow splits.
-CNNGEOMETRIC = "https://www.di.ens.fr/willow/research/cnngeometric/other_resources"
+_CNNGEOMETRIC = "https://www.di.ens.fr/willow/research/cnngeometric/other_resources"
 
 SOURCES: dict[str, Source] = {
     "spair": Source(
@@ -82,14 +82,14 @@ SOURCES: dict[str, Source] = {
     ),
     "pfpascal": Source(
         folder="PF-Pascal",
-        archives=(Remote(f"{PROPOSAL_FLOW}/PF-dataset-PASCAL.zip", "PF-dataset-PASCAL.zip"),),
+        archives=(Remote(f"{_PROPOSAL_FLOW}/PF-dataset-PASCAL.zip", "PF-dataset-PASCAL.zip"),),
         files=(
             SingleFile(
-                Remote(f"{CNNGEOMETRIC}/test_pairs_pf_pascal.csv", "test_pairs_pf_pascal.csv"),
+                Remote(f"{_CNNGEOMETRIC}/test_pairs_pf_pascal.csv", "test_pairs_pf_pascal.csv"),
                 "test_pairs.csv",
             ),
             SingleFile(
-                Remote(f"{CNNGEOMETRIC}/val_pairs_pf_pascal.csv", "val_pairs_pf_pascal.csv"), "val_pairs.csv"
+                Remote(f"{_CNNGEOMETRIC}/val_pairs_pf_pascal.csv", "val_pairs_pf_pascal.csv"), "val_pairs.csv"
             ),
             # The 2,941-pair trn list with its flip column is shared on Google Drive by the SCNet/DHPF line of
             # work (Drive serves small files directly at this address); optional, as Drive may refuse scripts.
@@ -108,8 +108,8 @@ SOURCES: dict[str, Source] = {
     ),
     "pfwillow": Source(
         folder="PF-Willow",
-        archives=(Remote(f"{PROPOSAL_FLOW}/PF-dataset.zip", "PF-dataset.zip"),),
-        files=(SingleFile(Remote(f"{CNNGEOMETRIC}/test_pairs_pf.csv", "test_pairs_pf.csv"), "test_pairs.csv"),),
+        archives=(Remote(f"{_PROPOSAL_FLOW}/PF-dataset.zip", "PF-dataset.zip"),),
+        files=(SingleFile(Remote(f"{_CNNGEOMETRIC}/test_pairs_pf.csv", "test_pairs_pf.csv"), "test_pairs.csv"),),
         required=("PF-dataset",),
         layout=PFWILLOW_LAYOUT,
         terms="PF-Willow (Ham et al. 2016): for research use.",
@@ -143,7 +143,7 @@ def _total_from_headers(status: int, headers: object, have: int) -> int | None:
     return int(length) if length is not None and str(length).isdigit() else None
 
 
-def fetch(remote: Remote, dest: Path, timeout: float = TIMEOUT_S) -> Path:
+def fetch(remote: Remote, dest: Path, timeout: float = _TIMEOUT_S) -> Path:
     """Download ``remote`` to ``dest`` (resuming ``dest.part``), check it, and return ``dest``."""
     dest = Path(dest)
     if dest.is_file() and (remote.size is None or dest.stat().st_size == remote.size):
@@ -191,7 +191,7 @@ def _stream(remote: Remote, dest: Path, response: Any, part: Path, have: int, to
             open(part, "ab" if have else "wb") as out,
             tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=remote.filename) as bar,
         ):
-            while chunk := response.read(CHUNK):
+            while chunk := response.read(_CHUNK):
                 out.write(chunk)
                 bar.update(len(chunk))
     except (OSError, http.client.HTTPException) as err:
@@ -210,7 +210,7 @@ def _verify(remote: Remote, part: Path, total: int | None) -> None:
     if remote.sha256 is not None:
         digest = hashlib.sha256()
         with open(part, "rb") as f:
-            while block := f.read(CHUNK):
+            while block := f.read(_CHUNK):
                 digest.update(block)
         if digest.hexdigest() != remote.sha256:
             part.unlink()
@@ -341,13 +341,8 @@ def add_download_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 
 __all__ = [
-    "CHUNK",
-    "CNNGEOMETRIC",
-    "PROPOSAL_FLOW",
     "SOURCES",
-    "TIMEOUT_S",
     "DownloadError",
-    "DownloadName",
     "Remote",
     "SingleFile",
     "Source",

@@ -24,7 +24,7 @@ PFPASCAL_CATEGORIES: tuple[str, ...] = (
 )  # fmt: skip
 PFPascalSplit = Literal["trn", "val", "test"]
 IMAGE_DIR = "PF-dataset-PASCAL"
-FLIP_SUFFIX = "|flip"  # image-id suffix of horizontally flipped images (they are different pixels)
+_FLIP_SUFFIX = "|flip"  # image-id suffix of horizontally flipped images (they are different pixels)
 
 
 
@@ -149,14 +149,14 @@ class PFPascal(FilePairDataset):
         return (root / "PF-dataset-PASCAL").is_dir()
 
     def image_file(self, image_id: str) -> Path:
-        return self.root / IMAGE_DIR / "JPEGImages" / self._files[image_id.removesuffix(FLIP_SUFFIX)]
+        return self.root / IMAGE_DIR / "JPEGImages" / self._files[image_id.removesuffix(_FLIP_SUFFIX)]
 
     def _ann_path(self, name: str, category: str) -> Path:
         return self.root / IMAGE_DIR / "Annotations" / category / f"{Path(name).stem}.mat"
 
     @staticmethod
     def _id(name: str, flip: bool) -> str:
-        return Path(name).stem + (FLIP_SUFFIX if flip else "")
+        return Path(name).stem + (_FLIP_SUFFIX if flip else "")
 
     def image_ids(self) -> list[str]:
         ids = [self._id(n, r.flip) for r in self.records for n in (r.src, r.trg)]
@@ -164,12 +164,12 @@ class PFPascal(FilePairDataset):
 
     def load_image(self, image_id: str) -> torch.Tensor:
         image = super().load_image(image_id)
-        return image.flip(-1) if image_id.endswith(FLIP_SUFFIX) else image
+        return image.flip(-1) if image_id.endswith(_FLIP_SUFFIX) else image
 
     def original_image(self, image_id: str) -> Image.Image:
         image = super().original_image(image_id)
         # flipped before DINOv2's preprocessing, as the authors' pre_compute_dino_feature.py:60-61
-        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if image_id.endswith(FLIP_SUFFIX) else image
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if image_id.endswith(_FLIP_SUFFIX) else image
 
     def _flip_x(self, xy: torch.Tensor, x_cols: tuple[int, ...]) -> torch.Tensor:
         out = xy.clone()
@@ -224,12 +224,9 @@ class PFPascal(FilePairDataset):
 
 
 __all__ = [
-    "FLIP_SUFFIX",
     "IMAGE_DIR",
     "PFPASCAL_CATEGORIES",
     "PFPascal",
-    "PFPascalSplit",
-    "PascalRecord",
     "parse_pfpascal_csv",
     "read_pfpascal_mat",
 ]

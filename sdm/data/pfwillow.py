@@ -14,9 +14,9 @@ from .errors import AnnotationError, check_category, read_csv
 from .layouts import PFWILLOW_LAYOUT
 
 # The csv's image paths start with this folder name, which stands for PF-dataset/ next to the csv.
-CSV_PREFIX = "PF-WILLOW"
+_CSV_PREFIX = "PF-WILLOW"
 IMAGE_DIR = "PF-dataset"
-N_POINTS = 10
+_N_POINTS = 10
 
 
 def category_label(name: str) -> str:
@@ -39,16 +39,16 @@ class WillowRecord:
 
 def parse_pfwillow_csv(csv_path: Path) -> list[WillowRecord]:
     """Read PF-Willow's test_pairs.csv into records (original-image pixel coordinates)."""
-    cols = [f"{a}{i}" for a in ("XA", "YA", "XB", "YB") for i in range(1, N_POINTS + 1)]
+    cols = [f"{a}{i}" for a in ("XA", "YA", "XB", "YB") for i in range(1, _N_POINTS + 1)]
     df = read_csv(csv_path, ["imageA", "imageB", *cols])
     records = []
     for row_no, row in enumerate(df.itertuples(index=False), start=2):  # line 1 is the header
         paths = []
         for col in ("imageA", "imageB"):
             parts = Path(str(getattr(row, col))).parts
-            if len(parts) != 3 or parts[0] != CSV_PREFIX:
+            if len(parts) != 3 or parts[0] != _CSV_PREFIX:
                 raise AnnotationError(
-                    f"{csv_path}, line {row_no}, field {col}: expected {CSV_PREFIX}/<class>/<file>, got {getattr(row, col)!r}"
+                    f"{csv_path}, line {row_no}, field {col}: expected {_CSV_PREFIX}/<class>/<file>, got {getattr(row, col)!r}"
                 )
             paths.append(parts)
         if paths[0][1] != paths[1][1]:
@@ -59,7 +59,7 @@ def parse_pfwillow_csv(csv_path: Path) -> list[WillowRecord]:
             raise AnnotationError(f"{csv_path}, line {row_no}: non-numeric keypoint field ({err})") from err
 
         def points(x: str, y: str, vals: dict[str, float] = vals) -> np.ndarray:
-            return np.array([[vals[f"{x}{i}"], vals[f"{y}{i}"]] for i in range(1, N_POINTS + 1)])
+            return np.array([[vals[f"{x}{i}"], vals[f"{y}{i}"]] for i in range(1, _N_POINTS + 1)])
 
         records.append(
             WillowRecord(
@@ -129,11 +129,8 @@ class PFWillow(FilePairDataset):
 
 
 __all__ = [
-    "CSV_PREFIX",
     "IMAGE_DIR",
-    "N_POINTS",
     "PFWillow",
-    "WillowRecord",
     "category_label",
     "parse_pfwillow_csv",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sdm.config import DATASET_NAMES, DatasetName
+from sdm.config import DATASET_NAMES, DatasetName, enrol
 
 from .base import ImageSize, PairDataset, PairSubset
 from .cub import CUB200
@@ -35,9 +35,7 @@ def register_dataset(name: str, cls: type[PairDataset]) -> type[PairDataset]:
     """Adds a dataset: a `PairDataset` subclass built as `cls(root, split=..., image_size=..., category=...)`, with
     `recognises(root)` when `infer_dataset` should tell it from a folder. `load_dataset(name, ...)`, `infer_dataset`,
     `dataset_record` and the command line's `--dataset` then take it."""
-    DATASETS[name] = cls
-    if name not in DATASET_NAMES:
-        DATASET_NAMES.append(name)
+    enrol(DATASETS, name, cls, DATASET_NAMES)
     return cls
 
 

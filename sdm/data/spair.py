@@ -22,7 +22,7 @@ SPAIR_CATEGORIES: tuple[str, ...] = (
 )  # fmt: skip
 SPairSplit = Literal["trn", "val", "test"]
 # Pair-level difficulty annotations of the official JSON files; absent ones become None.
-DIFFICULTY_FIELDS: tuple[str, ...] = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+_DIFFICULTY_FIELDS: tuple[str, ...] = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
 
 
 
@@ -83,7 +83,7 @@ def parse_spair_annotation(path: Path, ann: Any = None) -> SPairRecord:
             f"{path}: field 'category' is {category!r}, not one of {', '.join(SPAIR_CATEGORIES)}"
         )
     flags = {}
-    for key in DIFFICULTY_FIELDS:
+    for key in _DIFFICULTY_FIELDS:
         v = ann.get(key)
         flags[key] = None if v is None else int(v)
     return SPairRecord(
@@ -172,10 +172,8 @@ class SPair71k(FilePairDataset):
 
 
 __all__ = [
-    "DIFFICULTY_FIELDS",
     "SPAIR_CATEGORIES",
     "SPair71k",
     "SPairRecord",
-    "SPairSplit",
     "parse_spair_annotation",
 ]

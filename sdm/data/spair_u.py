@@ -31,7 +31,7 @@ or <root> itself when it holds JPEGImages/)
 """
 
 
-SPAIR_U_URL = "https://groups.inf.ed.ac.uk/hbilen-data/data/JamaisVuData/SPair-U.zip"
+_SPAIR_U_URL = "https://groups.inf.ed.ac.uk/hbilen-data/data/JamaisVuData/SPair-U.zip"
 
 
 def _image_points(path: Path) -> dict[int, tuple[float, float]]:
@@ -55,7 +55,7 @@ class SPairU(SPair71k):
     standard_frame = "original"
 
     def download_hint(self) -> str:
-        return (f"Get the annotations from {SPAIR_U_URL} (github VICO-UoE/JamaisVu, terms as SPair-71k's) and the images "
+        return (f"Get the annotations from {_SPAIR_U_URL} (github VICO-UoE/JamaisVu, terms as SPair-71k's) and the images "
                 "with `sdm download spair --root data/`.")  # fmt: skip
 
     def __init__(
@@ -101,7 +101,5 @@ class SPairU(SPair71k):
 
 
 __all__ = [
-    "SPAIR_U_LAYOUT",
-    "SPAIR_U_URL",
     "SPairU",
 ]

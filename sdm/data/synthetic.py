@@ -51,9 +51,9 @@ class WarpStrength:
     perspective: float
 
 
-SOURCE_WARP = WarpStrength(rotation=10.0, scale=(0.95, 1.15), translation=0.04, perspective=0.03)
-TARGET_WARP = WarpStrength(rotation=30.0, scale=(0.75, 1.25), translation=0.1, perspective=0.1)
-MAX_TRIES = 50
+_SOURCE_WARP = WarpStrength(rotation=10.0, scale=(0.95, 1.15), translation=0.04, perspective=0.03)
+_TARGET_WARP = WarpStrength(rotation=30.0, scale=(0.75, 1.25), translation=0.1, perspective=0.1)
+_MAX_TRIES = 50
 
 
 def homography_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -75,7 +75,7 @@ def apply_homography(h: np.ndarray | torch.Tensor, xy: np.ndarray | torch.Tensor
     return p[:, :2] / p[:, 2:3]
 
 
-def random_homography(
+def _random_homography(
     rng: np.random.Generator, size_hw: tuple[int, int], strength: WarpStrength
 ) -> np.ndarray:
     """A random homography of the image plane (pixel coordinates), built by moving the four corners."""
@@ -118,7 +118,7 @@ def warp_image(image: torch.Tensor, h: np.ndarray) -> torch.Tensor:
     ]
 
 
-def photometric_jitter(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+def _photometric_jitter(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Per-channel gain in [0.9, 1.1], contrast in [0.8, 1.2] about the mean, brightness +-0.08; clamped to [0, 1]."""
     gain = torch.from_numpy(rng.uniform(0.9, 1.1, size=(3, 1, 1))).float()
     contrast = float(rng.uniform(0.8, 1.2))
@@ -197,9 +197,9 @@ class SyntheticPairs(PairDataset):
         """Draw (H_src, H_trg, photo points K x 2) so that all points land inside both views."""
         size = self.image_size
         h, w = size
-        for _ in range(MAX_TRIES):
-            h_src = random_homography(rng, size, SOURCE_WARP)
-            h_trg = random_homography(rng, size, TARGET_WARP)
+        for _ in range(_MAX_TRIES):
+            h_src = _random_homography(rng, size, _SOURCE_WARP)
+            h_trg = _random_homography(rng, size, _TARGET_WARP)
             flat = np.searchsorted(cdf, rng.uniform(size=8 * self.n_kps), side="right").clip(0, h * w - 1)
             # sub-pixel offsets so that points are not all on the pixel grid
             pts = np.stack([flat % w, flat // w], axis=1) + rng.uniform(-0.5, 0.5, size=(len(flat), 2))
@@ -211,7 +211,7 @@ class SyntheticPairs(PairDataset):
             trg = apply_homography(h_trg, pts)
             if np.ptp(trg, axis=0).max() >= 0.25 * min(h, w):
                 return h_src, h_trg, pts
-        raise RuntimeError(f"could not draw {self.n_kps} keypoints inside both views in {MAX_TRIES} tries")
+        raise RuntimeError(f"could not draw {self.n_kps} keypoints inside both views in {_MAX_TRIES} tries")
 
     def __getitem__(self, i: int) -> Pair:
         if not 0 <= i < self.n:
@@ -222,7 +222,7 @@ class SyntheticPairs(PairDataset):
         h_src, h_trg, pts = self._sample(rng, cdf)
         src_image, trg_image = warp_image(photo, h_src), warp_image(photo, h_trg)
         if self.photometric:
-            src_image, trg_image = photometric_jitter(src_image, rng), photometric_jitter(trg_image, rng)
+            src_image, trg_image = _photometric_jitter(src_image, rng), _photometric_jitter(trg_image, rng)
         src_kps = torch.from_numpy(apply_homography(h_src, pts)).float()
         trg_kps = torch.from_numpy(apply_homography(h_trg, pts)).float()
         src_to_trg = h_trg @ np.linalg.inv(h_src)
@@ -256,15 +256,9 @@ class SyntheticPairs(PairDataset):
 
 
 __all__ = [
-    "MAX_TRIES",
     "PHOTOS",
-    "SOURCE_WARP",
-    "TARGET_WARP",
     "SyntheticPairs",
-    "WarpStrength",
     "apply_homography",
     "homography_from_points",
-    "photometric_jitter",
-    "random_homography",
     "warp_image",
 ]
