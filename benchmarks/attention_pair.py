@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from bench import sync
 
 from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher, crop_side
-from sdm.features import optimize
 from sdm.models import sd14_architecture
+from sdm.speed import optimize
 
 SDM_02 = dict(
     geometry="continuous", readout="mean-map", noise="gaussian", heads="all", loss="layer-mean", steps=130, lr=2.4e-3, crop_frac=0.93,
@@ -38,7 +38,7 @@ PATHS = {  # name -> (config overrides, weight dtype, what is compiled: None, "r
     # the loss on 512 x 512 upsampled maps, as the authors' code computes it (sdm's default before "native")
     "authors-bf16-map-loss": ({"loss_resolution": "map"}, torch.bfloat16, None),
     "authors-bf16-b50": ({"max_batch": 50}, torch.bfloat16, None),  # all 50 items of the pair in one UNet batch
-    # the VAE encoder and the UNet's resnets compiled (sdm.features.optimize(compile_scope="resnets"))
+    # the VAE encoder and the UNet's resnets compiled (sdm.speed.optimize(compile_scope="resnets"))
     "authors-bf16-compiled-resnets": ({}, torch.bfloat16, "resnets"),
     # the VAE encoder and the UNet's blocks compiled, one graph per batch size (sdm.attention.compile_for_matcher)
     "authors-bf16-compiled": ({}, torch.bfloat16, "blocks"),

@@ -39,7 +39,7 @@ def _compile_norms(sd: StableDiffusion) -> None:
 
 
 def _compile_resnets(sd: StableDiffusion) -> None:
-    from sdm.features import optimize
+    from sdm.speed import optimize
 
     optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="resnets")
 

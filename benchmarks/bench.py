@@ -37,9 +37,10 @@ from sdm.data.base import Pair, PairDataset
 from sdm.encoders import PromptEncoders
 from sdm.evaluate import evaluate
 from sdm.extractors import SDExtractor
-from sdm.features import SDFeaturizer, optimize
+from sdm.features import SDFeaturizer
 from sdm.matching import match, to_feature_coords, to_image_coords
 from sdm.prompts import build_prompt
+from sdm.speed import optimize
 
 SPAIR_TEST_PAIRS = 12_234
 # Assumption: SPair-71k has 1,800 images (18 categories x 100); the test split cannot use more, so projecting

@@ -4,7 +4,7 @@
     accelerate launch --num_processes 4 benchmarks/eval_multi.py --out eval4.json
     python benchmarks/eval_multi.py --out eval1.json          # one GPU, the same work
 
-SD2-1 architecture and DINOv2-B/14 with random weights, bf16 with `sdm.features.optimize` (no compile, so that
+SD2-1 architecture and DINOv2-B/14 with random weights, bf16 with `sdm.speed.optimize` (no compile, so that
 every process count runs the same kernels), ensemble 8, Kernel-Softmax, in-memory 768 px images (`bench.BenchPairs`).
 Time: the median of `--repeat` evaluations after one warm-up, measured on the main process between barriers.
 """
@@ -29,8 +29,9 @@ import sdm
 from sdm.encoders import PromptEncoders
 from sdm.evaluate import evaluate
 from sdm.extractors import SDExtractor
-from sdm.features import SDFeaturizer, optimize
+from sdm.features import SDFeaturizer
 from sdm.prompts import build_prompt
+from sdm.speed import optimize
 
 
 def main() -> None:

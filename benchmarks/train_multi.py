@@ -4,7 +4,7 @@
 
 The global batch (`--pairs`) is split over the processes as `sdm.train` does: by images (`sdm.train.image_share`:
 9 pairs = 18 images, 9 + 9 on 2 GPUs, 5 + 5 + 4 + 4 on 4). SD2-1 architecture, random
-weights, bf16 with `sdm.features.optimize`; the time per step is read from the loss calls (steady state).
+weights, bf16 with `sdm.speed.optimize`; the time per step is read from the loss calls (steady state).
 """
 
 from __future__ import annotations

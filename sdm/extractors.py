@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdm.data import OriginalLoader
-from sdm.features import Draws, SDFeaturizer
+from sdm.draws import Draws
+from sdm.features import SDFeaturizer
 from sdm.matching import Similarity
 from sdm.prompts import Conditioning, PromptModule, StoredImages, originals_for
 from sdm.records import featurizer_record, prompt_record, vit_record

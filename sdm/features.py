@@ -6,10 +6,7 @@ docs/specification.md, "Feature extraction" and "Prompt assembly for learned pro
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -19,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from sdm.config import size_pair
+from sdm.draws import BatchRows, Draws, content_keys, keyed_normal
 from sdm.models import StableDiffusion
 
 ImageInput = torch.Tensor | Sequence[Image.Image] | Image.Image
@@ -95,67 +93,6 @@ def to_pixel_tensor(images: ImageInput, size: tuple[int, int], device: torch.dev
 LatentMode = Literal["sample", "mean"]
 
 
-def derived_seed(seed: int, *parts: str) -> int:
-    """A 63-bit generator seed from a run's `seed` and names (blake2b), e.g. one per learned tensor or image."""
-    digest = hashlib.blake2b("|".join([str(seed), *parts]).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def image_seed(seed: int, key: str, purpose: str) -> int:
-    """The seed of one image's draw: the run's `seed`, the image's `key` (its id) and what the draw is for
-    ("latent", "noise"). Draws seeded this way do not depend on the other images of a batch, and two
-    different images never share them."""
-    return derived_seed(seed, purpose, key)
-
-
-def keyed_normal(
-    keys: Sequence[str], shape: tuple[int, ...], seed: int, purpose: str, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """len(keys) x *shape standard normal float32 draws on `device`, one generator per key seeded by `image_seed`:
-    a key draws the same numbers in any batch and on any device of one type (torch's CPU and CUDA generators
-    differ, so a CPU run and a GPU run draw different noise, as the authors' `randn_like` does). Drawing on the
-    device keeps the host free: CPU draws for ensemble 8 took longer than the VAE they should overlap."""
-    out = torch.empty((len(keys), *shape), device=device)
-    for row, key in zip(out, keys):
-        torch.randn(shape, generator=torch.Generator(device=out.device).manual_seed(image_seed(seed, key, purpose)), out=row)
-    return out
-
-
-_KEY_PRIMES = (2_147_483_647, 2_147_483_629)  # two 31-bit primes: two independent 31-bit halves of a key
-
-
-def content_keys(x: torch.Tensor) -> list[str]:
-    """One key per batch item from its exact values (used when the caller names no image ids): two modular
-    fingerprints of the float32 bit patterns, computed in integer arithmetic on `x`'s device, so they are the same
-    on every device and whatever else is in the batch, and only 2 numbers per item cross to the host (a hash of the
-    bytes on the CPU cost more than the UNet at ensemble 1)."""
-    flat = x.detach().float().flatten(1).contiguous().view(torch.int32).long() & 0xFFFFFFFF  # B x N bit patterns
-    i = torch.arange(flat.shape[1], device=flat.device, dtype=torch.long)
-    mixed = (i * 0x9E3779B1) ^ (i >> 7) ^ 0x5BD1E995  # distinct per position; exact in int64
-    parts = []
-    for prime in _KEY_PRIMES:
-        weight = mixed % prime + 1  # < 2^31, so value x weight < 2^63 and each term mod prime < 2^31
-        parts.append(((flat * weight) % prime).sum(dim=1) % prime)  # N terms < 2^31: the sum cannot overflow
-    pair = torch.stack(parts, dim=1).cpu().tolist()
-    shape = "x".join(str(d) for d in x.shape[1:])
-    return [f"{shape}:{a:08x}{b:08x}" for a, b in pair]
-
-
-@dataclass(frozen=True)
-class BatchRows:
-    """Fresh draws from `generator` for a whole batch of `total` items, of which the items at hand are rows
-    `start:stop`. Data-parallel training passes it as the generator: every process draws the numbers of the whole
-    batch and keeps its rows, so that splitting a batch over processes changes no draw."""
-
-    generator: torch.Generator
-    start: int
-    stop: int
-    total: int
-
-
-Draws = torch.Generator | BatchRows  # fresh draws (training)
-
-
 class SDFeaturizer:
     """Dense Stable Diffusion features of images under a prompt (a plain class: the models stay `sd`'s, shared by
     every featurizer made from it; move them with `sd.to`).
@@ -204,7 +141,6 @@ class SDFeaturizer:
         self.ensemble = int(ensemble)
         self.seed = int(seed)
         self.latent: LatentMode = latent
-        self._token_cache: dict[str, torch.Tensor] = {}
 
     # ---- images -------------------------------------------------------------------------------------------
     @property
@@ -298,7 +234,7 @@ class SDFeaturizer:
                     f"or N = 77 encoder hidden states); got {tuple(prompt.shape)}"
                 )
             n = prompt.shape[1]
-            if n == self.sd.tokenizer.model_max_length:
+            if n == self.sd.text.length:
                 hidden = prompt.to(self.sd.dtype)
             elif 1 <= n <= MAX_LEARNED_TOKENS:
                 hidden = self.encode_learned(prompt)
@@ -318,12 +254,9 @@ class SDFeaturizer:
             hidden = hidden.expand(batch_size, -1, -1)
         return hidden
 
-    @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """List of B strings -> B x 77 x D (the text encoder's last hidden state, after its final layer norm)."""
-        tok = self.sd.tokenizer
-        ids = tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        return self.sd.text_encoder(ids.input_ids.to(self.device)).last_hidden_state
+        return self.sd.text.encode_text(texts, self.device)
 
     def special_token_embeddings(self) -> torch.Tensor:
         """77 x D embedding-layer outputs (token + position) of [BOS, pad x 76]; EOS goes where the prompt ends.
@@ -331,57 +264,28 @@ class SDFeaturizer:
         Row 0 is BOS at position 0; row i > 0 is the pad token at position i. `eos_embeddings()` holds
         EOS at every position.
         """
-        return self._special("pad")
+        return self.sd.text.special("pad")
 
     def eos_embeddings(self) -> torch.Tensor:
         """77 x D embedding-layer outputs of the EOS token at every position 0..76."""
-        return self._special("eos")
-
-    def _special(self, kind: str) -> torch.Tensor:
-        key = f"{kind}:{self.device}:{self.sd.dtype}"
-        if key not in self._token_cache:
-            tok, emb = self.sd.tokenizer, self.sd.text_encoder.embeddings
-            n = tok.model_max_length
-            fill = tok.eos_token_id if kind == "eos" else tok.pad_token_id
-            ids = torch.full((1, n), fill, dtype=torch.long, device=self.device)
-            if kind == "pad":
-                ids[0, 0] = tok.bos_token_id
-            with torch.no_grad():
-                self._token_cache[key] = emb(input_ids=ids)[0]
-        return self._token_cache[key]
+        return self.sd.text.special("eos")
 
     def assemble_learned(self, learned: torch.Tensor) -> torch.Tensor:
         """B x N x D learned vectors -> B x 77 x D sequence [BOS, learned, EOS at N+1, pad...] of
         embedding-layer outputs (the learned vectors already include their position)."""
-        b, n, _ = learned.shape
-        special = self.special_token_embeddings().to(learned.dtype)
-        eos = self.eos_embeddings()[n + 1].to(learned.dtype)
-        parts = [special[:1].expand(b, 1, -1), learned, eos.view(1, 1, -1).expand(b, 1, -1), special[n + 2 :].expand(b, -1, -1)]
-        return torch.cat(parts, dim=1)
+        return self.sd.text.assemble(learned)
 
     def encode_learned(self, learned: torch.Tensor) -> torch.Tensor:
-        """B x N x D learned vectors (N <= 75) -> B x 77 x D encoder hidden states, differentiable in `learned`.
-
-        The assembled sequence bypasses the embedding layer and runs through the frozen encoder layers
-        with CLIP's causal mask, then the final layer norm.
-        """
-        te = self.sd.text_encoder
-        seq = self.assemble_learned(learned.to(te.dtype))
-        n = seq.shape[1]
-        mask = torch.full((n, n), torch.finfo(seq.dtype).min, device=seq.device, dtype=seq.dtype).triu(1)
-        mask = mask.view(1, 1, n, n).expand(seq.shape[0], 1, n, n)
-        hidden = te.encoder(inputs_embeds=seq, attention_mask=mask).last_hidden_state
-        return te.final_layer_norm(hidden)
+        """B x N x D learned vectors (N <= 75) -> B x 77 x D encoder hidden states, differentiable in `learned`
+        (the model's text side, `sdm.text.ClipText.encode_learned`)."""
+        return self.sd.text.encode_learned(learned)
 
     def token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Embedding-layer outputs of token ids placed at positions 1..N: B x N ids -> B x N x D.
 
         This is how learned prompts are initialised (random vocabulary ids at positions 1..N).
         """
-        n = token_ids.shape[-1]
-        pos = torch.arange(1, n + 1, device=token_ids.device).unsqueeze(0)
-        with torch.no_grad():
-            return self.sd.text_encoder.embeddings(input_ids=token_ids, position_ids=pos)
+        return self.sd.text.token_embeddings(token_ids)
 
     # ---- features -----------------------------------------------------------------------------------------
     def unet_features(self, noisy: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -424,98 +328,11 @@ class SDFeaturizer:
         return self.features_from_latents(latents, prompt, generator, keys)
 
 
-# ---- speed ------------------------------------------------------------------------------------------------------
-def optimize(
-    sd: StableDiffusion,
-    *,
-    dtype: torch.dtype | None = None,
-    channels_last: bool = True,
-    fuse_qkv: bool = True,
-    compile: bool = False,
-    compile_mode: str | None = None,
-    compile_scope: Literal["blocks", "resnets"] = "blocks",
-    dynamic: bool | None = None,
-) -> StableDiffusion:
-    """Opt-in speed settings for feature extraction and prompt training; modifies `sd` in place, returns it.
-
-    Nothing here changes what is computed, only how (benchmarks/README.md has the measured gains):
-
-    - `dtype`: cast VAE, UNet and text encoder (e.g. ``torch.bfloat16`` on a GPU; the authors ran fp16
-      autocast). None keeps the current dtype.
-    - `channels_last`: NHWC memory format for the VAE's and the UNet's convolutions. It pays for features and
-      evaluation; for training pass False (cuDNN then converts layouts around every group norm of the backward:
-      benchmarks/README.md, third round).
-    - `fuse_qkv`: one matrix product for the query, key and value of every self-attention (key and value of
-      every cross-attention) in the UNet and the VAE (diffusers' `fuse_qkv_projections`). The fused weights
-      stay frozen.
-    - `compile`: `torch.compile` the VAE encoder, every down block, the mid block and the *children* of every
-      up block (resnets, transformers, upsamplers). The up blocks themselves stay eager, so the forward hook
-      that stops the UNet after the feature block (`run_until`) never runs inside compiled code. Each module
-      compiles on its first call (tens of seconds on a GPU), and once more with a dynamic batch size when a
-      second batch size appears (dynamo's recompile limit is raised to 64 for that).
-    - `compile_mode`: passed to `torch.compile` (None, "max-autotune", "reduce-overhead", ...).
-    - `compile_scope`: "blocks" (above), or "resnets": only the VAE encoder and the UNet's resnets, down- and
-      upsamplers, leaving every transformer (and the attention processors `sdm.attention` installs) eager.
-    - `dynamic`: passed to `torch.compile` for the UNet's modules (the VAE encoder keeps the default: specialise,
-      then one dynamic-batch graph). ``False`` compiles one UNet graph per batch size, the setting
-      `sdm.attention.compile_for_matcher` uses: the matcher's processors trace into the graphs, and inductor
-      (torch 2.13, CPU) failed on the dynamic-batch graph of their backward.
-
-    With the defaults on CPU in float32 (no `dtype`, no `compile`) the features equal the plain ones to
-    float rounding (tests/test_speed.py: relative error < 1e-5).
-    """
-    modules = (sd.vae, sd.unet, sd.text_encoder)
-    if dtype is not None:
-        sd.to(dtype=dtype)
-    if fuse_qkv:
-        for model in (sd.unet, sd.vae):
-            if not getattr(model, "_sdm_fused_qkv", False):
-                model.fuse_qkv_projections()
-                model._sdm_fused_qkv = True
-    if channels_last:
-        sd.vae.to(memory_format=torch.channels_last)
-        sd.unet.to(memory_format=torch.channels_last)
-    for module in modules:  # new fused projections are created trainable: keep the model frozen
-        module.requires_grad_(False)
-    if compile:
-        # The blocks share a few forward functions (one per block class) that recompile per block width and,
-        # once, for a dynamic batch size: allow that many specialisations before dynamo falls back to eager.
-        dynamo_config = importlib.import_module("torch._dynamo").config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
-        kwargs: dict = {"mode": compile_mode} if compile_mode else {}
-        sd.vae.encoder.compile(**kwargs)
-        if dynamic is not None:
-            kwargs["dynamic"] = dynamic
-        targets: list[nn.Module] = []
-        if compile_scope == "resnets":
-            from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
-
-            targets += [m for m in sd.unet.modules() if isinstance(m, (ResnetBlock2D, Downsample2D, Upsample2D))]
-        else:
-            targets += list(sd.unet.down_blocks)
-            if sd.unet.mid_block is not None:
-                targets.append(sd.unet.mid_block)
-            for block in sd.unet.up_blocks:
-                targets += list(block.children())  # ModuleLists: their items
-        for module in targets:
-            for sub in module if isinstance(module, nn.ModuleList) else [module]:
-                sub.compile(**kwargs)
-    return sd
-
-
 __all__ = [
     "MAX_LEARNED_TOKENS",
-    "BatchRows",
-    "Draws",
     "ImageInput",
     "PromptInput",
     "SDFeaturizer",
-    "content_keys",
-    "derived_seed",
-    "image_seed",
-    "keyed_normal",
-    "optimize",
     "run_until",
     "to_pixel_tensor",
 ]

@@ -11,15 +11,16 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdm.config import DEFAULT_MODEL
+from sdm.text import ClipText, TextConditioning
 
 # The paper's repository id; its weights were withdrawn in November 2025, DEFAULT_MODEL (a mirror) holds them.
 WITHDRAWN_MODELS = {"stabilityai/stable-diffusion-2-1": DEFAULT_MODEL}
@@ -55,9 +56,25 @@ class StableDiffusion:
     scheduler: DDPMScheduler
     name: str = "unnamed"
     random_weights: bool = False
+    _text: ClipText | None = field(default=None, init=False, repr=False)
+
+    # The subfolders `from_pretrained` reads (a model on another pipeline subclasses this class and names its own).
+    PARTS: ClassVar[tuple[str, ...]] = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+
+    @classmethod
+    def from_pretrained(cls, model: str, dtype: torch.dtype, **kwargs: Any) -> StableDiffusion:
+        """The parts of a hub id or a folder in diffusers layout (`kwargs`: `local_files_only`); on the CPU."""
+        return cls(
+            AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kwargs),
+            UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kwargs),
+            CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kwargs),
+            CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs),
+            DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs),
+            name=model,
+        )
 
     def __post_init__(self) -> None:
-        for module in (self.vae, self.unet, self.text_encoder):
+        for module in self.modules():
             module.requires_grad_(False)
             module.eval()
         if self.random_weights:  # once per model: every feature, match and PCK it gives is meaningless
@@ -65,6 +82,18 @@ class StableDiffusion:
                 f"{self.name} has random weights: its features, matches and PCK only show that the pipeline runs "
                 "(results record random_weights: true)", RandomWeightsWarning, stacklevel=4,
             )  # fmt: skip
+
+    @property
+    def text(self) -> TextConditioning:
+        """The text side prompts go through (`sdm.text.ClipText` of `text_encoder` and `tokenizer`; rebuilt when
+        either is replaced)."""
+        if self._text is None or self._text.encoder is not self.text_encoder or self._text.tokenizer is not self.tokenizer:
+            self._text = ClipText(self.text_encoder, self.tokenizer)
+        return self._text
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The frozen modules: VAE, UNet and the text side's (moved, cast and fingerprinted together)."""
+        return [self.vae, self.unet, *self.text.modules()]
 
     @property
     def device(self) -> torch.device:
@@ -77,11 +106,11 @@ class StableDiffusion:
     @property
     def embed_dim(self) -> int:
         """Width D of the text encoder's token vectors (1024 for SD2-1)."""
-        return int(self.text_encoder.config.hidden_size)
+        return self.text.width
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
         """Moves all modules in place and returns self."""
-        for module in (self.vae, self.unet, self.text_encoder):
+        for module in self.modules():
             if dtype is not None and module.dtype != dtype:
                 module.to(dtype=dtype)
             if device is not None:
@@ -102,7 +131,8 @@ def _in_hub_cache(model: str) -> bool:
     """Whether every part of a hub model is in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
 
-    parts = ("vae/config.json", "unet/config.json", "text_encoder/config.json", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+    config = {"tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
+    parts = [f"{part}/{config.get(part, 'config.json')}" for part in StableDiffusion.PARTS]
     try:
         return all(isinstance(try_to_load_from_cache(model, part), str) for part in parts)
     except Exception:  # an id the cache cannot even parse: let from_pretrained explain
@@ -183,14 +213,9 @@ def load_stable_diffusion(
         elif not _hub_reachable():
             raise _load_error(model, ConnectionError("the Hugging Face Hub cannot be reached and the model is not in the local cache"))
     try:
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs)
-        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs)
+        sd = StableDiffusion.from_pretrained(model, dtype, **kwargs)
     except Exception as err:  # hub, network and file errors come in many classes; all get the same advice
         raise _load_error(model, err) from err
-    sd = StableDiffusion(vae, unet, text_encoder, tokenizer, scheduler, name=model)
     return sd.to(device)
 
 

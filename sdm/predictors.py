@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdm.data import PairBatch, PairDataset, decoding
+from sdm.draws import derived_seed
 from sdm.extractors import FeatureExtractor, FeatureStore, ImageBatch, similarity_of
-from sdm.features import derived_seed
 from sdm.matching import MatchConfig, Matcher, match, to_feature_coords, to_image_coords
 from sdm.prompts import Conditioning
 

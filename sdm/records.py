@@ -96,7 +96,7 @@ def _model_fingerprint(*modules: nn.Module) -> str:
 def _model_record(sd: Any) -> dict[str, Any]:
     """Model id, a fingerprint of its UNet, text encoder and VAE weights, and whether they are random."""
     return {
-        "model": sd.name, "weights": _model_fingerprint(sd.unet, sd.text_encoder, sd.vae), "random_weights": bool(sd.random_weights)
+        "model": sd.name, "weights": _model_fingerprint(sd.unet, *sd.text.modules(), sd.vae), "random_weights": bool(sd.random_weights)
     }
 
 

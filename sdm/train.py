@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 from sdm.backbones import build_backbone
 from sdm.config import TrainConfig, recipe
 from sdm.data import PairDataset, collate_pairs, dataset_record, decoding
+from sdm.draws import BatchRows
 from sdm.encoders import PromptEncoders, encoder_name
 from sdm.evaluate import evaluate
 from sdm.extractors import SDExtractor
-from sdm.features import BatchRows, SDFeaturizer
+from sdm.features import SDFeaturizer
 from sdm.loss import gaussian_cross_entropy
 from sdm.matching import to_feature_coords
 from sdm.models import StableDiffusion
@@ -257,7 +258,7 @@ def train(
 @contextlib.contextmanager
 def _lent(sd: StableDiffusion, encoders: PromptEncoders | None, device: torch.device, checkpointing: bool) -> Iterator[None]:
     """The models on `device`, gradient checkpointing as the run asks, for the run; as they were afterwards."""
-    modules: list[torch.nn.Module] = [sd.vae, sd.unet, sd.text_encoder]
+    modules: list[torch.nn.Module] = sd.modules()
     if encoders is not None:
         modules += [enc for enc in (encoders.dino, encoders.clip) if enc is not None]
     homes = [next(m.parameters()).device for m in modules]

@@ -418,7 +418,7 @@ def test_per_pair_optimisation_draws_afresh_for_each_pair(sd: sdm.StableDiffusio
     """optimize_per "pair" (the authors' loop): each pair optimises its source again, with draws seeded by the
     config's seed and its pair id, so two pairs of one source get different embeddings, and a rerun the same."""
     from sdm.data import Pair, collate_pairs
-    from sdm.features import derived_seed
+    from sdm.draws import derived_seed
     from sdm.predictors import attention_predictor
 
     cfg = AttentionMatcherConfig(image_size=SIZE, steps=2, num_embeddings=1, inference_crops=2, progress=False, optimize_per="pair")

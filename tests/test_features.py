@@ -72,7 +72,7 @@ def test_keyless_calls_seed_each_image_by_its_exact_values(sd: sdm.StableDiffusi
     """Without ids, an image's draws are keyed by its values: the same features alone or beside other images, in
     any position; a one-ulp change of one pixel gives another key. The key's first half is written out here as
     the modular sum it is (sum of bit pattern x position weight, mod 2^31 - 1), in Python integers."""
-    from sdm.features import content_keys
+    from sdm.draws import content_keys
 
     f = SDFeaturizer(sd, image_size=64, ensemble=2, seed=3)
     x = torch.rand(3, 3, 64, 64)
@@ -93,7 +93,7 @@ def test_keyed_draws_are_each_keys_own_generator() -> None:
     """keyed_normal row i is what a generator seeded with blake2b(seed | purpose | key) alone draws."""
     import hashlib
 
-    from sdm.features import keyed_normal
+    from sdm.draws import keyed_normal
 
     def alone(key: str) -> torch.Tensor:
         digest = hashlib.blake2b(f"7|noise|{key}".encode(), digest_size=8).digest()

@@ -3,11 +3,17 @@ cannot be loaded."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
+from transformers import CLIPTextModel
 
 import sdm
 from sdm.features import SDFeaturizer
+from sdm.models import TINY_VOCAB_SIZE, _text_config
+from sdm.prompts import build_prompt
+from sdm.text import ClipText
 
 
 def test_tiny_model_is_deterministic_per_seed() -> None:
@@ -64,3 +70,53 @@ def test_sd21_architecture_has_the_published_sizes() -> None:
     assert counts == [865_910_724, 83_653_863, 340_387_840]
     assert sd.unet.config.cross_attention_dim == 1024 and sd.embed_dim == 1024
     assert len(sd.unet.up_blocks[1].resnets) == 3 and sd.unet.up_blocks[1].upsamplers is not None
+
+
+class _SideBySideText:
+    """A text side of two CLIP encoders whose hidden states are concatenated (as SDXL's are): the text side of
+    another diffusion model, written against `sdm.text.TextConditioning` only."""
+
+    def __init__(self, *parts: ClipText) -> None:
+        self.parts = parts
+        self.length, self.vocab_size = parts[0].length, parts[0].vocab_size
+        self.width = sum(p.width for p in parts)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for p in self.parts for m in p.modules()]
+
+    def encode_text(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        return torch.cat([p.encode_text(texts, device) for p in self.parts], dim=-1)
+
+    def encode_learned(self, learned: torch.Tensor) -> torch.Tensor:
+        pieces = learned.split([p.width for p in self.parts], dim=-1)
+        return torch.cat([p.encode_learned(x) for p, x in zip(self.parts, pieces)], dim=-1)
+
+    def token_embeddings(self, token_ids: torch.Tensor, first_position: int = 1) -> torch.Tensor:
+        return torch.cat([p.token_embeddings(token_ids, first_position) for p in self.parts], dim=-1)
+
+
+@dataclass
+class _TwoEncoderModel(sdm.StableDiffusion):
+    second_encoder: CLIPTextModel | None = None
+
+    @property
+    def text(self) -> _SideBySideText:
+        return _SideBySideText(ClipText(self.text_encoder, self.tokenizer), ClipText(self.second_encoder, self.tokenizer))
+
+
+def test_a_model_with_two_text_encoders_is_one_class() -> None:
+    """Another diffusion model's text side (here two 16-wide encoders feeding the tiny UNet's 32-wide
+    cross-attention) is one class: features, text and learned prompts, gradients and the frozen modules follow."""
+    tiny = sdm.tiny_stable_diffusion(0)
+    encoders = [CLIPTextModel(_text_config(16, 1, 2, 32, TINY_VOCAB_SIZE)) for _ in range(2)]
+    model = _TwoEncoderModel(tiny.vae, tiny.unet, encoders[0], tiny.tokenizer, tiny.scheduler, second_encoder=encoders[1])
+    assert model.embed_dim == 32 and all(not p.requires_grad for e in encoders for p in e.parameters())
+    featurizer = SDFeaturizer(model, image_size=64)
+    images = torch.rand(1, 3, 64, 64)
+    text_feats = featurizer(images, "a photo of a cat")
+    prompt = build_prompt("single", featurizer, n_tokens=5)
+    featurizer(images, prompt.image_prompt(featurizer, None, ["cat"])).square().mean().backward()
+    assert prompt.tokens.grad is not None and prompt.tokens.grad.abs().sum() > 0
+    with torch.no_grad():  # the second encoder is used: changing it changes the features
+        encoders[1].final_layer_norm.bias.add_(1.0)
+    assert not torch.allclose(featurizer(images, "a photo of a cat"), text_feats)

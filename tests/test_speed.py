@@ -1,4 +1,4 @@
-"""Opt-in speed settings (`sdm.features.optimize`) compute the same features as the plain model.
+"""Opt-in speed settings (`sdm.speed.optimize`) compute the same features as the plain model.
 
 GPU-only settings (bf16, torch.compile) are checked inside benchmarks/bench.py, which prints their errors.
 """
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import sdm
-from sdm.features import SDFeaturizer, optimize
+from sdm.features import SDFeaturizer
+from sdm.speed import optimize
 
 SIZE = 64
 

@@ -28,15 +28,16 @@ from sdm.config import (
     HEDLIN_MODEL,
     AttentionMatcherConfig,
 )
-from sdm.features import ImageInput, optimize, run_until, to_pixel_tensor
+from sdm.features import ImageInput, run_until, to_pixel_tensor
 from sdm.matching import argmax_2d, soft_argmax_2d
 from sdm.models import StableDiffusion
+from sdm.speed import optimize
 from sdm.storage import FeatureStore
 
 
 def compile_for_matcher(sd: StableDiffusion, channels_last: bool = False) -> StableDiffusion:
     """`torch.compile` the UNet's blocks (one graph per batch size, the capture processors traced in) and the VAE
-    encoder, in place: `sdm.features.optimize(compile_scope="blocks", dynamic=False)`, on channels-last weights with
+    encoder, in place: `sdm.speed.optimize(compile_scope="blocks", dynamic=False)`, on channels-last weights with
     `channels_last`. Compiling takes minutes and pays on whole datasets with UNet batches of 50
     (benchmarks/README.md); results differ by rounding only."""
     return optimize(sd, channels_last=channels_last, fuse_qkv=False, compile=True, compile_scope="blocks", dynamic=False)

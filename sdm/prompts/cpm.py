@@ -12,6 +12,7 @@ from torch import nn
 
 from sdm.config import CPMConfig
 from sdm.data import OriginalLoader
+from sdm.draws import derived_seed
 from sdm.encoders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -19,7 +20,7 @@ from sdm.encoders import (
     dino_pixels,
     normalise_images,
 )
-from sdm.features import PromptInput, SDFeaturizer, derived_seed
+from sdm.features import PromptInput, SDFeaturizer
 from sdm.prompts.base import (
     BuildOptions,
     Conditioning,

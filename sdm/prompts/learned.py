@@ -7,7 +7,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sdm.features import PromptInput, SDFeaturizer, derived_seed
+from sdm.draws import derived_seed
+from sdm.features import PromptInput, SDFeaturizer
 from sdm.prompts.base import (
     BuildOptions,
     Conditioning,
@@ -20,7 +21,7 @@ from sdm.prompts.base import (
 def learned_vectors(featurizer: SDFeaturizer, n_tokens: int, count: int, seed: int) -> torch.Tensor:
     """Initial vectors of `count` learned prompts: token embeddings of random vocabulary ids, or, for 77 learned
     hidden states, torch.rand (hidden_state.py:60)."""
-    if n_tokens == featurizer.sd.tokenizer.model_max_length:
+    if n_tokens == featurizer.sd.text.length:
         gen = torch.Generator().manual_seed(derived_seed(seed, "hidden_state"))
         return torch.rand(count, n_tokens, featurizer.sd.embed_dim, generator=gen)
     return random_token_vectors(featurizer, n_tokens, count=count, seed=seed)
@@ -31,10 +32,8 @@ def random_token_vectors(featurizer: SDFeaturizer, n: int, count: int = 1, first
     prompts start). Ids are uniform over [0, vocab_size), special tokens included, as the authors' code draws
     them (src/stable_diffusion/hidden_state.py:65)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(featurizer.sd.tokenizer.vocab_size, (count, n), generator=g).to(featurizer.device)
-    pos = torch.arange(first_position, first_position + n, device=featurizer.device).unsqueeze(0).expand(count, -1)
-    with torch.no_grad():
-        return featurizer.sd.text_encoder.embeddings(input_ids=ids, position_ids=pos).float()
+    ids = torch.randint(featurizer.sd.text.vocab_size, (count, n), generator=g).to(featurizer.device)
+    return featurizer.sd.text.token_embeddings(ids, first_position).float()
 
 
 class SinglePrompt(PromptModule):

@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from sdm.config import TemplateWords
+from sdm.draws import derived_seed
 from sdm.encoders import (
     CLIP_MEAN,
     CLIP_STD,
     EncoderName,
     normalise_images,
 )
-from sdm.features import PromptInput, SDFeaturizer, derived_seed
+from sdm.features import PromptInput, SDFeaturizer
 from sdm.prompts.base import (
     TEMPLATE,
     BuildOptions,
