@@ -1,6 +1,7 @@
-"""What the numbered notebooks share: loaders by name, the random-weights caveat, JSON results, prompts found by
-their training metadata, figures saved and shown, images generated from a prompt. The notebooks call these and
-plot; the runner and the quick profile are in `sdm.runner`.
+"""What the numbered notebooks import, in one place: loaders by name, the random-weights caveat and run header,
+JSON results, prompts found by their training metadata, figures saved and shown. The views (`correlation_panels`,
+`point_picker`) live in `sdm.viz`, the prompt study (hidden states, generated images) in `sdm.prompt_study`; they
+are re-exported here. The runner and the quick profile are in `sdm.runner`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 # Loaders by name ("tiny" = random weights) that the notebooks import from here.
 from sdm.data import PairSubset as PairSubset
 from sdm.data import spread_subset
 from sdm.encoders import load_clip_vision as load_clip_vision
 from sdm.encoders import load_dino as load_dino
 from sdm.models import load_model as load_model
+from sdm.prompt_study import category_embeddings, generate_images, image_stats, pair_embeddings
+from sdm.viz import correlation_panels, point_picker, save_figure
 
 
 # ---- helpers the notebooks share ---------------------------------------------------------------------------------
@@ -187,8 +187,6 @@ def keep_trained(trained: dict[tuple[str, str], Any], results_dir: str | Path) -
 
 def show(fig: Any, path: str | Path) -> Path:
     """Saves a figure (`viz.save_figure`, which closes it) and displays the saved PNG in a notebook."""
-    from sdm.viz import save_figure
-
     out = save_figure(fig, path)
     try:
         from IPython import get_ipython
@@ -199,143 +197,6 @@ def show(fig: Any, path: str | Path) -> Path:
     except ImportError:
         pass
     return out
-
-
-def correlation_panels(methods: dict[str, Any], pairs: Any, n_points: int, matcher: str) -> tuple[dict[str, list[Any]], dict[str, dict[str, Any]]]:
-    """Notebook 07's figure: for each pair and method, the source with its first `n_points` points, then each
-    point's similarity map over the target with its match (dot) and the truth (cross), titled "point j" with a
-    check mark when the match lies within 0.1 x threshold. Returns the keyword arguments of
-    `sdm.viz.heatmap_panels` (images, maps, points, crosses, titles; rows padded to 1 + n_points panels) and per
-    method the points within 0.1 x threshold ("correct" of "points") and each point's peak similarity ("peak")."""
-    from sdm.evaluate import pair_correlation
-    from sdm.metrics import pck
-
-    panels: dict[str, list[Any]] = {key: [] for key in ("images", "maps", "points", "crosses", "titles")}
-
-    def add(image: Any, heat: Any, point: Any, cross: Any, title: str) -> None:
-        for key, value in zip(panels, (image, heat, point, cross, title)):
-            panels[key].append(value)
-
-    stats = {name: {"correct": 0, "points": 0, "peak": []} for name in methods}
-    for i in range(len(pairs)):
-        pair = pairs[i]
-        k = min(n_points, pair.n_kps)
-        for name, extractor in methods.items():
-            maps, pred = pair_correlation(extractor, pair, k, matcher)
-            ok = pck(pred, pair.trg_kps[:k], pair.threshold, alpha=0.1)
-            stats[name]["correct"] += int(ok.sum())
-            stats[name]["points"] += k
-            stats[name]["peak"] += maps.flatten(1).max(dim=1).values.tolist()
-            add(pair.src_image, None, pair.src_kps[:k], None, f"{pair.category} source / {name}")
-            for j in range(k):
-                add(pair.trg_image, maps[j], pred[j], pair.trg_kps[j], f"point {j + 1}" + (" ✓" if ok[j] else ""))
-            for _ in range(n_points - k):  # rows stay aligned when a pair has fewer points
-                add(pair.trg_image, None, None, None, "")
-    return panels, stats
-
-
-def point_picker(pair: Any, src_f: torch.Tensor, trg_f: torch.Tensor, image_size: tuple[int, int], matcher: str, title: str = "") -> Any:
-    """Notebook 00's point picker: two sliders (x, y) choose a pixel of the pair's source; each move redraws its
-    match in the target and its similarity map (`viz.plot_correspondences`). src_f, trg_f: 1 x C x h x w features
-    of the pair's images at `image_size` (H, W). Returns the ipywidgets box; display it."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-
-    from sdm.matching import correlation, match, sample_features, to_feature_coords, to_image_coords
-    from sdm.viz import plot_correspondences
-
-    h, w = pair.src_image.shape[-2:]
-    fsize = tuple(src_f.shape[-2:])
-    x_pick = widgets.IntSlider(value=int(pair.src_kps[0, 0]), min=0, max=w - 1, description="x")
-    y_pick = widgets.IntSlider(value=int(pair.src_kps[0, 1]), min=0, max=h - 1, description="y")
-    picked = widgets.Output()
-
-    def update(_: Any = None) -> None:
-        q_px = torch.tensor([[x_pick.value, y_pick.value]], dtype=torch.float32)
-        q = to_feature_coords(q_px.to(src_f.device), image_size, fsize)[None]
-        pred = to_image_coords(match(src_f, trg_f, q, matcher)[0].cpu(), fsize, image_size)
-        heat = correlation(sample_features(src_f, q), trg_f)[0, 0].cpu()
-        with picked:
-            picked.clear_output(wait=True)
-            plot_correspondences(pair.src_image, pair.trg_image, q_px, pred, heatmap=heat, title=title)
-            plt.show()
-
-    x_pick.observe(update, names="value")
-    y_pick.observe(update, names="value")
-    update()
-    return widgets.VBox([widgets.HBox([x_pick, y_pick]), picked])
-
-
-def image_stats(images: list[Any]) -> list[dict[str, Any]]:
-    """Per PIL image: mean and std of its pixels in [0, 1] and its (H, W), for the results JSON of notebook 06."""
-    arrays = [np.asarray(im, dtype=np.float32) / 255 for im in images]
-    return [{"mean": float(a.mean()), "std": float(a.std()), "size": list(a.shape[:2])} for a in arrays]
-
-
-@torch.no_grad()
-def category_embeddings(featurizer: Any, module: Any, category: str) -> torch.Tensor:
-    """The UNet's encoder hidden states (1 x 77 x D) of a Class prompt for one category."""
-    return featurizer.encode_prompt(module.image_prompt(featurizer, None, [category]))
-
-
-@torch.no_grad()
-def pair_embeddings(featurizer: Any, module: Any, pairs: Any, pair: Any) -> torch.Tensor:
-    """The UNet's encoder hidden states (1 x 77 x D) of a pair-conditioned (CPM) prompt for one pair of `pairs`,
-    with the original images CPM's DINOv2 reads."""
-    from sdm.extractors import ImageBatch, pair_prompts
-
-    src = ImageBatch(pair.src_image[None], [pair.category], [pair.src_id], pairs.original_image)
-    trg = ImageBatch(pair.trg_image[None], [pair.category], [pair.trg_id], pairs.original_image)
-    return featurizer.encode_prompt(pair_prompts(featurizer, module, src, trg)[0])
-
-
-def generate_images(
-    sd: Any,
-    prompt_embeds: torch.Tensor,
-    *,
-    size: int = 768,
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    seed: int = 0,
-    negative_prompt_embeds: torch.Tensor | None = None,
-) -> list[Any]:
-    """Images Stable Diffusion generates from encoder hidden states (B x 77 x D, e.g. `featurizer.encode_prompt`
-    of a learned prompt): diffusers' `StableDiffusionPipeline` built from the bundle's parts with a DDIM
-    scheduler of the same noise schedule. Classifier-free guidance uses the empty prompt as the negative.
-    Returns B PIL images."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=sd.vae,
-        text_encoder=sd.text_encoder,
-        tokenizer=sd.tokenizer,
-        unet=sd.unet,
-        scheduler=DDIMScheduler.from_config(sd.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    embeds = prompt_embeds.to(device=sd.device, dtype=sd.dtype)
-    if negative_prompt_embeds is None and guidance_scale > 1:
-        from sdm.features import SDFeaturizer
-
-        negative_prompt_embeds = SDFeaturizer(sd).encode_text([""]).expand(embeds.shape[0], -1, -1)
-    if negative_prompt_embeds is not None:
-        negative_prompt_embeds = negative_prompt_embeds.to(device=sd.device, dtype=sd.dtype)
-    generator = torch.Generator(device=sd.device).manual_seed(seed)
-    with torch.no_grad():
-        out = pipe(
-            prompt_embeds=embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            output_type="pil",
-        )
-    return list(out.images)
 
 
 __all__ = [

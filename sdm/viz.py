@@ -356,7 +356,73 @@ def map_pairs(
     return fig
 
 
+# ---- interactive and per-point views ----------------------------------------------------------------------
+def correlation_panels(methods: dict[str, Any], pairs: Any, n_points: int, matcher: str) -> tuple[dict[str, list[Any]], dict[str, dict[str, Any]]]:
+    """Notebook 07's figure: for each pair and method, the source with its first `n_points` points, then each
+    point's similarity map over the target with its match (dot) and the truth (cross), titled "point j" with a
+    check mark when the match lies within 0.1 x threshold. Returns the keyword arguments of
+    `sdm.viz.heatmap_panels` (images, maps, points, crosses, titles; rows padded to 1 + n_points panels) and per
+    method the points within 0.1 x threshold ("correct" of "points") and each point's peak similarity ("peak")."""
+    from sdm.evaluate import pair_correlation
+    from sdm.metrics import pck
+
+    panels: dict[str, list[Any]] = {key: [] for key in ("images", "maps", "points", "crosses", "titles")}
+
+    def add(image: Any, heat: Any, point: Any, cross: Any, title: str) -> None:
+        for key, value in zip(panels, (image, heat, point, cross, title)):
+            panels[key].append(value)
+
+    stats = {name: {"correct": 0, "points": 0, "peak": []} for name in methods}
+    for i in range(len(pairs)):
+        pair = pairs[i]
+        k = min(n_points, pair.n_kps)
+        for name, extractor in methods.items():
+            maps, pred = pair_correlation(extractor, pair, k, matcher)
+            ok = pck(pred, pair.trg_kps[:k], pair.threshold, alpha=0.1)
+            stats[name]["correct"] += int(ok.sum())
+            stats[name]["points"] += k
+            stats[name]["peak"] += maps.flatten(1).max(dim=1).values.tolist()
+            add(pair.src_image, None, pair.src_kps[:k], None, f"{pair.category} source / {name}")
+            for j in range(k):
+                add(pair.trg_image, maps[j], pred[j], pair.trg_kps[j], f"point {j + 1}" + (" ✓" if ok[j] else ""))
+            for _ in range(n_points - k):  # rows stay aligned when a pair has fewer points
+                add(pair.trg_image, None, None, None, "")
+    return panels, stats
+
+
+def point_picker(pair: Any, src_f: torch.Tensor, trg_f: torch.Tensor, image_size: tuple[int, int], matcher: str, title: str = "") -> Any:
+    """Notebook 00's point picker: two sliders (x, y) choose a pixel of the pair's source; each move redraws its
+    match in the target and its similarity map (`viz.plot_correspondences`). src_f, trg_f: 1 x C x h x w features
+    of the pair's images at `image_size` (H, W). Returns the ipywidgets box; display it."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from sdm.matching import correlation, match, sample_features, to_feature_coords, to_image_coords
+
+    h, w = pair.src_image.shape[-2:]
+    fsize = tuple(src_f.shape[-2:])
+    x_pick = widgets.IntSlider(value=int(pair.src_kps[0, 0]), min=0, max=w - 1, description="x")
+    y_pick = widgets.IntSlider(value=int(pair.src_kps[0, 1]), min=0, max=h - 1, description="y")
+    picked = widgets.Output()
+
+    def update(_: Any = None) -> None:
+        q_px = torch.tensor([[x_pick.value, y_pick.value]], dtype=torch.float32)
+        q = to_feature_coords(q_px.to(src_f.device), image_size, fsize)[None]
+        pred = to_image_coords(match(src_f, trg_f, q, matcher)[0].cpu(), fsize, image_size)
+        heat = correlation(sample_features(src_f, q), trg_f)[0, 0].cpu()
+        with picked:
+            picked.clear_output(wait=True)
+            plot_correspondences(pair.src_image, pair.trg_image, q_px, pred, heatmap=heat, title=title)
+            plt.show()
+
+    x_pick.observe(update, names="value")
+    y_pick.observe(update, names="value")
+    update()
+    return widgets.VBox([widgets.HBox([x_pick, y_pick]), picked])
+
+
 __all__ = [
+    "correlation_panels",
     "figure_path",
     "grouped_bar",
     "heatmap_panels",
@@ -367,6 +433,7 @@ __all__ = [
     "parse_points",
     "pck_bar",
     "plot_correspondences",
+    "point_picker",
     "save_figure",
     "table_heatmap",
     "training_curves",
