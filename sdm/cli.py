@@ -14,6 +14,7 @@ from sdm.config import (
     CPM_ABLATIONS,
     DATASET_NAMES,
     DEFAULT_MODEL,
+    GEO_AWARE_READINGS,
     HEDLIN_MODEL,
     LEARNED,
     MATCHERS,
@@ -200,6 +201,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if processes is not None and not processes.is_main_process:
         return 0  # the main process writes the gathered result
     result.info.update({"dataset": args.dataset, "split": args.split, **({"matcher": "attention"} if attention else {})})
+    if args.geo_aware:
+        from sdm.evaluate import geo_aware_pck
+
+        subset = geo_aware_pck(result, dataset, args.geo_aware)
+        note = " (random weights: only shows that the pipeline runs)" if result.info["protocol"].get("random_weights") is True else ""
+        print(f"geometry-aware subset ({args.geo_aware}){note}: " + ", ".join(f"{k} {v:.3g}" for k, v in subset.items()))
     return _report(result, args, method.name)
 
 
@@ -440,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--matcher", default="kernel_soft_argmax", choices=[*MATCHERS, "attention"], help="'attention': Hedlin et al.'s training-free matcher"
     )
     e.add_argument("--threshold", default=None, choices=sorted(THRESHOLD_MODES), help="PCK threshold mode (default: the dataset's standard; docs/protocols.md)")
+    e.add_argument(
+        "--geo-aware", default=None, choices=list(GEO_AWARE_READINGS),
+        help="also score GeoAware-SC's geometry-aware subset (SPair-71k with ImageAnnotation/), in the authors' reading "
+        "of its keypoint groups or as listed (docs/choices.md)",
+    )
     e.add_argument(
         "--frame", default=None, choices=["resized", "original"],
         help="measure in the resized input or the stored image (default: the dataset's standard, resized but for SPair-U)",

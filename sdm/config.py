@@ -36,6 +36,10 @@ LEARNED: list[str] = ["captioner", "single", "class", "cpm"]  # the kinds with t
 TemplateWords = Literal["raw", "readable"]
 BackboneName = Literal["sd", "sd+dino"]
 BACKBONE_NAMES: list[str] = list(get_args(BackboneName))
+# GeoAware-SC's geometry-aware subset: the code's reading of its keypoint groups, or the groups as listed
+# (sdm.data.geoaware)
+GeoAwareReading = Literal["authors", "as-listed"]
+GEO_AWARE_READINGS: tuple[str, ...] = get_args(GeoAwareReading)
 DatasetName = Literal["spair", "spair-u", "pfpascal", "pfwillow", "cub", "synthetic"]
 DATASET_NAMES: list[str] = list(get_args(DatasetName))  # + sdm.data.register_dataset
 ThresholdMode = Literal["trg-bbox", "src-bbox", "trg-bbox-xscale", "image", "kps-extent", "kps-extent-hedlin"]
@@ -356,6 +360,7 @@ __all__ = [
     "CPM_ABLATIONS",
     "DATASET_NAMES",
     "DEFAULT_MODEL",
+    "GEO_AWARE_READINGS",
     "HEDLIN_MODEL",
     "LEARNED",
     "MATCHERS",
@@ -370,6 +375,7 @@ __all__ = [
     "CPMConfig",
     "DatasetName",
     "Frame",
+    "GeoAwareReading",
     "MatchConfig",
     "Matcher",
     "MixedPrecision",

@@ -307,6 +307,33 @@ def score_protocols(pairs: PairDataset, predictions: dict[str, torch.Tensor], mo
     return pd.DataFrame(rows).T
 
 
+def subset_pck(result: EvalResult, flags: dict[str, Sequence[bool]], name: str, alphas: Sequence[float] = ALPHAS) -> dict[str, float]:
+    """PCK over a subset of the points `result` scored: `flags` maps each pair id to one flag per point (its rows
+    in order). The subset's points are pooled over the whole result, which is what weighting each category's
+    per-point PCK by its subset points gives (Junyi42/GeoAware-SC pck_train.py:253-261, utils/logger.py:94-96). Kept in
+    `result.info["subsets"][name]` and returned: per_point@<alpha> (percent), n_points, and the shares of points
+    and of pairs the subset holds."""
+    records = result.records
+    missing = sorted(set(records.pair_id) - set(flags))
+    if missing:
+        raise ValueError(f"subset {name!r} has no flags for {len(missing)} scored pair(s), e.g. {missing[0]!r}")
+    chosen = [bool(flags[p][k]) for p, k in zip(records.pair_id, records.point)]
+    points = records[chosen]
+    out: dict[str, float] = {f"per_point@{a:g}": 100.0 * float((points.dist <= a * points.threshold).mean()) if len(points) else float("nan") for a in alphas}
+    out.update(n_points=len(points), points_share=len(points) / len(records), pairs_share=points.pair_id.nunique() / records.pair_id.nunique())
+    result.info.setdefault("subsets", {})[name] = out
+    return out
+
+
+def geo_aware_pck(result: EvalResult, dataset: PairDataset, reading: str = "authors") -> dict[str, float]:
+    """`subset_pck` on GeoAware-SC's geometry-aware subset of `dataset` (a dataset with `geo_aware_flags`, e.g.
+    SPair-71k with its ImageAnnotation/ folder; `reading`: "authors" or "as-listed", `sdm.data.geoaware`)."""
+    if not hasattr(dataset, "geo_aware_flags"):
+        raise ValueError(f"{type(dataset).__name__} defines no geometry-aware subset (SPair-71k does)")
+    alphas = result.info.get("protocol", {}).get("alphas", ALPHAS)
+    return subset_pck(result, dataset.geo_aware_flags(reading), f"geo-aware ({reading})", alphas)
+
+
 def paper_table(results: dict[str, EvalResult], column: str = "per_image@0.1") -> pd.DataFrame:
     """Methods as rows, categories (then "all") as columns, one PCK column: the layout of the paper's Table 2."""
     rows = {name: r.table[column] for name, r in results.items()}
@@ -316,7 +343,15 @@ def paper_table(results: dict[str, EvalResult], column: str = "per_image@0.1") -
 
 
 __all__ = [
-    "EvalResult", "evaluate", "evaluate_predictions", "pair_correlation", "paper_table", "protocol_id", "score_protocols",
+    "EvalResult",
+    "evaluate",
+    "evaluate_predictions",
+    "geo_aware_pck",
+    "pair_correlation",
+    "paper_table",
+    "protocol_id",
+    "score_protocols",
     "standard_frame",
     "standard_threshold",
+    "subset_pck",
 ]

@@ -6,6 +6,7 @@ SPAIR_LAYOUT = """\
   JPEGImages/<category>/<image>.jpg
   PairAnnotation/{trn,val,test}/<pair>.json
   Layout/large/{trn,val,test}.txt         one <pair> name per line, e.g. 000001-2008_000585-2008_004704:aeroplane
+  ImageAnnotation/<category>/<image>.json (only for the geometry-aware subset: each image's visible keypoints)
 """
 
 

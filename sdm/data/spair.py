@@ -14,6 +14,7 @@ from sdm.metrics import spair_threshold
 
 from .base import FilePairDataset, ImageSize, Pair, valid_point_mask
 from .errors import AnnotationError
+from .geoaware import SPAIR_GEO_AWARE, GeoAwareReading, effective_groups, geo_aware_flags
 from .layouts import SPAIR_LAYOUT
 
 SPAIR_CATEGORIES: tuple[str, ...] = (
@@ -39,6 +40,7 @@ class SPairRecord:
     src_bbox: np.ndarray
     trg_bbox: np.ndarray
     flags: dict[str, int | None]
+    kps_ids: tuple[int, ...] | None = None  # each point's keypoint id ("kps_ids"; None when the file lacks it)
 
 
 def _field(ann: dict[str, Any], key: str, path: Path) -> Any:
@@ -96,7 +98,17 @@ def parse_spair_annotation(path: Path, ann: Any = None) -> SPairRecord:
         src_bbox=_array(ann, "src_bndbox", path, (4,)),
         trg_bbox=_array(ann, "trg_bndbox", path, (4,)),
         flags=flags,
+        kps_ids=_kps_ids(ann, path, len(src_kps)),
     )
+
+
+def _kps_ids(ann: dict[str, Any], path: Path, n: int) -> tuple[int, ...] | None:
+    if ann.get("kps_ids") is None:
+        return None
+    ids = tuple(int(i) for i in ann["kps_ids"])
+    if len(ids) != n:
+        raise AnnotationError(f"{path}: field 'kps_ids' has {len(ids)} ids for {n} points")
+    return ids
 
 
 class SPair71k(FilePairDataset):
@@ -169,6 +181,34 @@ class SPair71k(FilePairDataset):
             (src_id, trg_id), (src_kps, trg_kps), (self.stored_size(src_id), self.stored_size(trg_id)), category=r.category,
             pair_id=r.name, extra={"src_bbox": src_box, "trg_bbox": trg_box, **r.flags},
         )  # fmt: skip
+
+    def geo_aware_flags(self, reading: GeoAwareReading = "authors") -> dict[str, list[bool]]:
+        """pair_id -> for each of the pair's points, whether it is in GeoAware-SC's geometry-aware subset
+        (`sdm.data.geoaware`). Reads each image's visible keypoints from ImageAnnotation/<category>/<image>.json
+        (its "kps": id -> [x, y] or null) and each pair's point ids from the pair annotation's "kps_ids"."""
+        visible = {i: self._visible_ids(i) for i in self.image_ids()}
+        used: dict[str, set[int]] = {}
+        for r in self.records:  # the ids a category's pairs use (Junyi42/GeoAware-SC utils/utils_dataset.py:269-270)
+            used.setdefault(r.category, set()).update(*(visible[i] for i in self._ids(r)))
+        groups = {c: effective_groups(SPAIR_GEO_AWARE[c], ids, reading) for c, ids in used.items()}
+        flags = {}
+        for r in self.records:
+            if r.kps_ids is None:
+                raise AnnotationError(f"SPair-71k pair {r.name}: the annotation has no 'kps_ids'; the geometry-aware subset needs them")
+            keep = valid_point_mask(r.src_kps, r.trg_kps)
+            ids = [k for k, kept in zip(r.kps_ids, keep) if kept]
+            flags[r.name] = geo_aware_flags(groups[r.category], ids, visible[self._ids(r)[1]])
+        return flags
+
+    def _visible_ids(self, image_id: str) -> set[int]:
+        path = self.root / "ImageAnnotation" / f"{image_id}.json"
+        if not path.is_file():
+            raise self.missing("image annotation (the geometry-aware subset reads ImageAnnotation/)", path)
+        try:
+            kps = json.loads(path.read_text())["kps"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise AnnotationError(f"{path}: expected a JSON object with a 'kps' object ({err})") from err
+        return {int(k) for k, v in kps.items() if v is not None}
 
 
 __all__ = [
