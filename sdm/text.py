@@ -48,6 +48,9 @@ class ClipText:
     def __init__(self, encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> None:
         self.encoder = encoder
         self.tokenizer = tokenizer
+        # The module holding embeddings, encoder layers and final norm: CLIPTextModel itself since transformers
+        # 5.x flattened it, its `text_model` before (5.0 still has it).
+        self._parts = getattr(encoder, "text_model", encoder)
         self._special_cache: dict[str, torch.Tensor] = {}
 
     @property
@@ -86,7 +89,7 @@ class ClipText:
             if kind == "pad":
                 ids[0, 0] = tok.bos_token_id
             with torch.no_grad():
-                self._special_cache[key] = self.encoder.embeddings(input_ids=ids)[0]
+                self._special_cache[key] = self._parts.embeddings(input_ids=ids)[0]
         return self._special_cache[key]
 
     def assemble(self, learned: torch.Tensor) -> torch.Tensor:
@@ -101,8 +104,8 @@ class ClipText:
     def encode_learned(self, learned: torch.Tensor) -> torch.Tensor:
         """The assembled sequence bypasses the embedding layer and runs through the frozen encoder layers with
         CLIP's causal mask, then the final layer norm."""
-        te = self.encoder
-        seq = self.assemble(learned.to(te.dtype))
+        te = self._parts
+        seq = self.assemble(learned.to(self.encoder.dtype))
         n = seq.shape[1]
         mask = torch.full((n, n), torch.finfo(seq.dtype).min, device=seq.device, dtype=seq.dtype).triu(1)
         mask = mask.view(1, 1, n, n).expand(seq.shape[0], 1, n, n)
@@ -113,7 +116,7 @@ class ClipText:
         n = token_ids.shape[-1]
         pos = torch.arange(first_position, first_position + n, device=token_ids.device).unsqueeze(0).expand(token_ids.shape[0], -1)
         with torch.no_grad():
-            return self.encoder.embeddings(input_ids=token_ids, position_ids=pos)
+            return self._parts.embeddings(input_ids=token_ids, position_ids=pos)
 
 
 __all__ = ["ClipText", "TextConditioning"]

@@ -390,35 +390,69 @@ def correlation_panels(methods: dict[str, Any], pairs: Any, n_points: int, match
     return panels, stats
 
 
-def point_picker(pair: Any, src_f: torch.Tensor, trg_f: torch.Tensor, image_size: tuple[int, int], matcher: str, title: str = "") -> Any:
-    """Notebook 00's point picker: two sliders (x, y) choose a pixel of the pair's source; each move redraws its
-    match in the target and its similarity map (`viz.plot_correspondences`). src_f, trg_f: 1 x C x h x w features
-    of the pair's images at `image_size` (H, W). Returns the ipywidgets box; display it."""
+def point_picker(
+    pair: Any, src_f: torch.Tensor, trg_f: torch.Tensor, image_size: tuple[int, int], matcher: str, title: str = "",
+    display_width: int = 320,
+) -> Any:
+    """Notebook 00's point picker: click a pixel of the pair's source image (or move the x, y sliders); each pick
+    prints "picked (x, y) -> match (x', y')" and redraws the match in the target with its similarity map
+    (`plot_correspondences`). Pixels are those of the resized images (`image_size` = (H, W)). src_f, trg_f:
+    1 x C x h x w features of the pair's images. The source is shown `display_width` pixels wide; clicks are read
+    in its own pixels (ipyevents' dataX, dataY). Returns the ipywidgets box; display it."""
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-
-    from sdm.matching import correlation, match, sample_features, to_feature_coords, to_image_coords
+    from ipyevents import Event
 
     h, w = pair.src_image.shape[-2:]
-    fsize = tuple(src_f.shape[-2:])
+    picture = widgets.Image(value=_png(pair.src_image), format="png", layout=widgets.Layout(width=f"{display_width}px"))
     x_pick = widgets.IntSlider(value=int(pair.src_kps[0, 0]), min=0, max=w - 1, description="x")
     y_pick = widgets.IntSlider(value=int(pair.src_kps[0, 1]), min=0, max=h - 1, description="y")
     picked = widgets.Output()
+    held = [False]  # a click sets both sliders: draw once, after the second
 
     def update(_: Any = None) -> None:
-        q_px = torch.tensor([[x_pick.value, y_pick.value]], dtype=torch.float32)
-        q = to_feature_coords(q_px.to(src_f.device), image_size, fsize)[None]
-        pred = to_image_coords(match(src_f, trg_f, q, matcher)[0].cpu(), fsize, image_size)
-        heat = correlation(sample_features(src_f, q), trg_f)[0, 0].cpu()
-        with picked:
-            picked.clear_output(wait=True)
-            plot_correspondences(pair.src_image, pair.trg_image, q_px, pred, heatmap=heat, title=title)
-            plt.show()
+        if not held[0]:
+            _draw_pick(picked, pair, src_f, trg_f, image_size, matcher, (x_pick.value, y_pick.value), title)
 
+    def on_click(event: dict[str, Any]) -> None:
+        held[0] = True
+        x_pick.value = min(max(int(event["dataX"]), 0), w - 1)
+        y_pick.value = min(max(int(event["dataY"]), 0), h - 1)
+        held[0] = False
+        update()
+
+    Event(source=picture, watched_events=["click"]).on_dom_event(on_click)
     x_pick.observe(update, names="value")
     y_pick.observe(update, names="value")
     update()
-    return widgets.VBox([widgets.HBox([x_pick, y_pick]), picked])
+    hint = widgets.HTML("Click the source image (or move the sliders) to pick a point.")
+    return widgets.VBox([hint, picture, widgets.HBox([x_pick, y_pick]), picked])
+
+
+def _draw_pick(
+    out: Any, pair: Any, src_f: torch.Tensor, trg_f: torch.Tensor, image_size: tuple[int, int], matcher: str,
+    xy: tuple[int, int], title: str,
+) -> None:
+    from sdm.matching import correlation, match, sample_features, to_feature_coords, to_image_coords
+
+    fsize = tuple(src_f.shape[-2:])
+    q_px = torch.tensor([xy], dtype=torch.float32)
+    q = to_feature_coords(q_px.to(src_f.device), image_size, fsize)[None]
+    pred = to_image_coords(match(src_f, trg_f, q, matcher)[0].cpu(), fsize, image_size)
+    heat = correlation(sample_features(src_f, q), trg_f)[0, 0].cpu()
+    with out:
+        out.clear_output(wait=True)
+        print(f"picked ({xy[0]}, {xy[1]}) -> match ({pred[0, 0]:.1f}, {pred[0, 1]:.1f})")
+        plot_correspondences(pair.src_image, pair.trg_image, q_px, pred, heatmap=heat, title=title)
+        plt.show()
+
+
+def _png(image: torch.Tensor) -> bytes:
+    """3 x H x W in [0, 1] -> PNG bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray((_as_array(image) * 255).round().clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 __all__ = [

@@ -42,3 +42,9 @@ def one_hot_maps(h: int = 6, w: int = 8):  # -> (src 1 x C x h x w, trg, query 1
     trg[..., 2:, 1:] = src[..., :-2, :-1]
     query = torch.tensor([[[1.0, 1.0], [4.0, 2.0]]])
     return src, trg, query
+
+
+def clip_transformer(encoder: torch.nn.Module) -> torch.nn.Module:
+    """The part of a transformers CLIPTextModel holding `embeddings`, `encoder` and `final_layer_norm`: the model
+    itself in recent transformers 5.x, its `text_model` in 5.0 (tests read the model directly, not through sdm)."""
+    return getattr(encoder, "text_model", encoder)

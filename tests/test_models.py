@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import clip_transformer
 from transformers import CLIPTextModel
 
 import sdm
@@ -118,5 +119,5 @@ def test_a_model_with_two_text_encoders_is_one_class() -> None:
     featurizer(images, prompt.image_prompt(featurizer, None, ["cat"])).square().mean().backward()
     assert prompt.tokens.grad is not None and prompt.tokens.grad.abs().sum() > 0
     with torch.no_grad():  # the second encoder is used: changing it changes the features
-        encoders[1].final_layer_norm.bias.add_(1.0)
+        clip_transformer(encoders[1]).final_layer_norm.bias.add_(1.0)
     assert not torch.allclose(featurizer(images, "a photo of a cat"), text_feats)

@@ -237,9 +237,13 @@ def test_notebook_is_clean(path: Path) -> None:
     assert not unknown, f"QUICK[{notebook_key(path)!r}] sets parameters {path.name} does not have: {unknown}"
 
 
-def test_point_picker_follows_its_sliders(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Notebook 00's picker: it draws the first source point at once, and moving a slider redraws the match of the
-    picked pixel (the widget without a browser; the drawing itself is `viz.plot_correspondences`)."""
+def test_point_picker_follows_clicks_and_sliders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Notebook 00's picker: it draws the first source point at once; a click on the source image (ipyevents'
+    message, as the browser sends it) draws the clicked pixel's match once; a slider redraws it too (the widget
+    without a browser: tests/test_browser.py clicks in JupyterLab)."""
+    from ipyevents import Event
+    from ipywidgets.widgets.widget import _instances
+
     import sdm.viz
     from sdm.data import SyntheticPairs
     from sdm.notebooks import point_picker
@@ -249,11 +253,14 @@ def test_point_picker_follows_its_sliders(monkeypatch: pytest.MonkeyPatch) -> No
     pair = SyntheticPairs(n=1, image_size=64, seed=0, n_kps=3)[0]
     feats = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     box = point_picker(pair, feats[:1], feats[1:], (64, 64), "nearest", title="test")
-    (x_slider, y_slider), _ = box.children[0].children, box.children[1]
+    _hint, picture, sliders, _out = box.children
+    x_slider, _y_slider = sliders.children
     assert drawn[0][:2] == [float(int(pair.src_kps[0, 0])), float(int(pair.src_kps[0, 1]))] and x_slider.max == 63
+    clicks = [e for e in list(_instances.values()) if isinstance(e, Event) and e.source is picture]
+    clicks[0]._handle_mouse_msg(None, {"event": "click", "dataX": 40, "dataY": 70}, [])  # y beyond the image: clamped
+    assert [d[:2] for d in drawn[1:]] == [[40.0, 63.0]]
     x_slider.value = 10
-    y_slider.value = 20
-    assert [d[:2] for d in drawn[1:]] == [[10.0, drawn[0][1]], [10.0, 20.0]]
+    assert [d[:2] for d in drawn[2:]] == [[10.0, 63.0]]
     assert all(0 <= v <= 63 for d in drawn for v in d[2:])  # matches inside the target
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, clip_transformer
 from PIL import Image
 
 import sdm
@@ -85,7 +85,7 @@ def test_class_picks_the_category_prompt(featurizer: SDFeaturizer) -> None:
 
 def test_single_starts_from_vocabulary_embeddings(featurizer: SDFeaturizer) -> None:
     module = build_prompt("single", featurizer, seed=3)
-    emb = featurizer.sd.text_encoder.embeddings
+    emb = clip_transformer(featurizer.sd.text_encoder).embeddings
     tok = module.tokens[0]
     # each vector minus its position embedding is a row of the token embedding table
     words = tok - emb.position_embedding.weight[1:76]

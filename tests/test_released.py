@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SUBPROCESS_TIMEOUT
+from conftest import SUBPROCESS_TIMEOUT, clip_transformer
 
 from sdm.encoders import PromptEncoders, dino_pixels, tiny_dinov2
 from sdm.features import SDFeaturizer
@@ -27,7 +27,7 @@ def authors_token_embeds(featurizer: SDFeaturizer, learned: torch.Tensor) -> tor
     tok = featurizer.sd.tokenizer
     ids = torch.tensor([[tok.bos_token_id, *torch.randint(tok.vocab_size, (75,)).tolist(), tok.eos_token_id]])
     with torch.no_grad():
-        emb = featurizer.sd.text_encoder.embeddings(input_ids=ids)
+        emb = clip_transformer(featurizer.sd.text_encoder).embeddings(input_ids=ids)
     return torch.cat([emb[:, :1], learned, emb[:, 76:]], dim=1)
 
 
@@ -35,7 +35,7 @@ def authors_hidden_states(featurizer: SDFeaturizer, token_embeds: torch.Tensor) 
     """The pipeline's `_encode_prompt(token_embeds=...)`: the text model run on those embeddings (its own causal
     mask and final layer norm), done here by replacing the embedding layer's output with a forward hook."""
     te = featurizer.sd.text_encoder
-    handle = te.embeddings.register_forward_hook(lambda _m, _a, _out: token_embeds)
+    handle = clip_transformer(te).embeddings.register_forward_hook(lambda _m, _a, _out: token_embeds)
     try:
         ids = torch.zeros(token_embeds.shape[:2], dtype=torch.long)
         with torch.no_grad():
