@@ -40,7 +40,7 @@ BACKBONE_NAMES: list[str] = list(get_args(BackboneName))
 # (sdm.data.geoaware)
 GeoAwareReading = Literal["authors", "as-listed"]
 GEO_AWARE_READINGS: tuple[str, ...] = get_args(GeoAwareReading)
-DatasetName = Literal["spair", "spair-u", "pfpascal", "pfwillow", "cub", "synthetic"]
+DatasetName = Literal["spair", "spair-u", "pfpascal", "pfwillow", "cub", "ap10k", "synthetic"]
 DATASET_NAMES: list[str] = list(get_args(DatasetName))  # + sdm.data.register_dataset
 ThresholdMode = Literal["trg-bbox", "src-bbox", "trg-bbox-xscale", "image", "kps-extent", "kps-extent-hedlin"]
 THRESHOLD_MODES: list[str] = list(get_args(ThresholdMode))

@@ -149,5 +149,5 @@ def test_misc_bad_arguments() -> None:
         collate_pairs([])
     with pytest.raises(ValueError, match="image_size"):
         as_hw((0, 5))
-    with pytest.raises(ValueError, match="valid: spair, spair-u, pfpascal, pfwillow, cub, synthetic"):
+    with pytest.raises(ValueError, match="valid: spair, spair-u, pfpascal, pfwillow, cub, ap10k, synthetic"):
         load_dataset("imagenet", "data")  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from typing import Any
 
 from sdm.config import DATASET_NAMES, DatasetName, enrol
 
+from .ap10k import AP10K
 from .base import ImageSize, PairDataset, PairSubset
 from .cub import CUB200
 from .errors import DatasetNotFoundError
@@ -25,6 +26,7 @@ DATASETS: dict[str, type[PairDataset]] = {
     "pfpascal": PFPascal,
     "pfwillow": PFWillow,
     "cub": CUB200,
+    "ap10k": AP10K,
     "synthetic": SyntheticPairs,
 }
 # Synthetic "splits" are disjoint seeds, so trn / val / test never share a pair: split -> (seed, n).

@@ -145,7 +145,8 @@ class SPair71k(FilePairDataset):
 
     @staticmethod
     def recognises(root: Path) -> bool:
-        return (root / "Layout").is_dir() or ((root / "PairAnnotation").is_dir() and (root / "JPEGImages").is_dir())
+        images = root / "JPEGImages"
+        return (root / "Layout").is_dir() or ((root / "PairAnnotation").is_dir() and any((images / c).is_dir() for c in SPAIR_CATEGORIES))
 
     def image_file(self, image_id: str) -> Path:
         return self.image_root / "JPEGImages" / f"{image_id}.jpg"
