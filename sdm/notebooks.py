@@ -118,7 +118,7 @@ PAPER_PCK: dict[str, dict[str, float]] = {
     "pfwillow": {"single": 77.8, "cpm": 80.4},
 }
 # Which training dataset's prompts the paper evaluates on each dataset (PF-Willow has no training split).
-_PAPER_TRAINED_ON: dict[str, str] = {"spair": "spair", "pfpascal": "pfpascal", "pfwillow": "pfpascal"}
+PAPER_TRAINED_ON: dict[str, str] = {"spair": "spair", "pfpascal": "pfpascal", "pfwillow": "pfpascal"}
 
 
 def _prompt_trained_on(meta: Any) -> str | None:
@@ -201,6 +201,7 @@ def show(fig: Any, path: str | Path) -> Path:
 
 __all__ = [
     "PAPER_PCK",
+    "PAPER_TRAINED_ON",
     "category_embeddings",
     "caveat",
     "correlation_panels",

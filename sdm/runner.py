@@ -98,11 +98,27 @@ QUICK: dict[str, dict[str, Any]] = {
         "num_embeddings": 2,
         "inference_crops": 2,
     },
+    "09": {  # reads the prompts of the quick run of 02
+        "hedlin_model": "tiny",
+        "benchmarks": {"synthetic": ["synthetic", None, "test"]},
+        "methods": ["dift", "dinov2", "single", "cpm", "hedlin"],
+        "prompts_dir": None,
+        "trained_on": "synthetic",
+        "n_pairs": 4,
+        "hedlin_pairs": 2,
+        "ensemble": 1,
+        "dino": "tiny",
+        "dino_size": 56,
+        "hedlin_size": 64,
+        "attention_steps": 2,
+        "attention_embeddings": 1,
+        "attention_crops": 2,
+    },
 }
 PROFILES = ("quick", "paper")
 # Notebooks that read what another one wrote to results_dir (the prompts notebook 02 trains): the runner runs the
 # upstream one first when both run.
-READS_FROM: dict[str, str] = {"01": "02", "03": "02", "05": "02", "06": "02", "07": "02"}
+READS_FROM: dict[str, str] = {"01": "02", "03": "02", "05": "02", "06": "02", "07": "02", "09": "02"}
 
 # ---- the paper profile's plan ------------------------------------------------------------------------------------
 # Throughputs of the README's benchmark table (one H200, random SD2-1-architecture weights, 768 px, measured
@@ -143,6 +159,9 @@ def _paper_plan() -> list[tuple[str, str, float]]:
         ("07", "correlation maps of 3 pairs", 0.0),
         ("08", "Hedlin et al.'s matcher on PF-Willow: 100 sources optimised once, 900 targets (H100, float32 defaults)",
          (100 * r["attention_opt_s_per_pair"] + n["pfwillow_test_pairs"] * r["attention_inf_s_per_pair"]) / 3600),
+        ("09", "leaderboard: DIFT, DINOv2, Single, Class, CPM on the SPair-71k test split (the other benchmarks, when present, "
+         "add less), Hedlin et al. on 100 pairs of each benchmark; at least",
+         (3 * img8 + cpm(n["spair_test_pairs"]) + 100 * (r["attention_opt_s_per_pair"] + r["attention_inf_s_per_pair"])) / 3600),
     ]
     return rows
 

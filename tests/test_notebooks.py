@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
+import pandas as pd
 import pytest
 import torch
 
@@ -164,6 +165,19 @@ def check_08(figures: Path, results: Path) -> None:
     assert s["loss_first"] > 0 and s["loss_last"] > 0 and s["seconds_per_point"] > 0
 
 
+def check_09(figures: Path, results: Path) -> None:
+    _figures(figures, "09_leaderboard_per_image.png", "09_leaderboard_per_point.png")
+    s = json.loads((results / "09_leaderboard.json").read_text())
+    _labelled(s)
+    rows = s["rows"]
+    assert {r["method"] for r in rows} == set(QUICK["09"]["methods"]) and {r["benchmark"] for r in rows} == {"synthetic"}
+    assert all(_pck_ok(r["per image"]) and _pck_ok(r["per point"]) for r in rows)
+    assert {r["method"]: r["pairs"] for r in rows}["hedlin"] == QUICK["09"]["hedlin_pairs"]
+    assert all(r["pairs"] == QUICK["09"]["n_pairs"] for r in rows if r["method"] != "hedlin") and s["skipped"] == {}
+    table = pd.read_csv(results / "09_leaderboard.csv")
+    assert len(table) == len(rows)
+
+
 CHECKS: dict[str, Callable[[Path, Path], None]] = {name[-2:]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
@@ -266,7 +280,7 @@ def test_point_picker_follows_clicks_and_sliders(monkeypatch: pytest.MonkeyPatch
 
 def test_every_notebook_has_a_profile_and_a_check() -> None:
     keys = {notebook_key(p) for p in NOTEBOOKS}
-    assert {f"{i:02d}" for i in range(9)} <= keys
+    assert {f"{i:02d}" for i in range(10)} <= keys
     assert keys <= set(QUICK) and keys <= set(CHECKS)
 
 
