@@ -205,7 +205,7 @@ def test_paper_plan_prints_offline() -> None:
     done = sdm_cli("notebooks", "--plan")
     assert done.returncode == 0
     rows = re.findall(r"^  (\d\d)\s+([\d.]+) h", done.stdout, flags=re.M)
-    assert [k for k, _ in rows] == [f"{i:02d}" for i in range(9)]
+    assert [k for k, _ in rows] == [f"{i:02d}" for i in range(10)]
     from sdm.runner import RATES
 
     train_02 = float(dict(rows)["02"])

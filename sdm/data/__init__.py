@@ -1,4 +1,4 @@
-"""Datasets of annotated image pairs (SPair-71k, PF-Pascal, PF-Willow, synthetic) and their downloader.
+"""Datasets of annotated image pairs (SPair-71k, SPair-U, PF-Pascal, PF-Willow, CUB-200, AP-10K, synthetic) and their downloader.
 
 Every dataset yields ``Pair`` samples (images resized to ``image_size``, keypoints scaled per axis,
 the dataset's PCK threshold in that resized space); ``collate_pairs`` batches them.
@@ -22,6 +22,7 @@ _HOMES = {
     "DatasetName": "sdm.config",
     "DatasetNotFoundError": "sdm.data.errors",
     "FilePairDataset": "sdm.data.base",
+    "AP10K": "sdm.data.ap10k",
     "ImageReadError": "sdm.data.errors",
     "ImageSet": "sdm.data.base",
     "ImageSize": "sdm.data.base",
@@ -51,6 +52,7 @@ _HOMES = {
     "spread_subset": "sdm.data.base",
 }
 __all__ = [
+    "AP10K",
     "CUB200",
     "CUB_LAYOUT",
     "DATASETS",
