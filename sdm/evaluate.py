@@ -309,17 +309,21 @@ def score_protocols(pairs: PairDataset, predictions: dict[str, torch.Tensor], mo
 
 def subset_pck(result: EvalResult, flags: dict[str, Sequence[bool]], name: str, alphas: Sequence[float] = ALPHAS) -> dict[str, float]:
     """PCK over a subset of the points `result` scored: `flags` maps each pair id to one flag per point (its rows
-    in order). The subset's points are pooled over the whole result, which is what weighting each category's
-    per-point PCK by its subset points gives (Junyi42/GeoAware-SC pck_train.py:253-261, utils/logger.py:94-96). Kept in
-    `result.info["subsets"][name]` and returned: per_point@<alpha> (percent), n_points, and the shares of points
-    and of pairs the subset holds."""
+    in order). per_point@<alpha>: the subset's points pooled over the whole result, which is what weighting each
+    category's per-point PCK by its subset points gives (Junyi42/GeoAware-SC pck_train.py:253-261,
+    utils/logger.py:94-96). per_image@<alpha>: each pair's subset points averaged, then the pairs that have any
+    (utils/eval_spair.py:354-390). Both in percent; with n_points and the shares of points and pairs the subset
+    holds. Kept in `result.info["subsets"][name]` and returned."""
     records = result.records
     missing = sorted(set(records.pair_id) - set(flags))
     if missing:
         raise ValueError(f"subset {name!r} has no flags for {len(missing)} scored pair(s), e.g. {missing[0]!r}")
-    chosen = [bool(flags[p][k]) for p, k in zip(records.pair_id, records.point)]
-    points = records[chosen]
-    out: dict[str, float] = {f"per_point@{a:g}": 100.0 * float((points.dist <= a * points.threshold).mean()) if len(points) else float("nan") for a in alphas}
+    points = records[[bool(flags[p][k]) for p, k in zip(records.pair_id, records.point)]]
+    out: dict[str, float] = {}
+    for a in alphas:
+        ok = (points.dist <= a * points.threshold).astype(float)
+        out[f"per_point@{a:g}"] = 100.0 * float(ok.mean()) if len(points) else float("nan")
+        out[f"per_image@{a:g}"] = 100.0 * float(ok.groupby(points.pair_id).mean().mean()) if len(points) else float("nan")
     out.update(n_points=len(points), points_share=len(points) / len(records), pairs_share=points.pair_id.nunique() / records.pair_id.nunique())
     result.info.setdefault("subsets", {})[name] = out
     return out

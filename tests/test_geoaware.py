@@ -106,6 +106,7 @@ def test_spair_geo_aware_pck_by_hand(tmp_path: Path) -> None:
     result = evaluate_predictions(data, predict, progress=False, decode_images=False)
     sub = geo_aware_pck(result, data)
     assert sub["per_point@0.1"] == pytest.approx(50.0) and sub["n_points"] == 2
+    assert sub["per_image@0.1"] == pytest.approx(50.0)  # p1: 1 of 1, p2: 0 of 1; mean of the two pairs
     assert sub["points_share"] == pytest.approx(2 / 5) and sub["pairs_share"] == 1.0
     assert result.info["subsets"]["geo-aware (authors)"] == sub
     assert torch.isfinite(torch.tensor(sub["per_point@0.05"]))
@@ -117,6 +118,21 @@ def test_geo_aware_without_image_annotations_says_what_is_missing(tmp_path: Path
         f.unlink()
     with pytest.raises(Exception, match=r"(?s)ImageAnnotation.*A\.json"):
         SPair71k(tmp_path, image_size=40).geo_aware_flags()
+
+
+def test_subset_per_image_averages_pairs_that_have_subset_points() -> None:
+    """By hand: pair a has subset points 0 (hit) and 1 (miss), pair b point 0 (hit), pair c none. Per point 2 of 3;
+    per image (1/2 + 1) / 2 = 75 %, c left out (Junyi42/GeoAware-SC utils/eval_spair.py:364-367)."""
+    import pandas as pd
+
+    from sdm.evaluate import EvalResult, subset_pck
+
+    records = pd.DataFrame({"pair_id": ["a", "a", "a", "b", "c"], "category": ["x"] * 5, "point": [0, 1, 2, 0, 0],
+                            "dist": [0.0, 9.0, 0.0, 1.0, 0.0], "threshold": [10.0] * 5})  # fmt: skip
+    result = EvalResult(pd.DataFrame(), records, {})
+    sub = subset_pck(result, {"a": [True, True, False], "b": [True], "c": [False]}, "test", alphas=(0.1,))
+    assert sub["per_point@0.1"] == pytest.approx(200 / 3) and sub["per_image@0.1"] == pytest.approx(75.0)
+    assert sub["n_points"] == 3 and sub["pairs_share"] == pytest.approx(2 / 3)
 
 
 def test_cli_reports_the_subset_beside_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
