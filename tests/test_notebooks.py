@@ -172,6 +172,7 @@ def check_09(figures: Path, results: Path) -> None:
     rows = s["rows"]
     assert {r["method"] for r in rows} == set(QUICK["09"]["methods"]) and {r["benchmark"] for r in rows} == {"synthetic"}
     assert all(_pck_ok(r["per image"]) and _pck_ok(r["per point"]) for r in rows)
+    assert all(r["random weights"] is True for r in rows)  # every row of the quick profile says so
     assert {r["method"]: r["pairs"] for r in rows}["hedlin"] == QUICK["09"]["hedlin_pairs"]
     assert all(r["pairs"] == QUICK["09"]["n_pairs"] for r in rows if r["method"] != "hedlin") and s["skipped"] == {}
     table = pd.read_csv(results / "09_leaderboard.csv")
