@@ -29,7 +29,7 @@ from sdm.metrics import spair_threshold
 
 from .base import FilePairDataset, ImageSize, Pair
 from .errors import AnnotationError, check_category
-from .geoaware import AP10K_GEO_AWARE, GeoAwareReading, effective_groups, geo_aware_flags
+from .geoaware import AP10K_GEO_AWARE, GeoAwareReading, GeoPair, subset_flags
 
 AP10K_LAYOUT = """\
 <root>/                                    (data/ap-10k as GeoAware-SC's prepare_ap10k.ipynb leaves it)
@@ -130,16 +130,9 @@ class AP10K(FilePairDataset):
     def geo_aware_flags(self, reading: GeoAwareReading = "authors") -> dict[str, list[bool]]:
         """pair_id -> for each of the pair's points, whether it is in GeoAware-SC's geometry-aware subset
         (`sdm.data.geoaware`, the AP-10K groups; the ids a category uses: those visible in any of its images)."""
-        used: dict[str, set[int]] = {}
-        for r in self.records:
-            for image in (r.src, r.trg):
-                used.setdefault(r.category, set()).update(np.flatnonzero(self._images[image]["kps"][:, 2] > 0).tolist())
-        groups = {c: effective_groups(AP10K_GEO_AWARE, ids, reading) for c, ids in used.items()}
-        flags = {}
-        for r in self.records:
-            target = np.flatnonzero(self._images[r.trg]["kps"][:, 2] > 0).tolist()
-            flags[r.name] = geo_aware_flags(groups[r.category], r.kps_ids, target)
-        return flags
+        visible = {i: set(np.flatnonzero(self._images[i]["kps"][:, 2] > 0).tolist()) for i in self.image_ids()}
+        pairs = [GeoPair(r.name, r.category, visible[r.src], visible[r.trg], r.kps_ids) for r in self.records]
+        return subset_flags(pairs, lambda _category: AP10K_GEO_AWARE, reading)
 
     def __getitem__(self, i: int) -> Pair:
         r = self.records[i]

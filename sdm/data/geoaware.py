@@ -21,11 +21,23 @@ Which ids a group holds is where sdm offers two readings (docs/choices.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from sdm.config import GEO_AWARE_READINGS, GeoAwareReading
 
 Groups = list[int | list[int]]
+
+
+class GeoPair(NamedTuple):
+    """What the subset rule reads of one pair: its id and category, the keypoint ids visible in each image, and the
+    ids of the pair's points in their order."""
+
+    pair_id: str
+    category: str
+    src_visible: set[int]
+    trg_visible: set[int]
+    point_ids: Sequence[int]
 
 # Junyi42/GeoAware-SC utils/utils_geoware.py:6-43, id by id (an int: a keypoint without counterpart)
 SPAIR_GEO_AWARE: dict[str, Groups] = {
@@ -79,4 +91,15 @@ def geo_aware_flags(groups: Sequence[Sequence[int]], pair_ids: Sequence[int], ta
     return [i in chosen for i in pair_ids]
 
 
-__all__ = ["AP10K_GEO_AWARE", "GEO_AWARE_READINGS", "SPAIR_GEO_AWARE", "GeoAwareReading", "effective_groups", "geo_aware_flags"]
+def subset_flags(pairs: Sequence[GeoPair], groups_of: Callable[[str], Groups], reading: GeoAwareReading = "authors") -> dict[str, list[bool]]:
+    """Each pair's flags (`geo_aware_flags`) under its category's groups, kept to the ids the category's pairs show
+    in any of their images (Junyi42/GeoAware-SC utils/utils_dataset.py:269-270) and read as `reading` says.
+    `groups_of`: category -> its listed groups."""
+    used: dict[str, set[int]] = {}
+    for pair in pairs:
+        used.setdefault(pair.category, set()).update(pair.src_visible, pair.trg_visible)
+    groups = {c: effective_groups(groups_of(c), ids, reading) for c, ids in used.items()}
+    return {p.pair_id: geo_aware_flags(groups[p.category], p.point_ids, p.trg_visible) for p in pairs}
+
+
+__all__ = ["AP10K_GEO_AWARE", "GEO_AWARE_READINGS", "SPAIR_GEO_AWARE", "GeoAwareReading", "GeoPair", "effective_groups", "geo_aware_flags", "subset_flags"]

@@ -14,7 +14,7 @@ from sdm.metrics import spair_threshold
 
 from .base import FilePairDataset, ImageSize, Pair, valid_point_mask
 from .errors import AnnotationError
-from .geoaware import SPAIR_GEO_AWARE, GeoAwareReading, effective_groups, geo_aware_flags
+from .geoaware import SPAIR_GEO_AWARE, GeoAwareReading, GeoPair, subset_flags
 from .layouts import SPAIR_LAYOUT
 
 SPAIR_CATEGORIES: tuple[str, ...] = (
@@ -188,18 +188,14 @@ class SPair71k(FilePairDataset):
         (`sdm.data.geoaware`). Reads each image's visible keypoints from ImageAnnotation/<category>/<image>.json
         (its "kps": id -> [x, y] or null) and each pair's point ids from the pair annotation's "kps_ids"."""
         visible = {i: self._visible_ids(i) for i in self.image_ids()}
-        used: dict[str, set[int]] = {}
-        for r in self.records:  # the ids a category's pairs use (Junyi42/GeoAware-SC utils/utils_dataset.py:269-270)
-            used.setdefault(r.category, set()).update(*(visible[i] for i in self._ids(r)))
-        groups = {c: effective_groups(SPAIR_GEO_AWARE[c], ids, reading) for c, ids in used.items()}
-        flags = {}
+        pairs = []
         for r in self.records:
             if r.kps_ids is None:
                 raise AnnotationError(f"SPair-71k pair {r.name}: the annotation has no 'kps_ids'; the geometry-aware subset needs them")
             keep = valid_point_mask(r.src_kps, r.trg_kps)
-            ids = [k for k, kept in zip(r.kps_ids, keep) if kept]
-            flags[r.name] = geo_aware_flags(groups[r.category], ids, visible[self._ids(r)[1]])
-        return flags
+            src, trg = self._ids(r)
+            pairs.append(GeoPair(r.name, r.category, visible[src], visible[trg], [k for k, kept in zip(r.kps_ids, keep) if kept]))
+        return subset_flags(pairs, SPAIR_GEO_AWARE.__getitem__, reading)
 
     def _visible_ids(self, image_id: str) -> set[int]:
         path = self.root / "ImageAnnotation" / f"{image_id}.json"
