@@ -71,26 +71,26 @@ def bench_dino(tiny: bool, device) -> torch.nn.Module:
 @contextlib.contextmanager
 def step_window(warm: int, steps: int, on_start: Callable[[], object] | None = None, on_stop: Callable[[], object] | None = None):
     """Times training steps `warm + 1 .. warm + steps` of `sdm.train.train` (run it for `warm + steps + 1` steps
-    inside) through its loss calls, one a step, synchronised only at the two ends of the window so that the loop
-    keeps its own lack of host syncs; `on_start` / `on_stop` run there (a profiler). Yields a dict that holds the
-    mean "step_s" after the block."""
+    inside) through its step calls, synchronised only at the two ends of the window so that the loop keeps its own
+    lack of host syncs; `on_start` / `on_stop` run there (a profiler). Yields a dict that holds the mean "step_s"
+    after the block. (The step, not the loss: a CUDA-graph replay calls no loss function.)"""
     from sdm import train as train_module
 
-    loss_fn, stamps, out = train_module.gaussian_cross_entropy, [], {}
+    step_fn, stamps, out = train_module._Run.step, [], {}
 
-    def hooked(*a, **k):
+    def hooked(run, *a, **k):
         if len(stamps) in (warm, warm + steps):
             sync()
             hook = on_start if len(stamps) == warm else on_stop
             hook() if hook is not None else None
         stamps.append(time.perf_counter())
-        return loss_fn(*a, **k)
+        return step_fn(run, *a, **k)
 
-    train_module.gaussian_cross_entropy = hooked
+    train_module._Run.step = hooked
     try:
         yield out
     finally:
-        train_module.gaussian_cross_entropy = loss_fn
+        train_module._Run.step = step_fn
     out["step_s"] = (stamps[warm + steps] - stamps[warm]) / steps
 
 
@@ -102,6 +102,7 @@ def add_train_args(ap, warm: int, steps: int) -> None:
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     ap.add_argument("--compile", action="store_true", help="optimize(compile=True): the UNet's blocks compiled")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs)")
+    ap.add_argument("--cuda-graph", action="store_true", help="TrainConfig.cuda_graph: the whole step as one CUDA graph")
 
 
 def timed_training(args, device, on_start: Callable[[], object] | None = None, on_stop: Callable[[], object] | None = None) -> float:
@@ -112,7 +113,8 @@ def timed_training(args, device, on_start: Callable[[], object] | None = None, o
     sd = optimize(sdm.sd21_architecture(0, device=device, dtype=torch.bfloat16), channels_last=args.channels_last, compile=args.compile,
                   compile_mode=args.compile_mode)
     cfg = train_module.TrainConfig(prompt="single", steps=args.warm + args.steps + 1, batch_size=args.pairs, mixed_precision="bf16",
-                                   val_every=0, checkpoint_every=10**9, log_every=10**9, num_workers=2)
+                                   val_every=0, checkpoint_every=10**9, log_every=10**9, num_workers=2,
+                                   cuda_graph=getattr(args, "cuda_graph", False))
     with tempfile.TemporaryDirectory() as tmp, step_window(args.warm, args.steps, on_start, on_stop) as window:
         train_module.train(cfg, sd, BenchPairs(12, 48, 768, seed=3), out_dir=tmp, progress=False)
     return window["step_s"]
@@ -548,16 +550,23 @@ def section_train(args, base, device) -> None:
     ds = BenchPairs(args.train_images, 48, size, seed=3)
     eager = optimize(copy.deepcopy(base), dtype=torch.bfloat16, channels_last=False, fuse_qkv=True)
     fast = optimize(copy.deepcopy(eager), compile=True, channels_last=False, fuse_qkv=False) if args.compile else eager
-    for key, pairs, ckpt, model in (("9pairs", 9, False, fast), ("9pairs_eager", 9, False, eager), ("3pairs", 3, False, fast),
-                                    ("3pairs_checkpointing", 3, True, eager)):
-        if key == "9pairs_eager" and not args.compile:  # the same as "9pairs" then
+    rows = (("9pairs", 9, False, fast, False), ("9pairs_eager", 9, False, eager, False), ("9pairs_graph", 9, False, fast, True),
+            ("9pairs_graph_eager", 9, False, eager, True), ("3pairs", 3, False, fast, False), ("3pairs_graph", 3, False, fast, True),
+            ("3pairs_checkpointing", 3, True, eager, False))
+    wanted = set(args.train_rows.split(",")) if args.train_rows else None
+    for key, pairs, ckpt, model, graph in rows:
+        if (key.endswith("_eager") and not args.compile) or (wanted is not None and key not in wanted):  # "_eager": the same as its row then
+            continue
+        if graph and device.type != "cuda":
             continue
         peaks = []
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the last row's graph pool
 
-        def run(steps: int, pairs=pairs, ckpt=ckpt, model=model) -> None:
+        def run(steps: int, pairs=pairs, ckpt=ckpt, model=model, graph=graph) -> None:
             cfg = TrainConfig(prompt="single", steps=steps, batch_size=pairs, image_size=size, mixed_precision="bf16",
                               gradient_checkpointing=ckpt, val_every=0, checkpoint_every=10**9, log_every=10**9,
-                              num_workers=2, timestep=261)
+                              num_workers=2, timestep=261, cuda_graph=graph)
             with tempfile.TemporaryDirectory() as tmp:
                 train_module.train(cfg, model, ds, out_dir=tmp, progress=False)
 
@@ -569,10 +578,13 @@ def section_train(args, base, device) -> None:
         times = [window["step_s"]]  # the window's mean step
         if device.type == "cuda":
             peaks.append(torch.cuda.max_memory_allocated() - base_alloc + param_bytes(model.unet, model.text_encoder, model.vae))
-        res[key] = {"ours": {"compiled": model is fast and args.compile, "channels_last": False,
+        res[key] = {"ours": {"compiled": model is fast and args.compile, "channels_last": False, "cuda_graph": graph,
                              "step_s": statistics.median(times), "steps_per_s": 1 / statistics.median(times),
                              "step_s_runs": times, "peak_gb": max(peaks) / 1e9 if peaks else None}}
         log(f"train {key}: ours {1 / statistics.median(times):.2f} steps/s, peak {res[key]['ours']['peak_gb']} GB")
+    if not args.train_reference:
+        RESULTS["train"] = res
+        return
     # FLOPs per step (ours: latents cached, so no VAE; fwd to up_blocks[1] + backward to the prompt).
     ref = ReferenceFeaturizer(base, timestep=261, ensemble=1)
     tokens = torch.nn.Parameter(build_prompt("single", ref.prompts).tokens.detach().clone())
@@ -618,10 +630,10 @@ def section_train(args, base, device) -> None:
         key = f"{pairs}pairs"
         if t is None:
             continue
-        res[key]["reference"] = {**t, "steps_per_s": 1 / t["median_s"], "micro_batch_pairs": micro, "peak_gb": peak,
+        res.setdefault(key, {})["reference"] = {**t, "steps_per_s": 1 / t["median_s"], "micro_batch_pairs": micro, "peak_gb": peak,
                                  "flops_per_step": fl_ref_pair * pairs}
         for k in res:
-            if k.startswith(key):
+            if k.startswith(key) and "ours" in res[k]:
                 res[k]["ours"]["flops_per_step"] = fl_ours_pair * pairs
         log(f"train {key}: reference {1 / t['median_s']:.2f} steps/s (micro {micro}), peak {peak} GB")
     RESULTS["train"] = res
@@ -687,6 +699,8 @@ def table(peak_tflops: float) -> str:
             rows.append((f"features ens8, {k} attention (img/s)", v["images_per_s"], math.nan, mfu(fl, 1 / v["images_per_s"]), math.nan, fl / 1e12, math.nan))
     tr = RESULTS.get("train", {})
     for k, v in tr.items():
+        if "ours" not in v:
+            continue
         o, r = v["ours"], v.get("reference", {})
         rows.append((f"train {k} (steps/s)", o["steps_per_s"], r.get("steps_per_s", float("nan")),
                      mfu(o.get("flops_per_step", math.nan), o["step_s"]), mfu(r.get("flops_per_step", math.nan), r.get("median_s")),
@@ -739,6 +753,8 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=12)
     ap.add_argument("--train-warm", type=int, default=4)
     ap.add_argument("--train-steps", type=int, default=16)
+    ap.add_argument("--train-rows", default=None, help="comma-separated rows of the train section (default: all), e.g. 9pairs,9pairs_graph")
+    ap.add_argument("--no-train-reference", dest="train_reference", action="store_false", help="train section without the reference rows")
     ap.add_argument("--profile-pairs", type=int, default=64, help="CPM pairs evaluated under the profiler")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs of the multi section (default: all visible)")
     ap.add_argument("--attn-steps", type=int, default=10)

@@ -303,6 +303,9 @@ class TrainConfig:
     sigma: float = 1.5
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # this run's autocast; float32 on a CPU for "fp16"
     gradient_checkpointing: bool = False
+    # The whole step (prompt encoder, UNet, loss, backward, Adam) as one CUDA graph (sdm.step_graph): one GPU, the
+    # Single prompt; the same step to float rounding (keypoint rows padded to a multiple of 8).
+    cuda_graph: bool = False
     # Checkpoint selection as the authors' code (train_simple_prompt.py:219-260, train_cpm.py:198-245): once per
     # epoch, on the whole validation split, at the training timestep, ensemble 1, nearest neighbour, PCK@0.1 per
     # image; the best is kept. "epoch": every ceil(len(train_set) / batch_size) steps.

@@ -36,8 +36,8 @@ def _hw(size: tuple[int, int] | int) -> tuple[int, int]:
 def to_feature_coords(xy: torch.Tensor, image_size: tuple[int, int] | int, feature_size: tuple[int, int] | int) -> torch.Tensor:
     """Pixel (x, y) -> feature-cell (x, y): x_f = x * (w - 1) / (W - 1). Sizes are (H, W) / (h, w)."""
     (h_img, w_img), (h, w) = _hw(image_size), _hw(feature_size)
-    scale = xy.new_tensor([(w - 1) / (w_img - 1), (h - 1) / (h_img - 1)])
-    return xy * scale
+    # python scales, not a new tensor: no host-to-device copy, so a CUDA graph can capture it (sdm.step_graph)
+    return torch.stack([xy[..., 0] * ((w - 1) / (w_img - 1)), xy[..., 1] * ((h - 1) / (h_img - 1))], dim=-1)
 
 
 def to_image_coords(xy: torch.Tensor, feature_size: tuple[int, int] | int, image_size: tuple[int, int] | int) -> torch.Tensor:

@@ -36,6 +36,7 @@ from sdm.prompt_files import save_prompt
 from sdm.prompts import PromptModule, build_prompt, originals_for
 from sdm.records import code_record, environment_record
 from sdm.runs import CHECKPOINT, RunExistsError, claim_run_folder
+from sdm.step_graph import StepGraphs, pad_rows
 from sdm.storage import atomic_write
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def validation_interval(cfg: TrainConfig, n_train: int) -> int:
 
 
 # Settings that may change when a run is resumed (the rest must match the checkpoint).
-_RESUMABLE_CHANGES = {"steps", "val_every", "val_pairs", "checkpoint_every", "log_every", "num_workers"}
+_RESUMABLE_CHANGES = {"cuda_graph", "steps", "val_every", "val_pairs", "checkpoint_every", "log_every", "num_workers"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -276,16 +277,30 @@ def _lent(sd: StableDiffusion, encoders: PromptEncoders | None, device: torch.de
             m.to(home)
 
 
-def _precision(mixed_precision: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None, str]:
-    """The run's autocast context factory, for fp16 its loss scaler (what Accelerate's `mixed_precision` sets up:
-    torch.autocast of that dtype, a default GradScaler for fp16), and the precision it computes in."""
+def _check_graphable(cfg: TrainConfig, world: int) -> None:
+    """Refuses the settings that `cfg.cuda_graph` does not support (the prompt and the device are checked later)."""
+    if not cfg.cuda_graph:
+        return
+    if world > 1:
+        raise ValueError(f"cuda_graph=True runs on one process for now ({world} launched); set cuda_graph=False.")
+    if cfg.gradient_checkpointing:
+        raise ValueError("cuda_graph=True and gradient_checkpointing=True do not go together (checkpointing saves the "
+                         "random-number state on the host); choose one.")  # fmt: skip
+
+
+def _precision(
+    mixed_precision: str, device: torch.device, cache: bool = True
+) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None, str]:
+    """The run's autocast context factory (`cache`: autocast's cache of cast weights), for fp16 its loss scaler
+    (what Accelerate's `mixed_precision` sets up: torch.autocast of that dtype, a default GradScaler for fp16), and
+    the precision it computes in."""
     if mixed_precision == "no":
         return contextlib.nullcontext, None, "float32"
     if mixed_precision == "fp16" and device.type == "cpu":
         return contextlib.nullcontext, None, "float32"  # as Accelerate (1.x) does, silently; `_train` says so
     dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
-    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler, f"{mixed_precision} autocast"
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)), scaler, f"{mixed_precision} autocast"
 
 
 def _train(
@@ -316,7 +331,9 @@ class _Run:
     ) -> None:  # fmt: skip
         self.cfg, self.sd, self.train_set, self.val_set, self.out = cfg, sd, train_set, val_set, out
         self.accelerator, self.log_with, self.device = accelerator, log_with, accelerator.device
-        self.autocast, self.scaler, precision = _precision(cfg.mixed_precision, self.device)
+        _check_graphable(cfg, accelerator.num_processes)
+        # autocast's cache of cast weights would hold tensors of a graph's pool between replays
+        self.autocast, self.scaler, precision = _precision(cfg.mixed_precision, self.device, cache=not cfg.cuda_graph)
         if cfg.mixed_precision != "no" and precision == "float32":
             accelerator.print(f"note: mixed_precision {cfg.mixed_precision!r} needs a GPU: training in float32 on the "
                               f"{self.device.type} (prompt.json records the precision used under run.precision)")  # fmt: skip
@@ -326,7 +343,13 @@ class _Run:
         self.val_featurizer = self.backbone.featurizer(sd, timestep=cfg.val_timestep, ensemble=cfg.val_ensemble, **features)  # type: ignore[arg-type]
         self.module = build_prompt(cfg.prompt, self.featurizer, categories=train_set.categories, encoders=encoders, cpm=cfg.cpm, seed=cfg.seed)
         # the fused kernel on GPUs: one launch for all tensors, and with fp16 the scaler's inf check stays on the device
-        self.optimizer = torch.optim.Adam(self.module.parameter_groups(cfg.lr, cfg.lr_linear), fused=self.device.type == "cuda")
+        if cfg.cuda_graph and self.module.conditioning != "fixed":
+            raise ValueError(f"cuda_graph=True supports prompts that do not depend on the pair (Single); {cfg.prompt!r} is "
+                             f"{self.module.conditioning}-conditioned. Set cuda_graph=False.")  # fmt: skip
+        self.graphs = StepGraphs(self.device) if cfg.cuda_graph else None
+        self.optimizer = torch.optim.Adam(
+            self.module.parameter_groups(cfg.lr, cfg.lr_linear), fused=self.device.type == "cuda", capturable=self.graphs is not None
+        )
         self.extractor = SDExtractor(self.featurizer, self.module, encode_batch=ENCODE_BATCH)  # its latent cache serves training
         self.step_no, self.rows, self.best_pck, self.best_step, self.saved_step = 0, [], None, None, None
         self.run_id = uuid.uuid4().hex[:12]
@@ -350,6 +373,8 @@ class _Run:
             for k, v in state["prompt"].items():
                 params[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # a speed setting of this run, not of the saved one
+            group["capturable"] = self.graphs is not None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step_no, self.rows, self.best_pck, self.best_step = state["step"], state["log"], state["best_pck"], state["best_step"]
@@ -362,6 +387,9 @@ class _Run:
         cfg, start = self.cfg, self.step_no
         pairs = pairs_of_steps(len(self.train_set), cfg.batch_size, start, cfg.steps, cfg.seed)
         self.skip_images = not self.backbone.needs_images and _preencode_latents(self.extractor, self.train_set, self.module, self.device, pairs)
+        if self.graphs is not None and not self.skip_images:
+            raise ValueError("cuda_graph=True needs the training images' latents kept in the cache (a backbone that does not "
+                             "look at the images, a training set of decoded images). Set cuda_graph=False.")  # fmt: skip
         # a view: the caller's set stays as it is
         self.train_set = decoding(self.train_set, self.train_set.decode_images and not self.skip_images)
         sampler = StepBatchSampler(len(self.train_set), cfg.batch_size, start, cfg.steps, cfg.seed)
@@ -371,30 +399,54 @@ class _Run:
 
     def step(self, batch: Any) -> torch.Tensor:
         """One optimiser step on `batch`; returns its loss (on the device: reading it costs a host sync)."""
-        cfg, module, featurizer = self.cfg, self.module, self.featurizer
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         batch = batch.to(self.device, non_blocking=True)
         b = len(batch)
         mine = image_share(2 * b, rank, world)
-        g = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, self.step_no))
+        ids = [*batch.src_ids, *batch.trg_ids][mine]
+        images = torch.cat([batch.src_image, batch.trg_image])[mine]
+        # the VAE's posteriors of this process's images, from the latent cache (encoded here when not yet kept)
+        with self.autocast():
+            posterior = self.extractor.posteriors(ids, lambda idx: images[idx])
+        inputs = {"posterior": posterior, "src_kps": batch.src_kps, "trg_kps": batch.trg_kps, "n_kps": batch.n_kps}
+        seed = step_seed(self.cfg.seed, self.step_no)
+
+        def body(t: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+            return self._step_body(t, generator, batch, images, mine)
+
+        if self.graphs is None:
+            loss = body(inputs, torch.Generator(device=self.device).manual_seed(seed))
+        else:  # keypoints padded to a multiple of 8: a few graphs, not one per keypoint count
+            inputs.update(src_kps=pad_rows(batch.src_kps, 8), trg_kps=pad_rows(batch.trg_kps, 8))
+            loss = self.graphs(body, inputs, seed)
+        self.step_no += 1
+        return loss
+
+    def _step_body(self, t: dict[str, torch.Tensor], g: torch.Generator, batch: Any, images: torch.Tensor, mine: slice) -> torch.Tensor:
+        """Forward, backward and optimiser step from the tensors `t` (what a CUDA graph replays: nothing here reads
+        a device value on the host or copies from the host; `batch`'s host fields are read only by the prompts
+        that the graph refuses, those conditioned on categories or images)."""
+        cfg, module, featurizer = self.cfg, self.module, self.featurizer
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        b = t["n_kps"].shape[0]
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)  # a graph accumulates into the gradients it captured
         draws = BatchRows(g, mine.start, mine.stop, 2 * b) if world > 1 else g
         # CPM's DINOv2 input: the images as stored (None for prompts that do not look at them)
         originals = tuple(originals_for(module, ids, self.train_set.original_image) for ids in (batch.src_ids, batch.trg_ids))
-        images = torch.cat([batch.src_image, batch.trg_image])[mine]
         with self.autocast():
             p_src, p_trg = module.pair_prompts(featurizer, batch.src_image, batch.trg_image, batch.categories, originals)  # type: ignore[arg-type]
             src_rows, trg_rows = slice(min(mine.start, b), min(mine.stop, b)), slice(max(mine.start, b) - b, max(mine.stop, b) - b)
             hidden = torch.cat([_encode_rows(featurizer, p, r, b) for p, r in ((p_src, src_rows), (p_trg, trg_rows)) if r.stop > r.start])
             # a fresh posterior draw and fresh noise at every step, as the authors' training calls the VAE's
             # latent_dist.sample() and randn_like each time (sd_feature_extractor.py:76,111)
-            lat = self.extractor.latents(images, [*batch.src_ids, *batch.trg_ids][mine], generator=draws)
+            lat = featurizer.sample_latents(t["posterior"], generator=draws)
             feats = featurizer.features_from_latents(lat, hidden, generator=draws)
         feats = _gather_rows(self.backbone.features(feats, images), 2 * b, rank, world)  # "sd": feats as they are
         src_f, trg_f = feats[:b].float(), feats[b:].float()
         size = tuple(self.train_set.image_size) if self.skip_images else tuple(batch.src_image.shape[-2:])
-        src_xy = to_feature_coords(batch.src_kps, size, tuple(src_f.shape[-2:]))
-        trg_xy = to_feature_coords(batch.trg_kps, size, tuple(trg_f.shape[-2:]))
-        loss = gaussian_cross_entropy(src_f, trg_f, src_xy, trg_xy, batch.n_kps, temperature=cfg.temperature, kernel_size=cfg.kernel_size, sigma=cfg.sigma)
+        src_xy = to_feature_coords(t["src_kps"], size, tuple(src_f.shape[-2:]))
+        trg_xy = to_feature_coords(t["trg_kps"], size, tuple(trg_f.shape[-2:]))
+        loss = gaussian_cross_entropy(src_f, trg_f, src_xy, trg_xy, t["n_kps"], temperature=cfg.temperature, kernel_size=cfg.kernel_size, sigma=cfg.sigma)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if world > 1:  # the prompt module is not DDP-wrapped: sum the shares' gradients
             _sum_gradients(list(module.parameters()))
@@ -403,8 +455,6 @@ class _Run:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step_no += 1
         return loss.detach()
 
     def validate(self) -> float | None:
