@@ -94,6 +94,31 @@ def step_window(warm: int, steps: int, on_start: Callable[[], object] | None = N
     out["step_s"] = (stamps[warm + steps] - stamps[warm]) / steps
 
 
+@contextlib.contextmanager
+def encode_peak(device):
+    """Splits a training run's GPU memory peak at its one-time latent encode (`sdm.train._preencode_latents`):
+    yields a list that holds, after the block, the peak before the encode and the encode's own peak (bytes); the
+    CUDA peak counter then holds the steps' peak alone."""
+    from sdm import train as train_module
+
+    encode, marks = train_module._preencode_latents, []
+
+    def probed(*a, **k):
+        marks.append(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        out = encode(*a, **k)
+        marks.append(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        return out
+
+    if device.type == "cuda":
+        train_module._preencode_latents = probed
+    try:
+        yield marks
+    finally:
+        train_module._preencode_latents = encode
+
+
 def add_train_args(ap, warm: int, steps: int) -> None:
     """The options of a timed training run (`timed_training`): batch, window and the `optimize` variant."""
     ap.add_argument("--pairs", type=int, default=9)
@@ -573,14 +598,19 @@ def section_train(args, base, device) -> None:
         base_alloc = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with step_window(args.train_warm, args.train_steps) as window:
+        with step_window(args.train_warm, args.train_steps) as window, encode_peak(device) as marks:
             run(args.train_warm + args.train_steps + 1)
         times = [window["step_s"]]  # the window's mean step
+        split = {}
         if device.type == "cuda":
-            peaks.append(torch.cuda.max_memory_allocated() - base_alloc + param_bytes(model.unet, model.text_encoder, model.vae))
+            params = param_bytes(model.unet, model.text_encoder, model.vae)
+            steps_peak = torch.cuda.max_memory_allocated()
+            peaks.append(max([*marks, steps_peak]) - base_alloc + params)
+            split = {"peak_gb_encode": (marks[1] - base_alloc + params) / 1e9 if len(marks) > 1 else None,
+                     "peak_gb_steps": (steps_peak - base_alloc + params) / 1e9}
         res[key] = {"ours": {"compiled": model is fast and args.compile, "channels_last": False, "cuda_graph": graph,
                              "step_s": statistics.median(times), "steps_per_s": 1 / statistics.median(times),
-                             "step_s_runs": times, "peak_gb": max(peaks) / 1e9 if peaks else None}}
+                             "step_s_runs": times, "peak_gb": max(peaks) / 1e9 if peaks else None, **split}}
         log(f"train {key}: ours {1 / statistics.median(times):.2f} steps/s, peak {res[key]['ours']['peak_gb']} GB")
     if not args.train_reference:
         RESULTS["train"] = res
