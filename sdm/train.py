@@ -188,7 +188,10 @@ def _sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     for p, part in zip(params, flat.split([g.numel() for g in grads]), strict=True):
-        p.grad = part.view_as(p)
+        if p.grad is None:
+            p.grad = part.view_as(p)
+        else:  # in place: a CUDA graph's optimiser step reads the gradient tensors it was captured with
+            p.grad.copy_(part.view_as(p))
 
 
 _RANDOM_WEIGHTS_LOG = "# random weights: this training only shows that the loop runs"
