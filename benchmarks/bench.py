@@ -47,6 +47,7 @@ SPAIR_TEST_PAIRS = 12_234
 # with all 1,800 is an upper bound for the per-image (Single) cost.
 SPAIR_TEST_IMAGES = 1_800
 RESULTS: dict = {}
+SAVE: list[Callable[[], None]] = []  # writes RESULTS to --out (set by main): long sections save after each row
 WEIGHTS = "random (sdm.sd21_architecture, sdm.models.sd14_architecture): the real models' cost, not their outputs"
 
 
@@ -612,6 +613,9 @@ def section_train(args, base, device) -> None:
                              "step_s": statistics.median(times), "steps_per_s": 1 / statistics.median(times),
                              "step_s_runs": times, "peak_gb": max(peaks) / 1e9 if peaks else None, **split}}
         log(f"train {key}: ours {1 / statistics.median(times):.2f} steps/s, peak {res[key]['ours']['peak_gb']} GB")
+        RESULTS["train"] = res
+        for save in SAVE:  # a call cut by its time limit keeps the rows measured so far
+            save()
     if not args.train_reference:
         RESULTS["train"] = res
         return
@@ -802,6 +806,8 @@ def main() -> None:
     def dump() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"args": vars(args), **RESULTS}, indent=2, default=str))
+
+    SAVE.append(dump)
 
     steps = {
         "checks": lambda: section_checks(args, base, ours, ours_eager, tokens, device),
