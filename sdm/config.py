@@ -304,7 +304,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # this run's autocast; float32 on a CPU for "fp16"
     gradient_checkpointing: bool = False
     # The whole step (prompt encoder, UNet, loss, backward, Adam) as one CUDA graph (sdm.step_graph): one GPU, the
-    # Single prompt; the same step to float rounding (keypoint rows padded to a multiple of 8).
+    # Single prompt. The same step as the eager loop (to the bit where a batch's keypoint count is a multiple of 8;
+    # otherwise its rows are padded to one, and the loss's sum rounds differently: benchmarks/check_cuda_graph.py).
     cuda_graph: bool = False
     # Checkpoint selection as the authors' code (train_simple_prompt.py:219-260, train_cpm.py:198-245): once per
     # epoch, on the whole validation split, at the training timestep, ensemble 1, nearest neighbour, PCK@0.1 per
