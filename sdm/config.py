@@ -304,8 +304,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # this run's autocast; float32 on a CPU for "fp16"
     gradient_checkpointing: bool = False
     # The whole step (prompt encoder, UNet, loss, backward, Adam) as one CUDA graph (sdm.step_graph): one GPU, the
-    # Single prompt. The same step as the eager loop (to the bit where a batch's keypoint count is a multiple of 8;
-    # otherwise its rows are padded to one, and the loss's sum rounds differently: benchmarks/check_cuda_graph.py).
+    # Single prompt. It computes the eager loop's step; keypoint rows are padded to a multiple of 8, so the loss's
+    # sum may round differently (benchmarks/check_cuda_graph.py: equal to the bit at equal widths, tiny model, bf16
+    # and fp16 on an H100).
     cuda_graph: bool = False
     # Checkpoint selection as the authors' code (train_simple_prompt.py:219-260, train_cpm.py:198-245): once per
     # epoch, on the whole validation split, at the training timestep, ensemble 1, nearest neighbour, PCK@0.1 per
