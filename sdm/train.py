@@ -280,10 +280,14 @@ def _lent(sd: StableDiffusion, encoders: PromptEncoders | None, device: torch.de
             m.to(home)
 
 
-def _check_graphable(cfg: TrainConfig, world: int) -> None:
-    """Refuses the settings that `cfg.cuda_graph` does not support (the prompt and the device are checked later)."""
+def _check_graphable(cfg: TrainConfig, world: int, module: PromptModule) -> None:
+    """Refuses the settings that `cfg.cuda_graph` does not support (the device is checked by `StepGraphs`, the cached
+    latents once the data is set up)."""
     if not cfg.cuda_graph:
         return
+    if module.conditioning != "fixed":
+        raise ValueError(f"cuda_graph=True supports prompts that do not depend on the pair (Single); {cfg.prompt!r} is "
+                         f"{module.conditioning}-conditioned. Set cuda_graph=False.")  # fmt: skip
     if world > 1:
         raise ValueError(f"cuda_graph=True runs on one process for now ({world} launched); set cuda_graph=False.")
     if cfg.gradient_checkpointing:
@@ -334,7 +338,6 @@ class _Run:
     ) -> None:  # fmt: skip
         self.cfg, self.sd, self.train_set, self.val_set, self.out = cfg, sd, train_set, val_set, out
         self.accelerator, self.log_with, self.device = accelerator, log_with, accelerator.device
-        _check_graphable(cfg, accelerator.num_processes)
         # autocast's cache of cast weights would hold tensors of a graph's pool between replays
         self.autocast, self.scaler, precision = _precision(cfg.mixed_precision, self.device, cache=not cfg.cuda_graph)
         if cfg.mixed_precision != "no" and precision == "float32":
@@ -346,9 +349,7 @@ class _Run:
         self.val_featurizer = self.backbone.featurizer(sd, timestep=cfg.val_timestep, ensemble=cfg.val_ensemble, **features)  # type: ignore[arg-type]
         self.module = build_prompt(cfg.prompt, self.featurizer, categories=train_set.categories, encoders=encoders, cpm=cfg.cpm, seed=cfg.seed)
         # the fused kernel on GPUs: one launch for all tensors, and with fp16 the scaler's inf check stays on the device
-        if cfg.cuda_graph and self.module.conditioning != "fixed":
-            raise ValueError(f"cuda_graph=True supports prompts that do not depend on the pair (Single); {cfg.prompt!r} is "
-                             f"{self.module.conditioning}-conditioned. Set cuda_graph=False.")  # fmt: skip
+        _check_graphable(cfg, accelerator.num_processes, self.module)
         self.graphs = StepGraphs(self.device) if cfg.cuda_graph else None
         self.optimizer = torch.optim.Adam(
             self.module.parameter_groups(cfg.lr, cfg.lr_linear), fused=self.device.type == "cuda", capturable=self.graphs is not None
