@@ -14,14 +14,17 @@ optimisation runs 100 times instead of 900.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from bench import sync
 
 from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher, crop_side
+from sdm.attention import matcher as matcher_module
 from sdm.models import sd14_architecture
 from sdm.speed import optimize
 
@@ -51,6 +54,32 @@ PATHS = {  # name -> (config overrides, weight dtype, what is compiled: None, "r
     "authors-fp32-compiled": ({}, torch.float32, "blocks"),
     "authors-fp32-compiled-b50": ({"max_batch": 50}, torch.float32, "blocks"),
 }
+# the same computation with the host waiting for the GPU as before round 7: pageable copies of the crops' offsets,
+# the targets and the noise, and each step's finiteness read at once (`host_waits`)
+PATHS["authors-bf16-compiled-cl-b50-waits"] = PATHS["authors-bf16-compiled-cl-b50"]
+HOST_WAITS = {"authors-bf16-compiled-cl-b50-waits"}
+
+
+@contextlib.contextmanager
+def host_waits(on: bool) -> Iterator[None]:
+    """With `on`, the matcher's uploads and loss checks wait for the GPU as they did before round 7."""
+    if not on:
+        yield
+        return
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        return host.to(self.device)
+
+    def finite_now(values: torch.Tensor):
+        finite = bool(torch.isfinite(values).all())
+        return lambda: finite
+
+    saved = AttentionMatcher._upload, matcher_module._finite_later
+    AttentionMatcher._upload, matcher_module._finite_later = upload, finite_now
+    try:
+        yield
+    finally:
+        AttentionMatcher._upload, matcher_module._finite_later = saved
 
 
 def smooth_images(size: int, seed: int) -> torch.Tensor:
@@ -176,7 +205,8 @@ def main() -> None:
     for name in filter(None, args.paths.split(",")):
         if args.tiny and PATHS[name][1] != torch.float32:
             continue  # half precision on the CPU says nothing
-        row = measure(name, build, images, points, args.steps, size, args.warm_steps)
+        with host_waits(name in HOST_WAITS):
+            row = measure(name, build, images, points, args.steps, size, args.warm_steps)
         # matches of the same pair against the first path run (rounding and kernel choices make bf16 runs drift)
         first = next(iter(results["paths"].values()), row)
         row["mean_px_from_first_path"] = float((torch.tensor(row["matches"]) - torch.tensor(first["matches"])).norm(dim=1).mean())

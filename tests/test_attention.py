@@ -280,8 +280,9 @@ def test_default_path_lowers_its_per_layer_loss(sd: sdm.StableDiffusion, image: 
     assert losses[-5:].mean() < 0.97 * losses[:5].mean()
 
 
-def test_non_finite_maps_raise(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = AttentionMatcherConfig(image_size=SIZE, steps=2, num_embeddings=1, inference_crops=2, progress=False)
+@pytest.mark.parametrize("steps", [1, 2])  # 1: the last step's check runs after the loop; 2: during the next step
+def test_non_finite_maps_raise(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    cfg = AttentionMatcherConfig(image_size=SIZE, steps=steps, num_embeddings=1, inference_crops=2, progress=False)
     matcher = AttentionMatcher(sd, cfg)
     real = AttentionStore.native_maps
 

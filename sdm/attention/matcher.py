@@ -147,6 +147,13 @@ class AttentionMatcher:
         return torch.minimum(resized.clamp(min=0.0), torch.tensor([size_w - 1.0, size_h - 1.0]))
 
     @torch.no_grad()
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the matcher's device. On a GPU through pinned memory: a copy from pageable memory would
+        make the host wait until the GPU has run everything queued before it."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.sd.vae
         return vae.encode(pixels.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
@@ -160,7 +167,12 @@ class AttentionMatcher:
         of a draw together, and forgets them afterwards."""
         if self.config.crop_store > 0:
             grid = self._crop_grid(pixels, side)
-            return lambda offsets: grid[offsets[:, 1].to(grid.device), offsets[:, 0].to(grid.device)]
+
+            def stored(offsets: torch.Tensor) -> torch.Tensor:
+                xy = self._upload(offsets)
+                return grid[xy[:, 1], xy[:, 0]]
+
+            return stored
         cache: dict[tuple[int, int], torch.Tensor] = {}
 
         def lazy(offsets: torch.Tensor) -> torch.Tensor:
@@ -191,7 +203,7 @@ class AttentionMatcher:
         # The authors noise with U[0, 1) (torch.rand_like, optimize_token.py:289-291 and 589-591), about 3.5x
         # less energy than N(0, 1) at the same timestep; their timesteps were tuned under it.
         draw = torch.rand if self.config.noise == "uniform" else torch.randn
-        noise = draw(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        noise = self._upload(draw(latents.shape, generator=generator)).to(latents.dtype)
         t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
         return self.sd.scheduler.add_noise(latents, noise, t)
 
@@ -276,26 +288,27 @@ class AttentionMatcher:
         crop_latents = self.geometry.crop_latents(self, pixels, side, frac)  # offsets -> VAE latents of those crops
         # Half-precision backward can underflow on these small losses; Adam is invariant to the scale.
         grad_scale = 256.0 if self.sd.unet.dtype == torch.float16 else 1.0
-        losses = torch.zeros(cfg.steps, b, device=self.device)  # on the device: one host sync per step, not per batch
+        losses = torch.zeros(cfg.steps, b, device=self.device)  # on the device: the loop never waits for the GPU
+        pending: tuple[int, Callable[[], bool]] | None = None
         with capture_cross_attention(self.sd.unet, self.layers) as store:
             for step in tqdm(range(cfg.steps), desc="optimise embeddings", disable=not cfg.progress, leave=False):
                 offsets, target_px = self.geometry.draw(centers_px, self, side, frac, gen)
-                target_px = target_px.to(self.device)
+                target_px = self._upload(target_px)
                 optimizer.zero_grad(set_to_none=True)
                 for chunk in self._chunks(b):
                     noisy = self._noisy(crop_latents(offsets[chunk]), cfg.opt_timestep, gen)
                     per_item = self._item_losses(noisy, embeddings[chunk], target_px[chunk], store)
                     (per_item.sum() * grad_scale).backward()
                     losses[step, chunk] = per_item.detach()
-                finite = torch.isfinite(losses[step])
-                if not finite.all():
-                    bad = int((~finite).nonzero()[0])
-                    raise FloatingPointError(
-                        f"non-finite attention loss at step {step + 1} (point {bad // e}, embedding {bad % e}); "
-                        "run the UNet in float32 or bfloat16 (float16 overflowed)"
-                    )
+                # The previous step's check waits only for that step, so the GPU still has this one to run
+                # and the host draws the next step's crops and noise meanwhile.
+                if pending is not None:
+                    _raise_if_non_finite(losses, e, *pending)
+                pending = (step, _finite_later(losses[step]))
                 optimizer.step()
                 store.clear()  # drop the graph's tensors before the next step
+        if pending is not None:
+            _raise_if_non_finite(losses, e, *pending)
         losses = losses.cpu().view(cfg.steps, n, e)
         return OptimizationResult(embeddings.detach().view(n, e, cfg.num_tokens, -1).float(), losses)
 
@@ -367,6 +380,35 @@ class AttentionMatcher:
     def transfer(self, trg_image: ImageInput, embeddings: torch.Tensor) -> torch.Tensor:
         """Where optimised embeddings (N x E x L x D) point in a target: N x 2 pixel (x, y) in its own size."""
         return self.peaks(self.attention_maps(trg_image, embeddings), _image_hw(trg_image))
+
+
+def _finite_later(values: torch.Tensor) -> Callable[[], bool]:
+    """Whether every entry of `values` is finite, read when called: on a GPU the answer is copied to pinned memory
+    behind an event, so the call waits for the work queued up to now and not for what is queued later."""
+    finite = torch.isfinite(values).all()
+    if finite.device.type != "cuda":
+        return lambda: bool(finite)
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(finite, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> bool:
+        done.synchronize()
+        return bool(host)
+
+    return read
+
+
+def _raise_if_non_finite(losses: torch.Tensor, embeddings_per_point: int, step: int, finite: Callable[[], bool]) -> None:
+    """Raises FloatingPointError naming the first non-finite loss of `step` (losses: steps x points * embeddings)."""
+    if finite():
+        return
+    bad, e = int((~torch.isfinite(losses[step])).nonzero()[0]), embeddings_per_point
+    raise FloatingPointError(
+        f"non-finite attention loss at step {step + 1} (point {bad // e}, embedding {bad % e}); "
+        "run the UNet in float32 or bfloat16 (float16 overflowed)"
+    )
 
 
 __all__ = [
