@@ -18,10 +18,11 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench import sync
+from bench import profile_table, sync
 
 from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher, crop_side
 from sdm.attention import matcher as matcher_module
@@ -104,13 +105,20 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def measure(name: str, build, images: torch.Tensor, points: torch.Tensor, steps: int, size: int, warm_steps: int) -> dict:
+def path_model(name: str, build) -> tuple[object, dict]:
+    """A fresh model in the path's dtype, compiled as the path says (compiling changes modules in place), and the
+    path's config overrides."""
     overrides, dtype, compiled = PATHS[name]
-    sd = build().to(dtype=dtype)  # a fresh model per path: compiling changes modules in place
+    sd = build().to(dtype=dtype)
     if compiled in ("blocks", "blocks-cl"):
         compile_for_matcher(sd, channels_last=compiled == "blocks-cl")
     elif compiled == "resnets":
         optimize(sd, channels_last=False, fuse_qkv=False, compile=True, compile_scope="resnets")
+    return sd, overrides
+
+
+def measure(name: str, build, images: torch.Tensor, points: torch.Tensor, steps: int, size: int, warm_steps: int) -> dict:
+    sd, overrides = path_model(name, build)
 
     def matcher(**more) -> AttentionMatcher:
         return AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, **more}))
@@ -163,20 +171,29 @@ def measure(name: str, build, images: torch.Tensor, points: torch.Tensor, steps:
     return row
 
 
-def profile(name: str, build, images: torch.Tensor, points: torch.Tensor, size: int, steps: int) -> None:
-    """Where the optimisation's time goes: the top operators by device time over `steps` steps."""
+def profile(name: str, build, images: torch.Tensor, points: torch.Tensor, size: int, steps: int) -> str:
+    """Where a pair's time goes once its crops are stored: torch.profiler over `steps` optimisation steps and over
+    the target's inference (all its crops), each after a timed run without the profiler, so that the GPU's busy
+    share of the wall time can be read off."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    overrides, dtype, _ = PATHS[name]
-    sd = build().to(dtype=dtype)
+    sd, overrides = path_model(name, build)
     matcher = AttentionMatcher(sd, AttentionMatcherConfig(image_size=size, progress=False, **{**overrides, "steps": steps}))
-    matcher.optimize_embeddings(images[0], points)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        matcher.optimize_embeddings(images[0], points)
-        sync()
-    print(f"profile of {steps} optimisation steps, {name}:")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=25))
+    embeddings = matcher.optimize_embeddings(images[0], points).embeddings  # compiles; stores the source's crops
+    matcher.attention_maps(images[1], embeddings)  # stores the target's crops
+    parts = {
+        f"{steps} optimisation steps": lambda: matcher.optimize_embeddings(images[0], points),
+        f"inference ({matcher.config.inference_crops} crops)": lambda: matcher.attention_maps(images[1], embeddings),
+    }
+    text = []
+    for part, run in parts.items():
+        wall, _ = timed(run)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+            sync()
+        text.append(profile_table(prof, 1, f"{name}, {part}", unit="run", wall_s=wall))
+    return "\n".join(text)
 
 
 def main() -> None:
@@ -188,7 +205,8 @@ def main() -> None:
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated names of PATHS")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="tiny random model at 64 px on the CPU: a smoke test of this script")
-    ap.add_argument("--profile", default=None, help="a path name: profile its optimisation (torch.profiler, top CUDA ops)")
+    ap.add_argument("--profile", default=None, help="a path name: profile its optimisation and inference with stored crops (torch.profiler, "
+                    "top CUDA ops, the GPU's busy share); written beside --out as .profile.txt")
     ap.add_argument("--profile-steps", type=int, default=2, help="optimisation steps profiled (129: the whole run)")
     args = ap.parse_args()
     if args.tiny:
@@ -217,7 +235,10 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if args.profile:
-        profile(args.profile, build, images, points, size, args.profile_steps)
+        text = profile(args.profile, build, images, points, size, args.profile_steps)
+        print(text[:8000])
+        if args.out:
+            Path(args.out).with_suffix(".profile.txt").write_text(text)
 
 
 if __name__ == "__main__":

@@ -146,14 +146,15 @@ def timed_training(args, device, on_start: Callable[[], object] | None = None, o
     return window["step_s"]
 
 
-def profile_table(prof, steps: int, header: str, unit: str = "step") -> str:
+def profile_table(prof, steps: int, header: str, unit: str = "step", wall_s: float | None = None) -> str:
     """A finished torch.profiler run over `steps` training steps (or other units of work) as text: `header`, the
-    GPU's busy time per unit (the sum of its kernels' times) and the 30 kernels and operators that took the most
-    GPU time."""
+    GPU's busy time per unit (the sum of its kernels' times; with `wall_s`, the wall time of one unit measured
+    without the profiler, also its share of that) and the 30 kernels and operators that took the most GPU time."""
     events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    gpu_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3 / steps
+    busy = f" of {wall_s * 1e3:.1f} ms wall without the profiler (GPU busy {gpu_ms / (wall_s * 1e3):.0%})" if wall_s else ""
     table = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
-    return f"{header}, GPU kernels {gpu_us / 1e3 / steps:.1f} ms per {unit}\n{table}"
+    return f"{header}, GPU kernels {gpu_ms:.1f} ms per {unit}{busy}\n{table}"
 
 
 def timeit(fn: Callable[[], object], warmup: int, repeat: int) -> dict:
