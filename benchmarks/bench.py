@@ -834,7 +834,7 @@ def main() -> None:
         log(f"[{name} done in {time.perf_counter() - start:.0f} s]")
         dump()
     env = RESULTS["env"]
-    print(f"\n{env.get('gpu')} | weights {WEIGHTS} | torch {env['torch']} | diffusers {env['diffusers']} | transformers {env['transformers']} | {env['date_utc']}")
+    print(f"\n{env.get('gpu') or 'CPU (no GPU)'} | weights {WEIGHTS} | torch {env['torch']} | diffusers {env['diffusers']} | transformers {env['transformers']} | {env['date_utc']}")
     print("checks:", json.dumps(RESULTS.get("checks_rel_err_vs_plain_fp32")))
     print(table(env["matmul_bf16_tflops"]))
     dump()
