@@ -438,6 +438,19 @@ def test_per_pair_optimisation_draws_afresh_for_each_pair(sd: sdm.StableDiffusio
         AttentionMatcherConfig(optimize_per="image")  # type: ignore[arg-type]
 
 
+def test_stored_crops_carry_no_autograd_graph(sd: sdm.StableDiffusion, image: torch.Tensor) -> None:
+    """The crop store keeps an image's latents across calls: they hold no autograd graph, even when the VAE's
+    weights require gradients (a user fine-tuning it)."""
+    sd.vae.requires_grad_(True)
+    try:
+        matcher = AttentionMatcher(sd, quick_config(sd, steps=1, inference_crops=1))
+        matcher.optimize_embeddings(image, POINTS[:1])
+        grid = next(iter(matcher.crop_store._items.values()))
+        assert not grid.requires_grad
+    finally:
+        sd.vae.requires_grad_(False)
+
+
 def test_crop_store_encodes_each_image_once_as_each_crop_alone(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     """With `crop_store`, every integer-offset crop of an image is encoded once (by content) and shared by the source's
     optimisation and any later call; each stored latent is the crop's own VAE mean (the crop cut by hand here) and the

@@ -146,7 +146,6 @@ class AttentionMatcher:
         resized = pts if (h, w) == (size_h, size_w) else pts * torch.tensor([size_w / w, size_h / h])
         return torch.minimum(resized.clamp(min=0.0), torch.tensor([size_w - 1.0, size_h - 1.0]))
 
-    @torch.no_grad()
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """A CPU tensor on the matcher's device. On a GPU through pinned memory: a copy from pageable memory would
         make the host wait until the GPU has run everything queued before it."""
@@ -154,6 +153,7 @@ class AttentionMatcher:
             return host.to(self.device)
         return host.pin_memory().to(self.device, non_blocking=True)
 
+    @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.sd.vae
         return vae.encode(pixels.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
