@@ -100,8 +100,9 @@ def main() -> None:
         pairs = min(args.max_pairs or len(dataset), len(dataset))
         sources, grids = matcher.sources - before[0], matcher.crop_store.misses - before[1]
         optimise_s, grid_s = matcher.optimise_s - before[2], matcher.grid_s - before[3]
-        # the whole category from a subset: each part scaled by how many of it the category has
-        category_s = (optimise_s * CATEGORY_IMAGES / sources + grid_s * CATEGORY_IMAGES / grids
+        # the whole category from a subset: each part scaled by how many of it the category has (none encoded: its
+        # images were stored by an earlier category of this run, and the full category would encode none either)
+        category_s = (optimise_s * CATEGORY_IMAGES / sources + (grid_s * CATEGORY_IMAGES / grids if grids else 0.0)
                       + (wall - optimise_s - grid_s) * CATEGORY_PAIRS / pairs)
         row = {"pairs": pairs, "wall_s": wall, "s_per_pair": wall / pairs, "sources_optimised": sources, "crop_grids_encoded": grids,
                "optimise_s": optimise_s, "grid_s": grid_s, "category_s_projected": category_s, "pck_random_weights": result.pck()}
