@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from bench import profile_table, sync
 
 from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher, crop_side
+from sdm.attention import crops as crops_module
 from sdm.attention import matcher as matcher_module
 from sdm.models import sd14_architecture
 from sdm.speed import optimize
@@ -55,16 +56,18 @@ PATHS = {  # name -> (config overrides, weight dtype, what is compiled: None, "r
     "authors-fp32-compiled": ({}, torch.float32, "blocks"),
     "authors-fp32-compiled-b50": ({"max_batch": 50}, torch.float32, "blocks"),
 }
-# the same computation with the host waiting for the GPU as before round 7: pageable copies of the crops' offsets,
-# the targets and the noise, and each step's finiteness read at once (`host_waits`)
+# The same computation as the host ran it before a round (`old_host`): "-waits", before round 7: pageable copies of
+# the crops' offsets, the targets and the noise, and each step's finiteness read at once; "-slices", before round 8:
+# the inference adds each crop's maps with two slice additions per item.
 PATHS["authors-bf16-compiled-cl-b50-waits"] = PATHS["authors-bf16-compiled-cl-b50"]
-HOST_WAITS = {"authors-bf16-compiled-cl-b50-waits"}
+PATHS["authors-bf16-compiled-cl-b50-slices"] = PATHS["authors-bf16-compiled-cl-b50"]
+OLD_HOST = {"authors-bf16-compiled-cl-b50-waits": "waits", "authors-bf16-compiled-cl-b50-slices": "slices"}
 
 
 @contextlib.contextmanager
-def host_waits(on: bool) -> Iterator[None]:
-    """With `on`, the matcher's uploads and loss checks wait for the GPU as they did before round 7."""
-    if not on:
+def old_host(way: str | None) -> Iterator[None]:
+    """The matcher's host side as it was before a round (`OLD_HOST`); None: as it is."""
+    if way is None:
         yield
         return
 
@@ -75,12 +78,25 @@ def host_waits(on: bool) -> Iterator[None]:
         finite = bool(torch.isfinite(values).all())
         return lambda: finite
 
-    saved = AttentionMatcher._upload, matcher_module._finite_later
-    AttentionMatcher._upload, matcher_module._finite_later = upload, finite_now
+    def host_offsets(offsets: torch.Tensor, side: tuple[int, int], width: int, upload) -> torch.Tensor:
+        return offsets
+
+    def add_slices(sums: torch.Tensor, counts: torch.Tensor, maps: torch.Tensor, offsets: torch.Tensor) -> None:
+        ch, cw = maps.shape[-2:]
+        for i, (x0, y0) in enumerate(offsets.tolist()):
+            sums[i, :, y0 : y0 + ch, x0 : x0 + cw] += maps[i]
+            counts[i, :, y0 : y0 + ch, x0 : x0 + cw] += 1
+
+    patches = {"waits": [(AttentionMatcher, "_upload", upload), (matcher_module, "_finite_later", finite_now)],
+               "slices": [(crops_module, "_window_indices", host_offsets), (crops_module, "_add_windows", add_slices)]}[way]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        AttentionMatcher._upload, matcher_module._finite_later = saved
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def smooth_images(size: int, seed: int) -> torch.Tensor:
@@ -193,6 +209,8 @@ def profile(name: str, build, images: torch.Tensor, points: torch.Tensor, size: 
             run()
             sync()
         text.append(profile_table(prof, 1, f"{name}, {part}", unit="run", wall_s=wall))
+        # where the host's time goes (a synchronize or a blocking copy here is the GPU waiting for the host after)
+        text.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
     return "\n".join(text)
 
 
@@ -223,7 +241,7 @@ def main() -> None:
     for name in filter(None, args.paths.split(",")):
         if args.tiny and PATHS[name][1] != torch.float32:
             continue  # half precision on the CPU says nothing
-        with host_waits(name in HOST_WAITS):
+        with old_host(OLD_HOST.get(name)):
             row = measure(name, build, images, points, args.steps, size, args.warm_steps)
         # matches of the same pair against the first path run (rounding and kernel choices make bf16 runs drift)
         first = next(iter(results["paths"].values()), row)

@@ -241,6 +241,7 @@ def section_env(args, device) -> None:
     info = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
+        "host": platform.node(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
@@ -263,6 +264,27 @@ def section_env(args, device) -> None:
     RESULTS["env"] = info
     RESULTS["weights"] = WEIGHTS
     log("env:", json.dumps(info))
+
+
+def merge_earlier(out: Path) -> list[dict]:
+    """Loads an earlier call's results from `out` into RESULTS (its sections stay unless this call reruns them) and
+    returns its calls (sections and environment of each)."""
+    if not out.exists():
+        raise SystemExit(f"--merge: {out} does not exist; run the first sections without --merge")
+    earlier = json.loads(out.read_text())
+    calls = earlier.pop("calls", None) or [{"sections": earlier["args"]["sections"], "env": earlier.get("env")}]
+    earlier.pop("args", None)
+    RESULTS.update(earlier)
+    return calls
+
+
+def check_same_machine(calls: list[dict], env: dict) -> None:
+    """A merged table must come from one machine kind: refuse another GPU model, warn about another host."""
+    for call in calls:
+        if call["env"].get("gpu") != env.get("gpu"):
+            raise SystemExit(f"--merge: the earlier call ran on {call['env'].get('gpu')}, this one on {env.get('gpu')}")
+        if call["env"].get("host") != env.get("host"):
+            log(f"warning: the earlier call ran on host {call['env'].get('host')}, this one on {env.get('host')}")
 
 
 def build_models(args, device):
@@ -771,6 +793,8 @@ def table(peak_tflops: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--merge", action="store_true", help="add this call's sections to --out's (an earlier call on the same "
+                    "machine: the whole harness takes longer than one call may run on an H100); refuses another GPU model")
     ap.add_argument("--sections", default="checks,features,eval,train,attention,files,attn,profile,multi")
     ap.add_argument("--tiny", action="store_true", help="tiny model at 128 px (smoke test)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
@@ -800,8 +824,11 @@ def main() -> None:
     args.size = args.size or (128 if args.tiny else 768)
     device = sdm.models.default_device()
     sections = args.sections.split(",")
-    section_env(args, device)
     out = Path(args.out)
+    calls = merge_earlier(out) if args.merge else []
+    section_env(args, device)
+    check_same_machine(calls, RESULTS["env"])
+    RESULTS["calls"] = [*calls, {"sections": args.sections, "env": RESULTS["env"]}]
     if set(sections) - {"multi"}:  # the multi section starts its own processes
         base, ours, ours_eager = build_models(args, device)
         tokens = build_prompt("single", SDFeaturizer(base, image_size=args.size)).tokens.detach()

@@ -388,6 +388,52 @@ def test_authors_inference_starts_with_the_corner_crops(sd: sdm.StableDiffusion,
     assert maps.shape == (2, SIZE, SIZE) and torch.isfinite(maps).all() and (maps > 0).all()
 
 
+def test_authors_inference_pastes_each_crop_and_recentres_on_the_running_argmax(
+    sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inference of optimize_token.py:256-310, recomputed here with slices: the four corner crops, then crops
+    around the argmax (+ 0.5 px) of the mean over layers of the maps so far; each crop's maps added where the crop
+    lies and the per-pixel mean over the crops covering it. The UNet's maps are replaced by recorded random ones."""
+    import sdm.attention.crops as crops_module
+
+    cfg = AttentionMatcherConfig(image_size=SIZE, inference_crops=7, num_embeddings=1, progress=False, readout="mean-map", max_batch=2)
+    matcher = AttentionMatcher(sd, cfg)
+    layers, draws, maps_given = len(matcher.layers), [], []
+    real_offsets = crops_module.margin_crop_offsets
+    g = torch.Generator().manual_seed(3)
+
+    def recorded_offsets(locs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = real_offsets(locs, *args, **kwargs)
+        draws.append((locs.clone(), out.clone()))
+        return out
+
+    def fake_maps(noisy: torch.Tensor, hidden: torch.Tensor, timestep: int, store, per_layer: bool = False, size=None) -> torch.Tensor:
+        maps_given.append(torch.rand(noisy.shape[0], layers, *size, generator=g))
+        return maps_given[-1]
+
+    monkeypatch.setattr(crops_module, "margin_crop_offsets", recorded_offsets)
+    monkeypatch.setattr(matcher, "_unet_maps", fake_maps)
+    n = 3
+    out = matcher.attention_maps(image, torch.randn(n, 1, 77, sd.embed_dim))
+    side = int(SIZE * cfg.crop_frac)
+    sums, counts = torch.zeros(n, layers, SIZE, SIZE), torch.zeros(n, 1, SIZE, SIZE)
+    corners = [(0.0, 0.0), (0.0, float(SIZE)), (float(SIZE), 0.0), (float(SIZE), float(SIZE))]
+    per_crop = [torch.cat(maps_given[k : k + 2]) for k in range(0, len(maps_given), 2)]  # micro-batches of 2 and 1
+    assert len(draws) == len(per_crop) == 7
+    for k, ((locs, offsets), maps) in enumerate(zip(draws, per_crop)):
+        for i in range(n):
+            if k < 4:
+                assert locs[i].tolist() == list(corners[k])
+            else:
+                running = (sums[i] / counts[i]).nan_to_num().mean(dim=0)
+                flat = int(running.flatten().argmax())
+                assert locs[i].tolist() == [flat % SIZE + 0.5, flat // SIZE + 0.5]
+            x0, y0 = offsets[i].tolist()
+            sums[i, :, y0 : y0 + side, x0 : x0 + side] += maps[i]
+            counts[i, :, y0 : y0 + side, x0 : x0 + side] += 1
+    torch.testing.assert_close(out, (sums / counts.clamp_min(1)).mean(dim=1), rtol=0, atol=0)
+
+
 def test_predictor_optimises_a_shared_source_once(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pairs that share a source (id and points) reuse its embeddings, with the answer `match` gives."""
     from sdm.data import Pair, collate_pairs

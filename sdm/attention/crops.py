@@ -91,11 +91,10 @@ class AuthorsCrops(CropGeometry):
                 locs = argmax_2d(running).float().cpu() + 0.5
             offsets = margin_crop_offsets(locs, size, frac, m.config.crop_margin, gen)
             noisy = m._noisy(crop_latents(offsets), timestep, gen)
+            windows = _window_indices(offsets, side, w, m._upload)
             for chunk in m._chunks(n):
                 maps = m._unet_maps(noisy[chunk], flat[chunk], timestep, store, per_layer=True, size=side)
-                for i, (x0, y0) in zip(range(chunk.start, chunk.stop), offsets[chunk].tolist()):
-                    sums[i, :, y0 : y0 + side[0], x0 : x0 + side[1]] += maps[i - chunk.start]
-                    counts[i, :, y0 : y0 + side[0], x0 : x0 + side[1]] += 1
+                _add_windows(sums[chunk], counts[chunk], maps, windows[chunk])
         return sums / counts.clamp_min(1.0)
 
     def to_pixels(self, cells: torch.Tensor, map_hw: tuple[int, int], size: tuple[int, int], image_hw: tuple[int, int]) -> torch.Tensor:
@@ -103,6 +102,28 @@ class AuthorsCrops(CropGeometry):
         # the original image: x = x' * W / W'
         (h, w), (size_h, size_w) = image_hw, size
         return (cells.float() + 0.5) * cells.new_tensor([w / size_w, h / size_h])
+
+
+def _window_indices(
+    offsets: torch.Tensor, side: tuple[int, int], width: int, upload: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """n x 2 integer (x0, y0) on the CPU -> n x (ch * cw) flat pixel indices (y * width + x) of each crop's window,
+    row-major as a crop's map is laid out, on the device `upload` puts the offsets on."""
+    offsets = upload(offsets)
+    rows = offsets[:, 1, None] + torch.arange(side[0], device=offsets.device)
+    cols = offsets[:, 0, None] + torch.arange(side[1], device=offsets.device)
+    return (rows[:, :, None] * width + cols[:, None, :]).flatten(1)
+
+
+def _add_windows(sums: torch.Tensor, counts: torch.Tensor, maps: torch.Tensor, windows: torch.Tensor) -> None:
+    """sums[i, :, window_i] += maps[i] and counts[i, :, window_i] += 1 in place (sums M x layers x H x W, counts
+    M x 1 x H x W, maps M x layers x ch x cw, windows M x ch*cw from `_window_indices`): one scatter for all items, so
+    the host neither waits for the offsets nor launches two additions per item. A window holds each pixel once, so
+    every sum receives exactly one addition, as `+=` on the slice would."""
+    k, layers = maps.shape[0], maps.shape[1]
+    index = windows[:, None, :]
+    sums.view(k, layers, -1).scatter_add_(2, index.expand(k, layers, -1), maps.reshape(k, layers, -1).to(sums.dtype))
+    counts.view(k, 1, -1).scatter_add_(2, index, torch.ones_like(index, dtype=counts.dtype))
 
 
 class ContinuousCrops(CropGeometry):
