@@ -57,11 +57,11 @@ PATHS = {  # name -> (config overrides, weight dtype, what is compiled: None, "r
     "authors-fp32-compiled-b50": ({"max_batch": 50}, torch.float32, "blocks"),
 }
 # The same computation as the host ran it before a round (`old_host`): "-waits", before round 7: pageable copies of
-# the crops' offsets, the targets and the noise, and each step's finiteness read at once; "-slices", before round 8:
-# the inference adds each crop's maps with two slice additions per item.
+# the crops' offsets, the targets and the noise, and each step's finiteness read at once; "-r7", before round 8: the
+# inference adds each crop's maps with two slice additions per item and draws a crop's noise after its argmax arrived.
 PATHS["authors-bf16-compiled-cl-b50-waits"] = PATHS["authors-bf16-compiled-cl-b50"]
-PATHS["authors-bf16-compiled-cl-b50-slices"] = PATHS["authors-bf16-compiled-cl-b50"]
-OLD_HOST = {"authors-bf16-compiled-cl-b50-waits": "waits", "authors-bf16-compiled-cl-b50-slices": "slices"}
+PATHS["authors-bf16-compiled-cl-b50-r7"] = PATHS["authors-bf16-compiled-cl-b50"]
+OLD_HOST = {"authors-bf16-compiled-cl-b50-waits": "waits", "authors-bf16-compiled-cl-b50-r7": "r7"}
 
 
 @contextlib.contextmanager
@@ -88,7 +88,8 @@ def old_host(way: str | None) -> Iterator[None]:
             counts[i, :, y0 : y0 + ch, x0 : x0 + cw] += 1
 
     patches = {"waits": [(AttentionMatcher, "_upload", upload), (matcher_module, "_finite_later", finite_now)],
-               "slices": [(crops_module, "_window_indices", host_offsets), (crops_module, "_add_windows", add_slices)]}[way]
+               "r7": [(crops_module, "_window_indices", host_offsets), (crops_module, "_add_windows", add_slices),
+                      (crops_module, "_noise_ahead", lambda *args: None)]}[way]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, value in patches:
         setattr(owner, name, value)
