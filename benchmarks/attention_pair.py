@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from bench import profile_table, sync
 
 from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher, crop_side
-from sdm.attention import crops as crops_module
 from sdm.attention import matcher as matcher_module
 from sdm.models import sd14_architecture
 from sdm.speed import optimize
@@ -56,18 +55,16 @@ PATHS = {  # name -> (config overrides, weight dtype, what is compiled: None, "r
     "authors-fp32-compiled": ({}, torch.float32, "blocks"),
     "authors-fp32-compiled-b50": ({"max_batch": 50}, torch.float32, "blocks"),
 }
-# The same computation as the host ran it before a round (`old_host`): "-waits", before round 7: pageable copies of
-# the crops' offsets, the targets and the noise, and each step's finiteness read at once; "-r7", before round 8: the
-# inference adds each crop's maps with two slice additions per item and draws a crop's noise after its argmax arrived.
+# the same computation with the host waiting for the GPU as before round 7: pageable copies of the crops' offsets,
+# the targets and the noise, and each step's finiteness read at once (`host_waits`)
 PATHS["authors-bf16-compiled-cl-b50-waits"] = PATHS["authors-bf16-compiled-cl-b50"]
-PATHS["authors-bf16-compiled-cl-b50-r7"] = PATHS["authors-bf16-compiled-cl-b50"]
-OLD_HOST = {"authors-bf16-compiled-cl-b50-waits": "waits", "authors-bf16-compiled-cl-b50-r7": "r7"}
+HOST_WAITS = {"authors-bf16-compiled-cl-b50-waits"}
 
 
 @contextlib.contextmanager
-def old_host(way: str | None) -> Iterator[None]:
-    """The matcher's host side as it was before a round (`OLD_HOST`); None: as it is."""
-    if way is None:
+def host_waits(on: bool) -> Iterator[None]:
+    """With `on`, the matcher's uploads and loss checks wait for the GPU as they did before round 7."""
+    if not on:
         yield
         return
 
@@ -78,26 +75,12 @@ def old_host(way: str | None) -> Iterator[None]:
         finite = bool(torch.isfinite(values).all())
         return lambda: finite
 
-    def host_offsets(offsets: torch.Tensor, side: tuple[int, int], width: int, upload) -> torch.Tensor:
-        return offsets
-
-    def add_slices(sums: torch.Tensor, counts: torch.Tensor, maps: torch.Tensor, offsets: torch.Tensor) -> None:
-        ch, cw = maps.shape[-2:]
-        for i, (x0, y0) in enumerate(offsets.tolist()):
-            sums[i, :, y0 : y0 + ch, x0 : x0 + cw] += maps[i]
-            counts[i, :, y0 : y0 + ch, x0 : x0 + cw] += 1
-
-    patches = {"waits": [(AttentionMatcher, "_upload", upload), (matcher_module, "_finite_later", finite_now)],
-               "r7": [(crops_module, "_window_indices", host_offsets), (crops_module, "_add_windows", add_slices),
-                      (crops_module, "_noise_ahead", lambda *args: None)]}[way]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, value in patches:
-        setattr(owner, name, value)
+    saved = AttentionMatcher._upload, matcher_module._finite_later
+    AttentionMatcher._upload, matcher_module._finite_later = upload, finite_now
     try:
         yield
     finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+        AttentionMatcher._upload, matcher_module._finite_later = saved
 
 
 def smooth_images(size: int, seed: int) -> torch.Tensor:
@@ -188,10 +171,38 @@ def measure(name: str, build, images: torch.Tensor, points: torch.Tensor, steps:
     return row
 
 
+def sync_sites(run, depth: int = 10) -> str:
+    """Where `run` makes the host wait for the GPU: the Python stacks (innermost `depth` frames) of the operations
+    that synchronise (`torch.cuda.set_sync_debug_mode`), the most frequent first."""
+    import collections
+    import traceback
+    import warnings
+
+    if not torch.cuda.is_available():
+        return "no GPU: no synchronisations to find"
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        sites["".join(traceback.format_list(frames[-depth:]))] += 1
+
+    with warnings.catch_warnings():  # restores showwarning and the filters afterwards
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    sync()
+    total = sum(sites.values())
+    return f"{total} synchronisations at {len(sites)} sites\n" + "\n".join(f"--- {n} x\n{stack}" for stack, n in sites.most_common())
+
+
 def profile(name: str, build, images: torch.Tensor, points: torch.Tensor, size: int, steps: int) -> str:
     """Where a pair's time goes once its crops are stored: torch.profiler over `steps` optimisation steps and over
     the target's inference (all its crops), each after a timed run without the profiler, so that the GPU's busy
-    share of the wall time can be read off."""
+    share of the wall time can be read off; then the places where each makes the host wait (`sync_sites`)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -212,6 +223,7 @@ def profile(name: str, build, images: torch.Tensor, points: torch.Tensor, size: 
         text.append(profile_table(prof, 1, f"{name}, {part}", unit="run", wall_s=wall))
         # where the host's time goes (a synchronize or a blocking copy here is the GPU waiting for the host after)
         text.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+        text.append(f"{name}, {part}: where the host waits for the GPU\n{sync_sites(run)}")
     return "\n".join(text)
 
 
@@ -242,7 +254,7 @@ def main() -> None:
     for name in filter(None, args.paths.split(",")):
         if args.tiny and PATHS[name][1] != torch.float32:
             continue  # half precision on the CPU says nothing
-        with old_host(OLD_HOST.get(name)):
+        with host_waits(name in HOST_WAITS):
             row = measure(name, build, images, points, args.steps, size, args.warm_steps)
         # matches of the same pair against the first path run (rounding and kernel choices make bf16 runs drift)
         first = next(iter(results["paths"].values()), row)

@@ -398,15 +398,13 @@ def test_authors_inference_pastes_each_crop_and_recentres_on_the_running_argmax(
 
     cfg = AttentionMatcherConfig(image_size=SIZE, inference_crops=7, num_embeddings=1, progress=False, readout="mean-map", max_batch=2)
     matcher = AttentionMatcher(sd, cfg)
-    layers, draws, maps_given, gens = len(matcher.layers), [], [], {}
+    layers, draws, maps_given = len(matcher.layers), [], []
     real_offsets = crops_module.margin_crop_offsets
     g = torch.Generator().manual_seed(3)
 
-    def recorded_offsets(locs: torch.Tensor, size, frac, margin, generator: torch.Generator) -> torch.Tensor:
-        out = real_offsets(locs, size, frac, margin, generator)
-        gens.setdefault("real", generator)  # the first crop's; later draws on copies of it only draw noise ahead
-        if generator is gens["real"]:
-            draws.append((locs.clone(), out.clone()))
+    def recorded_offsets(locs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = real_offsets(locs, *args, **kwargs)
+        draws.append((locs.clone(), out.clone()))
         return out
 
     def fake_maps(noisy: torch.Tensor, hidden: torch.Tensor, timestep: int, store, per_layer: bool = False, size=None) -> torch.Tensor:
@@ -434,33 +432,6 @@ def test_authors_inference_pastes_each_crop_and_recentres_on_the_running_argmax(
             sums[i, :, y0 : y0 + side, x0 : x0 + side] += maps[i]
             counts[i, :, y0 : y0 + side, x0 : x0 + side] += 1
     torch.testing.assert_close(out, (sums / counts.clamp_min(1)).mean(dim=1), rtol=0, atol=0)
-
-
-def test_noise_drawn_ahead_of_the_argmax_is_the_noise_drawn_in_turn(
-    sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Inference draws a crop's noise while the GPU still computes the running argmax its offsets need; the maps are
-    those of drawing offsets then noise in turn, and the early draw is used at every crop after the corners (if
-    torch's CPU randint ever consumed a bound-dependent number of draws, the early noise would be dropped and this
-    test says so)."""
-    import sdm.attention.crops as crops_module
-
-    matcher = AttentionMatcher(sd, quick_config(sd, inference_crops=7, max_batch=3))
-    emb = torch.randn(2, 2, 77, sd.embed_dim)
-    taken = []
-    real_take = crops_module._take_ahead
-
-    def spy(gen: torch.Generator, ahead) -> torch.Tensor | None:
-        noise = real_take(gen, ahead)
-        taken.append(noise is not None)
-        return noise
-
-    monkeypatch.setattr(crops_module, "_take_ahead", spy)
-    early = matcher.attention_maps(image, emb)
-    monkeypatch.setattr(crops_module, "_noise_ahead", lambda *args: None)
-    in_turn = matcher.attention_maps(image, emb)
-    assert taken == [True] * 3
-    torch.testing.assert_close(early, in_turn, rtol=0, atol=0)
 
 
 def test_predictor_optimises_a_shared_source_once(sd: sdm.StableDiffusion, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:

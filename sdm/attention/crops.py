@@ -83,26 +83,19 @@ class AuthorsCrops(CropGeometry):
         counts = torch.zeros(n, 1, h, w, device=m.device)
         corners = torch.tensor([[0.0, 0.0], [0.0, float(h)], [float(w), 0.0], [float(w), float(h)]])  # (x, y) as the code
         crop_latents = m._crop_bank(pixels, side)
-        margin = m.config.crop_margin
-        shape = None  # the latents' shape, known after the first crop
         for it in tqdm(range(crops), desc="attention maps", disable=not m.config.progress, leave=False):
-            ahead = None
             if it < 4:
                 locs = corners[it].expand(n, 2)
             else:
-                # The crops wait for the running argmax; the noise drawn after their offsets is drawn meanwhile.
-                ahead = _noise_ahead(m, gen, lambda g, at=locs: margin_crop_offsets(at, size, frac, margin, g), shape)
                 running = torch.nan_to_num(sums / counts).mean(dim=1)  # uncovered pixels (0 / 0) count as 0
                 locs = argmax_2d(running).float().cpu() + 0.5
-            offsets = margin_crop_offsets(locs, size, frac, margin, gen)
-            latents = crop_latents(offsets)
-            shape = latents.shape
-            noise = _take_ahead(gen, ahead) if ahead else None
-            noisy = m._add_noise(latents, m._draw_noise(shape, gen) if noise is None else noise, timestep)
-            windows = _window_indices(offsets, side, w, m._upload)
+            offsets = margin_crop_offsets(locs, size, frac, m.config.crop_margin, gen)
+            noisy = m._noisy(crop_latents(offsets), timestep, gen)
             for chunk in m._chunks(n):
                 maps = m._unet_maps(noisy[chunk], flat[chunk], timestep, store, per_layer=True, size=side)
-                _add_windows(sums[chunk], counts[chunk], maps, windows[chunk])
+                for i, (x0, y0) in zip(range(chunk.start, chunk.stop), offsets[chunk].tolist()):
+                    sums[i, :, y0 : y0 + side[0], x0 : x0 + side[1]] += maps[i - chunk.start]
+                    counts[i, :, y0 : y0 + side[0], x0 : x0 + side[1]] += 1
         return sums / counts.clamp_min(1.0)
 
     def to_pixels(self, cells: torch.Tensor, map_hw: tuple[int, int], size: tuple[int, int], image_hw: tuple[int, int]) -> torch.Tensor:
@@ -110,53 +103,6 @@ class AuthorsCrops(CropGeometry):
         # the original image: x = x' * W / W'
         (h, w), (size_h, size_w) = image_hw, size
         return (cells.float() + 0.5) * cells.new_tensor([w / size_w, h / size_h])
-
-
-def _noise_ahead(
-    m: Any, gen: torch.Generator, offsets_draw: Callable[[torch.Generator], torch.Tensor], shape: torch.Size
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The noise that `gen` will give after `offsets_draw`, drawn now from a copy of `gen` moved past an offsets draw
-    at other points: (noise on the device, the copy's state after the offsets, its state after the noise). The margin
-    rule draws one integer per point and axis whatever its bounds, so the copy's state after the offsets is the state
-    `gen` will have; `_take_ahead` checks that before using the noise."""
-    copy = torch.Generator()
-    copy.set_state(gen.get_state())
-    offsets_draw(copy)
-    after_offsets = copy.get_state()
-    noise = m._draw_noise(shape, copy)
-    return noise, after_offsets, copy.get_state()
-
-
-def _take_ahead(gen: torch.Generator, ahead: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
-    """The noise of `_noise_ahead` if `gen` has reached the state it was drawn from (then `gen` moves past it, as if it
-    had drawn it); else None, and the caller draws from `gen`."""
-    noise, after_offsets, after_noise = ahead
-    if not torch.equal(gen.get_state(), after_offsets):
-        return None
-    gen.set_state(after_noise)
-    return noise
-
-
-def _window_indices(
-    offsets: torch.Tensor, side: tuple[int, int], width: int, upload: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """n x 2 integer (x0, y0) on the CPU -> n x (ch * cw) flat pixel indices (y * width + x) of each crop's window,
-    row-major as a crop's map is laid out, on the device `upload` puts the offsets on."""
-    offsets = upload(offsets)
-    rows = offsets[:, 1, None] + torch.arange(side[0], device=offsets.device)
-    cols = offsets[:, 0, None] + torch.arange(side[1], device=offsets.device)
-    return (rows[:, :, None] * width + cols[:, None, :]).flatten(1)
-
-
-def _add_windows(sums: torch.Tensor, counts: torch.Tensor, maps: torch.Tensor, windows: torch.Tensor) -> None:
-    """sums[i, :, window_i] += maps[i] and counts[i, :, window_i] += 1 in place (sums M x layers x H x W, counts
-    M x 1 x H x W, maps M x layers x ch x cw, windows M x ch*cw from `_window_indices`): one scatter for all items, so
-    the host neither waits for the offsets nor launches two additions per item. A window holds each pixel once, so
-    every sum receives exactly one addition, as `+=` on the slice would."""
-    k, layers = maps.shape[0], maps.shape[1]
-    index = windows[:, None, :]
-    sums.view(k, layers, -1).scatter_add_(2, index.expand(k, layers, -1), maps.reshape(k, layers, -1).to(sums.dtype))
-    counts.view(k, 1, -1).scatter_add_(2, index, torch.ones_like(index, dtype=counts.dtype))
 
 
 class ContinuousCrops(CropGeometry):

@@ -200,18 +200,12 @@ class AttentionMatcher:
         return grid
 
     def _noisy(self, latents: torch.Tensor, timestep: int, generator: torch.Generator) -> torch.Tensor:
-        return self._add_noise(latents, self._draw_noise(latents.shape, generator), timestep)
-
-    def _draw_noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-        """Noise of `shape` drawn on the CPU from `generator`, on the device. The authors noise with U[0, 1)
-        (torch.rand_like, optimize_token.py:289-291 and 589-591), about 3.5x less energy than N(0, 1) at the same
-        timestep; their timesteps were tuned under it."""
+        # The authors noise with U[0, 1) (torch.rand_like, optimize_token.py:289-291 and 589-591), about 3.5x
+        # less energy than N(0, 1) at the same timestep; their timesteps were tuned under it.
         draw = torch.rand if self.config.noise == "uniform" else torch.randn
-        return self._upload(draw(shape, generator=generator))
-
-    def _add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        noise = self._upload(draw(latents.shape, generator=generator)).to(latents.dtype)
         t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
-        return self.sd.scheduler.add_noise(latents, noise.to(latents.dtype), t)
+        return self.sd.scheduler.add_noise(latents, noise, t)
 
     def _unet_maps(
         self,
