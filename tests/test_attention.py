@@ -122,6 +122,37 @@ def test_captured_maps_shapes_and_normalisation(sd: sdm.StableDiffusion) -> None
     assert maps.shape == (2, 2, SIZE, SIZE) and maps.min() >= 0 and maps.max() <= 1
 
 
+def test_maps_pick_tokens_and_heads_as_list_indexing_does_without_an_index_tensor(sd: sdm.StableDiffusion) -> None:
+    """Tokens and heads are taken as list indexing takes them; consecutive ones as a slice, because a list index is
+    copied to the GPU first and that copy waits for the whole UNet (four times a pass with Hedlin et al.'s layers)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sdm.attention.capture import _pick
+
+    t = torch.randn(2, 4, 6, 5)
+    for dim, idx in ((-1, [1]), (-1, [-1]), (-1, [1, 2, 3]), (-1, [3, 1]), (1, (2, 3)), (1, [0, 2]), (1, [])):
+        want = t[..., idx] if dim == -1 else t[:, list(idx)]
+        got = _pick(t, dim, idx)
+        assert got.is_contiguous() and torch.equal(got, want)
+    with pytest.raises(IndexError, match="out of range"):
+        _pick(t, -1, [5])
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    layers = hedlin_layers(sd, SIZE)
+    x, t_step, hidden = unet_inputs()
+    seen: set[str] = set()
+    with torch.no_grad(), capture_cross_attention(sd.unet, layers) as store:
+        sd.unet(x, t_step, encoder_hidden_states=hidden)
+        with Ops():
+            store.native_maps(1, "upper-half")
+            store.native_maps([1, 2], [0, 1])
+    assert "index" not in seen and "index_select" not in seen
+
+
 def test_capture_processor_matches_default_output(sd: sdm.StableDiffusion) -> None:
     unet = sd.unet
     x, t, hidden = unet_inputs()

@@ -94,11 +94,24 @@ class AttentionStore:
             elif heads is not None and heads != "all":
                 if max(heads) >= probs.shape[1]:
                     raise ValueError(f"head index {max(heads)} out of range for {name} ({probs.shape[1]} heads)")
-                probs = probs[:, list(heads)]
+                probs = _pick(probs, 1, heads)
             h, w = self.resolutions[name]
-            m = probs[..., tokens].float().mean(dim=1)  # B x hw x T
+            m = _pick(probs, -1, tokens).float().mean(dim=1)  # B x hw x T
             out.append(m.transpose(1, 2).reshape(m.shape[0], len(tokens), h, w))
         return out
+
+
+def _pick(t: torch.Tensor, dim: int, indices: Sequence[int]) -> torch.Tensor:
+    """`t`'s entries `indices` along `dim`, as indexing with the list gives them (a contiguous copy). A run of
+    consecutive indices is taken as a slice: a list index is first copied to the GPU, and that copy makes the host
+    wait for everything queued before it (four times a UNet pass for Hedlin et al.'s layers)."""
+    size = t.shape[dim]
+    if any(not -size <= i < size for i in indices):
+        raise IndexError(f"index out of range for dimension {dim} of size {size}: {list(indices)}")
+    first = indices[0] % size if indices else 0
+    if [i % size for i in indices] == list(range(first, first + len(indices))):
+        return t.narrow(dim, first, len(indices)).contiguous()
+    return t.index_select(dim, torch.tensor([i % size for i in indices], device=t.device))
 
 
 class CrossAttentionCapture:
