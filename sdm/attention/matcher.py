@@ -31,7 +31,7 @@ from sdm.config import (
 from sdm.features import ImageInput, run_until, to_pixel_tensor
 from sdm.matching import argmax_2d, soft_argmax_2d
 from sdm.models import StableDiffusion
-from sdm.speed import optimize
+from sdm.speed import optimize, upload
 from sdm.storage import FeatureStore
 
 
@@ -147,11 +147,8 @@ class AttentionMatcher:
         return torch.minimum(resized.clamp(min=0.0), torch.tensor([size_w - 1.0, size_h - 1.0]))
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        """A CPU tensor on the matcher's device. On a GPU through pinned memory: a copy from pageable memory would
-        make the host wait until the GPU has run everything queued before it."""
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
+        """A CPU tensor on the matcher's device, without waiting for the GPU (`sdm.speed.upload`)."""
+        return upload(host, self.device)
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:

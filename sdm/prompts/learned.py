@@ -16,6 +16,7 @@ from sdm.prompts.base import (
     PromptModule,
     register_prompt,
 )
+from sdm.speed import upload
 
 
 def learned_vectors(featurizer: SDFeaturizer, n_tokens: int, count: int, seed: int) -> torch.Tensor:
@@ -85,8 +86,8 @@ class ClassPrompt(PromptModule):
         unknown = sorted({c for c in categories if c not in self.index})
         if unknown:
             raise ValueError(f"no learned prompt for categories {unknown}; this Class prompt knows {self.categories}")
-        idx = torch.tensor([self.index[c] for c in categories], device=self.tokens.device)
-        return self.tokens[idx]
+        # the index through pinned memory: built on the GPU directly, it would wait for the previous step's work
+        return self.tokens[upload(torch.tensor([self.index[c] for c in categories]), self.tokens.device)]
 
     def config(self) -> dict[str, Any]:
         return {"n_tokens": self.tokens.shape[1], "categories": self.categories}
