@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from sdm.config import size_pair
+from sdm.devices import upload
 from sdm.draws import BatchRows, Draws, content_keys, keyed_normal
 from sdm.models import StableDiffusion
 
@@ -72,7 +73,7 @@ def to_pixel_tensor(images: ImageInput, size: tuple[int, int], device: torch.dev
             raise ValueError(f"images must be B x 3 x H x W in [0, 1]; got a tensor of shape {tuple(images.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"images must be a float tensor in [0, 1]; got dtype {x.dtype} (divide uint8 by 255)")
-        x = x.to(device=device, dtype=torch.float32, non_blocking=True)
+        x = upload(x, device, torch.float32)
     elif isinstance(images, Image.Image):
         return to_pixel_tensor([images], size, device, dtype)
     else:
@@ -84,7 +85,7 @@ def to_pixel_tensor(images: ImageInput, size: tuple[int, int], device: torch.dev
                 raise TypeError(f"images must be a tensor or a list of PIL images; got a list holding {type(im).__name__}")
             im = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
             arrays.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
-        x = torch.stack(arrays).to(device)
+        x = upload(torch.stack(arrays), device)
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     return (x * 2.0 - 1.0).clamp(-1.0, 1.0).to(dtype)

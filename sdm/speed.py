@@ -91,12 +91,4 @@ def optimize(
     return sd
 
 
-def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device`; to a GPU through pinned memory without waiting: a copy from pageable memory makes
-    the host wait until the GPU has run everything queued before it."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-__all__ = ["optimize", "upload"]
+__all__ = ["optimize"]

@@ -73,3 +73,23 @@ def test_compile_scope_resnets_leaves_attention_eager(monkeypatch: pytest.Monkey
     assert unet_parts and all(isinstance(m, (ResnetBlock2D, Downsample2D, Upsample2D)) for m in unet_parts)
     assert len(unet_parts) == sum(isinstance(m, (ResnetBlock2D, Downsample2D, Upsample2D)) for m in sd.unet.modules())
     assert not any(isinstance(sub, Attention) for m in unet_parts for sub in m.modules())
+
+
+def test_upload_copies_to_the_device_without_making_the_host_wait() -> None:
+    """`sdm.devices.upload` gives what `Tensor.to` gives; on a GPU through page-locked memory, with no synchronising
+    operation (checked under `torch.cuda.set_sync_debug_mode("error")`, on a machine with CUDA)."""
+    from sdm.devices import upload
+
+    host = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.equal(upload(host, "cpu", torch.float32), host.float())
+    assert upload(host, torch.device("cpu")) is host
+    if not torch.cuda.is_available():
+        return
+    want = host.to("cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = upload(host, "cuda", torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)

@@ -28,10 +28,11 @@ from sdm.config import (
     HEDLIN_MODEL,
     AttentionMatcherConfig,
 )
+from sdm.devices import upload
 from sdm.features import ImageInput, run_until, to_pixel_tensor
 from sdm.matching import argmax_2d, soft_argmax_2d
 from sdm.models import StableDiffusion
-from sdm.speed import optimize, upload
+from sdm.speed import optimize
 from sdm.storage import FeatureStore
 
 
@@ -147,7 +148,7 @@ class AttentionMatcher:
         return torch.minimum(resized.clamp(min=0.0), torch.tensor([size_w - 1.0, size_h - 1.0]))
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        """A CPU tensor on the matcher's device, without waiting for the GPU (`sdm.speed.upload`)."""
+        """A CPU tensor on the matcher's device, without waiting for the GPU (`sdm.devices.upload`)."""
         return upload(host, self.device)
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from torch import nn
 
 from sdm.config import CPMConfig
 from sdm.data import OriginalLoader
+from sdm.devices import upload
 from sdm.draws import derived_seed
 from sdm.encoders import (
     IMAGENET_MEAN,
@@ -76,7 +77,7 @@ class DinoDescriptor(nn.Module):
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, descriptor: Literal["patch", "global"] = "patch") -> torch.Tensor:
         device = next(self.dino.parameters()).device
-        out = self.dino(pixel_values=pixels.to(device, self.dino.dtype))
+        out = self.dino(pixel_values=upload(pixels, device, self.dino.dtype))
         if descriptor == "global":
             return out.pooler_output.float().unsqueeze(1)
         return out.last_hidden_state[:, 1:].float()

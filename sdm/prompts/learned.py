@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from sdm.devices import upload
 from sdm.draws import derived_seed
 from sdm.features import PromptInput, SDFeaturizer
 from sdm.prompts.base import (
@@ -16,7 +17,6 @@ from sdm.prompts.base import (
     PromptModule,
     register_prompt,
 )
-from sdm.speed import upload
 
 
 def learned_vectors(featurizer: SDFeaturizer, n_tokens: int, count: int, seed: int) -> torch.Tensor:
