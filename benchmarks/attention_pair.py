@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench import profile_table, sync
+from bench import profile_table, sync, sync_sites
 
 from sdm.attention import AttentionMatcher, AttentionMatcherConfig, compile_for_matcher, crop_side
 from sdm.attention import matcher as matcher_module
@@ -169,34 +169,6 @@ def measure(name: str, build, images: torch.Tensor, points: torch.Tensor, steps:
               f"{row['pfwillow_h_with_source_cache_and_crop_store']:.2f} h with the source cache "
               f"(stored inference equals cold: {row['inference_stored_equals_cold']})", flush=True)
     return row
-
-
-def sync_sites(run, depth: int = 10) -> str:
-    """Where `run` makes the host wait for the GPU: the Python stacks (innermost `depth` frames) of the operations
-    that synchronise (`torch.cuda.set_sync_debug_mode`), the most frequent first."""
-    import collections
-    import traceback
-    import warnings
-
-    if not torch.cuda.is_available():
-        return "no GPU: no synchronisations to find"
-    sites: collections.Counter = collections.Counter()
-
-    def record(message, category, filename, lineno, file=None, line=None) -> None:
-        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
-        sites["".join(traceback.format_list(frames[-depth:]))] += 1
-
-    with warnings.catch_warnings():  # restores showwarning and the filters afterwards
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            run()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    sync()
-    total = sum(sites.values())
-    return f"{total} synchronisations at {len(sites)} sites\n" + "\n".join(f"--- {n} x\n{stack}" for stack, n in sites.most_common())
 
 
 def profile(name: str, build, images: torch.Tensor, points: torch.Tensor, size: int, steps: int) -> str:

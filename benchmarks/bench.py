@@ -11,6 +11,7 @@ explains every row. Prints the correctness checks as they run and a table last; 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import datetime
@@ -21,6 +22,8 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,6 +158,30 @@ def profile_table(prof, steps: int, header: str, unit: str = "step", wall_s: flo
     busy = f" of {wall_s * 1e3:.1f} ms wall without the profiler (GPU busy {gpu_ms / (wall_s * 1e3):.0%})" if wall_s else ""
     table = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
     return f"{header}, GPU kernels {gpu_ms:.1f} ms per {unit}{busy}\n{table}"
+
+
+def sync_sites(run, depth: int = 10) -> str:
+    """Where `run` makes the host wait for the GPU: the Python stacks (innermost `depth` frames) of the operations
+    that synchronise (`torch.cuda.set_sync_debug_mode`), the most frequent first."""
+    if not torch.cuda.is_available():
+        return "no GPU: no synchronisations to find"
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        sites["".join(traceback.format_list(frames[-depth:]))] += 1
+
+    with warnings.catch_warnings():  # restores showwarning and the filters afterwards
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    sync()
+    total = sum(sites.values())
+    return f"{total} synchronisations at {len(sites)} sites\n" + "\n".join(f"--- {n} x\n{stack}" for stack, n in sites.most_common())
 
 
 def timeit(fn: Callable[[], object], warmup: int, repeat: int) -> dict:
@@ -547,8 +574,10 @@ def section_profile(args, ours, tokens, device, out: Path) -> None:
         header = (f"{name}, {items} {unit}, random weights: wall {plain * 1e3:.1f} ms without the profiler, "
                   f"{wall * 1e3:.1f} ms with it")
         text = profile_table(prof, items, header, unit[:-1])
+        with torch.no_grad():
+            sites = sync_sites(fn)
         path = out.with_name(f"{out.stem}_profile_{name}.txt")
-        path.write_text(text)
+        path.write_text(f"{text}\n{name}: where the host waits for the GPU\n{sites}\n")
         res[name] = {"items": items, "unit": unit, "wall_s": plain, "profiled_wall_s": wall, "gpu_busy_s": busy,
                      "gpu_busy_share_of_wall": busy / plain if plain else math.nan, "table_file": path.name}
         log(f"profile {name}: wall {plain * 1e3:.0f} ms, GPU busy {busy * 1e3:.0f} ms ({100 * busy / plain:.0f} %); {path}")
