@@ -1,5 +1,6 @@
-"""Tensors to the GPU without making the host wait: a copy from pageable (not page-locked) memory, and a blocking
-copy, wait until the GPU has run everything queued before them, so the host cannot prepare the next work meanwhile."""
+"""Tensors to the GPU without making the host wait. A blocking copy waits until the GPU has run everything queued
+before it, and so may a copy from pageable (not page-locked) memory (the CUDA driver stages it), so the host cannot
+prepare the next work meanwhile."""
 
 from __future__ import annotations
 
