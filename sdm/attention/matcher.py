@@ -278,7 +278,7 @@ class AttentionMatcher:
         b = n * e
         gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
         init = torch.randn((b, cfg.num_tokens, self.sd.embed_dim), generator=gen) * cfg.init_std
-        embeddings = nn.Parameter(init.to(self.device))
+        embeddings = nn.Parameter(self._upload(init))
         optimizer = torch.optim.Adam([embeddings], lr=cfg.lr)
         centers_px = pts.repeat_interleave(e, dim=0)  # B x 2 resized pixels, point-major
         frac = cfg.crop_frac
@@ -348,7 +348,7 @@ class AttentionMatcher:
         n, e = embeddings.shape[:2]
         gen = torch.Generator().manual_seed(cfg.seed + 1 if seed is None else seed)
         pixels = self._pixels(image)
-        flat = embeddings.reshape(n * e, *embeddings.shape[2:]).to(self.device)
+        flat = upload(embeddings.reshape(n * e, *embeddings.shape[2:]), self.device)
         with capture_cross_attention(self.sd.unet, self.layers) as store:
             per_layer = self.geometry.target_maps(self, pixels, flat, timestep, crops, frac, gen, store)
         per_layer = per_layer.view(n, e, *per_layer.shape[1:]).mean(dim=1)  # N x layers x H' x W'
