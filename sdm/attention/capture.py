@@ -108,10 +108,11 @@ def _pick(t: torch.Tensor, dim: int, indices: Sequence[int]) -> torch.Tensor:
     size = t.shape[dim]
     if any(not -size <= i < size for i in indices):
         raise IndexError(f"index out of range for dimension {dim} of size {size}: {list(indices)}")
-    first = indices[0] % size if indices else 0
-    if [i % size for i in indices] == list(range(first, first + len(indices))):
-        return t.narrow(dim, first, len(indices)).contiguous()
-    return t.index_select(dim, torch.tensor([i % size for i in indices], device=t.device))
+    wrapped = [i % size for i in indices]
+    first = wrapped[0] if wrapped else 0
+    if wrapped == list(range(first, first + len(wrapped))):
+        return t.narrow(dim, first, len(wrapped)).contiguous()
+    return t.index_select(dim, torch.tensor(wrapped, device=t.device))
 
 
 class CrossAttentionCapture:
