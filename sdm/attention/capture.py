@@ -19,6 +19,7 @@ from sdm.attention.layers import _block_resolutions, _module_name, execution_key
 from sdm.config import (
     HeadRule,
 )
+from sdm.devices import upload
 
 
 # ---- capture --------------------------------------------------------------------------------------------------
@@ -102,9 +103,9 @@ class AttentionStore:
 
 
 def _pick(t: torch.Tensor, dim: int, indices: Sequence[int]) -> torch.Tensor:
-    """`t`'s entries `indices` along `dim`, as indexing with the list gives them (a contiguous copy). A run of
-    consecutive indices is taken as a slice: a list index is first copied to the GPU, and that copy makes the host
-    wait for everything queued before it (four times a UNet pass for Hedlin et al.'s layers)."""
+    """`t`'s entries `indices` along `dim`, as indexing with the list gives them (a contiguous copy), without the
+    blocking copy of a list index to the GPU, which waits for everything queued before it (four times a UNet pass
+    for Hedlin et al.'s layers): a run of consecutive indices as a slice, others through `sdm.devices.upload`."""
     size = t.shape[dim]
     if any(not -size <= i < size for i in indices):
         raise IndexError(f"index out of range for dimension {dim} of size {size}: {list(indices)}")
@@ -112,7 +113,7 @@ def _pick(t: torch.Tensor, dim: int, indices: Sequence[int]) -> torch.Tensor:
     first = wrapped[0] if wrapped else 0
     if wrapped == list(range(first, first + len(wrapped))):
         return t.narrow(dim, first, len(wrapped)).contiguous()
-    return t.index_select(dim, torch.tensor(wrapped, device=t.device))
+    return t.index_select(dim, upload(torch.tensor(wrapped), t.device))
 
 
 class CrossAttentionCapture:

@@ -148,7 +148,7 @@ class AttentionMatcher:
         return torch.minimum(resized.clamp(min=0.0), torch.tensor([size_w - 1.0, size_h - 1.0]))
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        """A CPU tensor on the matcher's device, without waiting for the GPU (`sdm.devices.upload`)."""
+        """A tensor on the matcher's device, from the CPU without waiting for the GPU (`sdm.devices.upload`)."""
         return upload(host, self.device)
 
     @torch.no_grad()
@@ -348,7 +348,7 @@ class AttentionMatcher:
         n, e = embeddings.shape[:2]
         gen = torch.Generator().manual_seed(cfg.seed + 1 if seed is None else seed)
         pixels = self._pixels(image)
-        flat = upload(embeddings.reshape(n * e, *embeddings.shape[2:]), self.device)
+        flat = self._upload(embeddings.reshape(n * e, *embeddings.shape[2:]))
         with capture_cross_attention(self.sd.unet, self.layers) as store:
             per_layer = self.geometry.target_maps(self, pixels, flat, timestep, crops, frac, gen, store)
         per_layer = per_layer.view(n, e, *per_layer.shape[1:]).mean(dim=1)  # N x layers x H' x W'
