@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from sdm.devices import upload
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -27,8 +29,8 @@ def normalise_images(
     `mean` and `std`."""
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     x = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-    m = x.new_tensor(mean).view(1, 3, 1, 1)
-    s = x.new_tensor(std).view(1, 3, 1, 1)
+    m = upload(torch.tensor(mean).view(1, 3, 1, 1), x.device)  # not x.new_tensor: a blocking copy to a GPU
+    s = upload(torch.tensor(std).view(1, 3, 1, 1), x.device)
     return (x.clamp(0, 1) - m) / s
 
 

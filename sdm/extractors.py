@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdm.data import OriginalLoader
+from sdm.devices import upload
 from sdm.draws import Draws
 from sdm.features import SDFeaturizer
 from sdm.matching import Similarity
@@ -171,7 +172,7 @@ class ModuleExtractor:
 
     @torch.no_grad()
     def image_features(self, batch: ImageBatch) -> torch.Tensor:
-        return self.module(batch.pixels.to(self.device))
+        return self.module(upload(batch.pixels, self.device))
 
     def pair_features(self, src: ImageBatch, trg: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return per_image_pair_features(self, src, trg)

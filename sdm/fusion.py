@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdm.devices import upload
 from sdm.extractors import ImageBatch, ViTFeatures, ViTPixels
 from sdm.matching import SIMILARITIES, Similarity
 from sdm.prompts import Conditioning
@@ -101,7 +102,7 @@ class DinoFusion:
 
     def dino_features(self, images: torch.Tensor, sd_grid: tuple[int, int]) -> torch.Tensor:
         """B x 3 x H x W in [0, 1] -> DINOv2 patch features B x C x h x w (h x w = `sd_grid` unless dino_size)."""
-        return self.vit(images.to(self.device), grid=None if self.config.dino_size is not None else sd_grid)
+        return self.vit(upload(images, self.device), grid=None if self.config.dino_size is not None else sd_grid)
 
     def __call__(self, sd_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         sd_grid = (int(sd_features.shape[-2]), int(sd_features.shape[-1]))

@@ -43,8 +43,9 @@ def to_feature_coords(xy: torch.Tensor, image_size: tuple[int, int] | int, featu
 def to_image_coords(xy: torch.Tensor, feature_size: tuple[int, int] | int, image_size: tuple[int, int] | int) -> torch.Tensor:
     """Feature-cell (x, y) -> pixel (x, y), the inverse of `to_feature_coords`. Sizes are (h, w) / (H, W)."""
     (h, w), (h_img, w_img) = _hw(feature_size), _hw(image_size)
-    scale = xy.new_tensor([(w_img - 1) / (w - 1), (h_img - 1) / (h - 1)])
-    return xy * scale
+    # python scales: a new tensor would be a blocking host-to-device copy, which waits for the whole batch's GPU
+    # work before the evaluation loop can queue the next batch (sdm.evaluate reads a batch back one batch late)
+    return torch.stack([xy[..., 0] * ((w_img - 1) / (w - 1)), xy[..., 1] * ((h_img - 1) / (h - 1))], dim=-1)
 
 
 def _check_feats(name: str, feats: torch.Tensor) -> None:

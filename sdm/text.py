@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from sdm.devices import upload
+
 
 class TextConditioning(Protocol):
     """What the featurizer, the prompt modules and training need from a model's text side."""
@@ -76,7 +78,7 @@ class ClipText:
     def encode_text(self, texts: Sequence[str], device: torch.device | None = None) -> torch.Tensor:
         tok = self.tokenizer
         ids = tok(list(texts), padding="max_length", max_length=self.length, truncation=True, return_tensors="pt")
-        return self.encoder(ids.input_ids.to(device or self.device)).last_hidden_state
+        return self.encoder(upload(ids.input_ids, device or self.device)).last_hidden_state
 
     def special(self, kind: str) -> torch.Tensor:
         """length x D embedding-layer outputs: "pad" is [BOS, pad x 76] (BOS at position 0, the pad token at

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdm
 from sdm.features import SDFeaturizer
@@ -93,3 +94,58 @@ def test_upload_copies_to_the_device_without_making_the_host_wait() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+class _HostWaits(TorchDispatchMode):
+    """Records the operations that make the host wait for a GPU, with PyTorch's "meta" device standing in for it
+    (shapes without data, on any machine): reading a value back (`.item()`, `nonzero`; a copy to the CPU raises), a
+    blocking copy to the device, and a tensor made from Python numbers (on a GPU, `new_tensor` or `device=` copies
+    it with a blocking copy, which PyTorch does not show to this mode)."""
+
+    READS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._overloadpacket.__name__
+        out = func(*args, **kwargs)
+        before = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        after = {o.device.type for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)}
+        copy_between = name in ("_to_copy", "copy_") and before != after and not kwargs.get("non_blocking", False)
+        if name in self.READS or name.startswith("lift_fresh") or copy_between:
+            self.ops.append(f"{name}: {sorted(before)} -> {sorted(after)}")
+        return out
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+@pytest.mark.parametrize("matcher", ["nearest", "soft_argmax", "kernel_soft_argmax"])
+def test_feature_predictor_queues_a_batch_without_waiting_for_the_device(matcher: str, device: str) -> None:
+    """`evaluate` reads a batch's predictions back only after queueing the next batch, so the host prepares it while
+    the GPU computes. Any wait inside the predictor (here: the keypoints' copy, matching, the scaling back to
+    pixels) would undo that: the GPU would idle while the host prepares every batch. A blocking copy of two scales in
+    `to_image_coords` did so once. The features live on "meta" (copies and reads are seen) or on the CPU (PyTorch
+    shows `new_tensor` to the audit only there)."""
+    from sdm.data import SyntheticPairs, collate_pairs
+    from sdm.predictors import feature_predictor
+
+    class DeviceFeatures:  # an extractor whose features live on the stand-in device
+        conditioning = "pair"
+
+        def pair_features(self, src: object, trg: object) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.rand(2, 8, 6, 6, device=device), torch.rand(2, 8, 6, 6, device=device)
+
+    ds = SyntheticPairs(n=2, image_size=64, seed=0)
+    predict = feature_predictor(DeviceFeatures(), ds, matcher=matcher)  # type: ignore[arg-type]
+    batch = collate_pairs([ds[0], ds[1]])
+    with _HostWaits() as waits:
+        out = predict(batch)
+    assert out.device.type == device and out.shape == batch.trg_kps.shape
+    assert waits.ops == []
+    with _HostWaits() as waits:  # the audit sees each kind of wait
+        torch.rand(3).new_tensor([1.0, 2.0])
+        torch.ones(2).to("meta")
+        torch.ones(2).nonzero()
+    assert [op.split(":")[0] for op in waits.ops] == ["lift_fresh", "_to_copy", "nonzero"]

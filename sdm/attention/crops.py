@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdm.attention.geometry import crop_images, crop_side, margin_crop_offsets, paste_maps, random_crops
+from sdm.devices import upload
 from sdm.matching import argmax_2d
 
 
@@ -135,9 +136,10 @@ class ContinuousCrops(CropGeometry):
         for chunk in m._chunks(n * crops):
             idx = torch.arange(chunk.start, chunk.stop)
             emb_idx, crop_idx = idx // crops, idx % crops
-            maps = m._unet_maps(noisy[crop_idx.to(noisy.device)], flat[emb_idx.to(m.device)], timestep, store, per_layer=True)
+            emb_dev = upload(emb_idx, m.device)
+            maps = m._unet_maps(noisy[upload(crop_idx, noisy.device)], flat[emb_dev], timestep, store, per_layer=True)
             pasted, _ = paste_maps(maps.flatten(0, 1), offsets[crop_idx].repeat_interleave(layers, dim=0), frac)
-            acc.index_add_(0, emb_idx.to(m.device), pasted.view(-1, layers, *m.map_size))
+            acc.index_add_(0, emb_dev, pasted.view(-1, layers, *m.map_size))
         return acc / coverage.sum(0).clamp_min(1.0)
 
     def to_pixels(self, cells: torch.Tensor, map_hw: tuple[int, int], size: tuple[int, int], image_hw: tuple[int, int]) -> torch.Tensor:
