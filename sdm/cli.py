@@ -197,7 +197,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.attention_compile:  # other kernels, other rounding: not the protocol of an eager run
             result.info["protocol"]["compiled"] = True
     else:
-        result = method.evaluate(dataset, matcher=matcher, batch_size=args.batch_size, num_workers=args.num_workers, processes=processes, **scoring)
+        workers = _eval_workers(args.num_workers, args.device)
+        result = method.evaluate(dataset, matcher=matcher, batch_size=args.batch_size, num_workers=workers, processes=processes, **scoring)
     if processes is not None and not processes.is_main_process:
         return 0  # the main process writes the gathered result
     result.info.update({"dataset": args.dataset, "split": args.split, **({"matcher": "attention"} if attention else {})})
@@ -271,6 +272,22 @@ def _processes(device: str | None):  # -> (accelerate.PartialState | None, devic
 
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
     return state, str(state.device)
+
+
+def _eval_workers(requested: int | None, device: str | None) -> int:
+    """--num-workers as given, else 4 on a GPU and 0 on the CPU: decoding and resizing a pair's two SPair-71k JPEG
+    files took 20 ms on one core of this project's CPU, about half of the 39 ms an H200 computes a CPM pair
+    (benchmarks/NOTES.md, round 9)."""
+    if requested is not None:
+        return requested
+    import os
+
+    import torch
+
+    from sdm.models import default_device
+
+    on_gpu = (torch.device(device) if device else default_device()).type == "cuda"
+    return min(4, max((os.cpu_count() or 1) - 1, 0)) if on_gpu else 0
 
 
 def _check_threshold(dataset, mode: str | None, frame: str | None) -> None:
@@ -485,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ensemble", type=_positive, default=8)
     e.add_argument("--up-block", type=int, default=1)
     e.add_argument("--batch-size", type=_positive, default=8)
-    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--num-workers", type=int, default=None, help="DataLoader processes that decode and resize the next "
+                   "batches' images while the GPU computes (pair-conditioned prompts such as CPM carry both images of every "
+                   "pair); default 4 on a GPU (at most the CPUs but one), 0 on the CPU")
     e.add_argument("--out", default="results", help="folder for the PCK tables (CSV, JSON), named by the protocol")
     e.set_defaults(func=_cmd_evaluate)
 

@@ -164,3 +164,16 @@ def test_every_config_field_is_an_option(tmp_path: Path) -> None:
     assert main(train) == 0
     config = json.loads((out / "prompt.json").read_text())["train_config"]
     assert (config["lr_linear"], config["val_matcher"], config["log_every"]) == (0.5, "soft_argmax", 1)
+
+
+def test_evaluate_decodes_in_worker_processes_only_for_a_gpu() -> None:
+    """`sdm evaluate` without --num-workers: 4 DataLoader processes (at most the CPUs but one) when the model runs on
+    a GPU, so the next batches' images are decoded while it computes; none on the CPU, where they would compete with
+    the model for the cores. A given number is kept."""
+    import os
+
+    from sdm.cli import _eval_workers
+
+    assert _eval_workers(None, "cpu") == 0
+    assert _eval_workers(None, "cuda:1") == min(4, max((os.cpu_count() or 1) - 1, 0))
+    assert _eval_workers(3, "cpu") == 3 and _eval_workers(0, "cuda") == 0
