@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sdm.data import PairBatch, PairDataset, decoding
+from sdm.data import PairBatch, PairDataset, decoding, load_images
 from sdm.draws import derived_seed
 from sdm.extractors import FeatureExtractor, FeatureStore, ImageBatch, similarity_of
 from sdm.matching import MatchConfig, Matcher, match, to_feature_coords, to_image_coords
@@ -73,7 +73,7 @@ def feature_predictor(
 
     def compute(keys: list[Hashable]) -> dict[Hashable, torch.Tensor]:
         ids, categories = (list(column) for column in zip(*(planned[k] for k in keys)))
-        images = torch.stack([dataset.load_image(i) for i in ids])
+        images = load_images(dataset, ids)
         feats = extractor.image_features(ImageBatch(images, categories, ids, dataset.original_image))
         return dict(zip(keys, feats))
 

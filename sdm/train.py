@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from sdm.backbones import build_backbone
 from sdm.config import TrainConfig, recipe
-from sdm.data import PairDataset, collate_pairs, dataset_record, decoding
+from sdm.data import PairDataset, collate_pairs, dataset_record, decoding, load_images
 from sdm.devices import upload
 from sdm.draws import BatchRows
 from sdm.encoders import PromptEncoders, encoder_name
@@ -561,7 +561,7 @@ def _preencode_latents(extractor: SDExtractor, train_set: PairDataset, module: P
         return False
     for i in range(0, len(ids), ENCODE_BATCH):
         chunk = ids[i : i + ENCODE_BATCH]
-        images = upload(torch.stack([train_set.load_image(k) for k in chunk]), device)
+        images = upload(load_images(train_set, chunk), device)
         extractor.posteriors(chunk, lambda idx, images=images: images[idx])
     return True
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdm.data import (
@@ -17,6 +18,7 @@ from sdm.data import (
     SPair71k,
     collate_pairs,
     load_dataset,
+    load_images,
 )
 from sdm.data.base import as_hw
 
@@ -121,6 +123,23 @@ def test_spair_corrupt_and_missing_image(spair_root: Path) -> None:
     image.unlink()
     with pytest.raises(ImageReadError, match=r"image not found: .*cat/2008_000002\.jpg"):
         SPair71k(spair_root)[0]
+
+
+def test_images_read_side_by_side_equal_and_fail_as_one_by_one(spair_root: Path) -> None:
+    """`load_images` (threads) gives the images `load_image` gives, in the order asked, and a corrupt file still
+    raises ImageReadError naming it."""
+    ramp = np.linspace(0, 255, 40 * 30 * 3).astype(np.uint8).reshape(30, 40, 3)
+    Image.fromarray(ramp).save(spair_root / "JPEGImages" / "cat" / "2008_000001.jpg")
+    ds = SPair71k(spair_root, image_size=32)
+    ids = ["cat/2008_000002", "cat/2008_000001", "cat/2008_000002"]
+    want = [ds.load_image(i) for i in ids]
+    assert not torch.equal(want[0], want[1])  # two different images: a swapped order would show
+    for threads in (1, 3):
+        got = load_images(ds, ids, threads=threads)
+        assert got.shape == (3, 3, 32, 32) and all(torch.equal(g, w) for g, w in zip(got, want))
+    (spair_root / "JPEGImages" / "cat" / "2008_000001.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(ImageReadError, match=r"cannot read image .*cat/2008_000001\.jpg"):
+        load_images(ds, ids, threads=3)
 
 
 def test_pfwillow_missing_and_malformed(tmp_path: Path) -> None:
