@@ -175,3 +175,22 @@ def test_the_same_predictions_under_the_standard_and_hedlin_thresholds() -> None
         res = evaluate_predictions(pairs, stored_predictor(preds), threshold=mode, decode_images=False, progress=False)
         assert res.table.loc["all", "per_image@0.1"] == pytest.approx(np.mean(want[mode]))
     assert np.mean(want[theirs]) > np.mean(want[standard])  # the padded extent is larger
+
+
+def test_weights_fingerprint_hashes_each_parameters_name_shape_and_first_values() -> None:
+    """The protocol's "weights": blake2b (8 bytes) over every parameter in order: "name:shape", then its first 64
+    values as float32 bytes. Recomputed here parameter by parameter; sdm copies them to the host in one piece."""
+    import hashlib
+
+    from sdm.records import _model_fingerprint
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(10, 9), torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LayerNorm(4))
+    b.half()  # other dtypes are hashed as float32
+    h = hashlib.blake2b(digest_size=8)
+    for module in (a, b):
+        for name, param in module.named_parameters():
+            h.update(f"{name}:{tuple(param.shape)}".encode())
+            h.update(param.detach().reshape(-1)[:64].float().numpy().tobytes())
+    assert _model_fingerprint(a, b) == h.hexdigest()
+    assert _model_fingerprint(b, a) != h.hexdigest()  # the order of the modules counts
