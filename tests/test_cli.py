@@ -167,13 +167,15 @@ def test_every_config_field_is_an_option(tmp_path: Path) -> None:
 
 
 def test_evaluate_decodes_in_worker_processes_only_for_a_gpu() -> None:
-    """`sdm evaluate` without --num-workers: 4 DataLoader processes (at most the CPUs but one) when the model runs on
-    a GPU, so the next batches' images are decoded while it computes; none on the CPU, where they would compete with
-    the model for the cores. A given number is kept."""
+    """`sdm evaluate` without --num-workers: 4 DataLoader processes (at most the CPUs but one) when the batches carry
+    images (pair-conditioned prompts) and the model runs on a GPU, so the next batches' images are decoded while it
+    computes; none on the CPU, where they would compete with the model for the cores, and none for per-image
+    prompts, whose batches carry only keypoints. A given number is kept."""
     import os
 
     from sdm.cli import _eval_workers
 
-    assert _eval_workers(None, "cpu") == 0
-    assert _eval_workers(None, "cuda:1") == min(4, max((os.cpu_count() or 1) - 1, 0))
-    assert _eval_workers(3, "cpu") == 3 and _eval_workers(0, "cuda") == 0
+    assert _eval_workers(None, "cpu", decodes=True) == 0
+    assert _eval_workers(None, "cuda:1", decodes=True) == min(4, max((os.cpu_count() or 1) - 1, 0))
+    assert _eval_workers(None, "cuda", decodes=False) == 0
+    assert _eval_workers(3, "cpu", decodes=False) == 3 and _eval_workers(0, "cuda", decodes=True) == 0
