@@ -514,10 +514,12 @@ def section_files(args, ours, device) -> None:
             write_spair_like(root, n_img, n_pairs, 2 if kind == "single" else 1)
             ds = load_dataset("spair", root, split="test", image_size=args.size)
             extractor = ours_extractor(kind, ours, args.size, dino16, device)
-            run = lambda x=extractor, d=ds: evaluate(x, d, batch_size=8, progress=False, num_workers=args.eval_workers)  # noqa: E731
+            # Single's batches carry no images (it reads them through its feature store): no workers, as `sdm evaluate`
+            workers = args.eval_workers if kind == "cpm" else 0
+            run = lambda x=extractor, d=ds, w=workers: evaluate(x, d, batch_size=8, progress=False, num_workers=w)  # noqa: E731
             t = timeit(run, warmup=1, repeat=args.eval_repeat)
             scale = max(SPAIR_TEST_IMAGES / n_img, SPAIR_TEST_PAIRS / n_pairs) if kind == "single" else SPAIR_TEST_PAIRS / n_pairs
-            res[kind] = {"bench_images": n_img, "bench_pairs": n_pairs, "workers": args.eval_workers,
+            res[kind] = {"bench_images": n_img, "bench_pairs": n_pairs, "workers": workers,
                          "ours": {**t, "pairs_per_s": n_pairs / t["median_s"], "projected_spair_test_s": t["median_s"] * scale}}
             log(f"files {kind}: {n_pairs / t['median_s']:.2f} pairs/s (SPair test ~{t['median_s'] * scale / 60:.1f} min)")
     RESULTS["files"] = res

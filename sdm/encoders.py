@@ -29,8 +29,8 @@ def normalise_images(
     `mean` and `std`."""
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     x = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-    m = upload(torch.tensor(mean).view(1, 3, 1, 1), x.device)  # not x.new_tensor: a blocking copy to a GPU
-    s = upload(torch.tensor(std).view(1, 3, 1, 1), x.device)
+    m = upload(torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1), x.device)  # not x.new_tensor: a blocking copy to a GPU
+    s = upload(torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1), x.device)
     return (x.clamp(0, 1) - m) / s
 
 
