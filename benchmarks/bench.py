@@ -15,6 +15,7 @@ import collections
 import contextlib
 import copy
 import datetime
+import itertools
 import json
 import math
 import platform
@@ -182,6 +183,39 @@ def sync_sites(run, depth: int = 10) -> str:
     sync()
     total = sum(sites.values())
     return f"{total} synchronisations at {len(sites)} sites\n" + "\n".join(f"--- {n} x\n{stack}" for stack, n in sites.most_common())
+
+
+def gpu_gaps(prof, top: int = 15) -> str:
+    """Where the GPU idles in a finished torch.profiler run: the gaps between its kernels (overlapping kernels merged),
+    the largest first, each with the host's outermost operations and annotations (`record_function`, e.g.
+    `sdm.evaluate.*`) that ran during it and for how long."""
+    events = prof.events()
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == cuda)
+    if not kernels:
+        return "no GPU kernels in the profile"
+    merged = [list(kernels[0])]
+    for start, end in kernels[1:]:
+        if start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    gaps = sorted(((b[0] - a[1], a[1], b[0]) for a, b in itertools.pairwise(merged)), reverse=True)
+    outer = [e for e in events if e.device_type == cpu and e.cpu_parent is None]
+    first = min((e.time_range.start for e in outer), default=merged[0][0])
+    total = sum(g for g, _, _ in gaps)
+    long = [g for g, _, _ in gaps if g >= 1000]
+    lines = [f"GPU idle before its first kernel {(merged[0][0] - first) / 1e3:.1f} ms; between its first and last kernel "
+             f"{total / 1e3:.1f} ms in {len(gaps)} gaps, {sum(long) / 1e3:.1f} ms of it in the {len(long)} gaps of 1 ms or more"]
+    for gap, start, end in gaps[:top]:
+        during: collections.Counter = collections.Counter()
+        for e in outer:
+            overlap = min(end, e.time_range.end) - max(start, e.time_range.start)
+            if overlap > 0:
+                during[e.name] += overlap
+        what = "; ".join(f"{name} {t / 1e3:.1f} ms" for name, t in during.most_common(4)) or "nothing profiled"
+        lines.append(f"{gap / 1e3:8.1f} ms idle at +{(start - first) / 1e3:.0f} ms, the host in: {what}")
+    return "\n".join(lines)
 
 
 def timeit(fn: Callable[[], object], warmup: int, repeat: int) -> dict:
@@ -549,7 +583,8 @@ def section_profile(args, ours, tokens, device, out: Path) -> None:
     ensemble 8 (`--batch-ens8` images) and over a CPM evaluation (`--profile-pairs` pairs, in-memory images, the
     `eval` row's settings), each after a warm-up run. Records the wall time with and without the profiler and the
     GPU's busy time (the sum of its kernels' times; the rest of the wall time the GPU waits on the host); the
-    top kernels go to `<out>_profile_<row>.txt`."""
+    top kernels, the GPU's longest idle gaps with what the host did meanwhile (`gpu_gaps`) and where the host waits
+    (`sync_sites`) go to `<out>_profile_<row>.txt`."""
     from torch.profiler import ProfilerActivity, profile
 
     dino16 = bench_dino(args.tiny, device).to(torch.bfloat16)
@@ -576,10 +611,12 @@ def section_profile(args, ours, tokens, device, out: Path) -> None:
         header = (f"{name}, {items} {unit}, random weights: wall {plain * 1e3:.1f} ms without the profiler, "
                   f"{wall * 1e3:.1f} ms with it")
         text = profile_table(prof, items, header, unit[:-1])
+        gaps = gpu_gaps(prof)
         with torch.no_grad():
             sites = sync_sites(fn)
         path = out.with_name(f"{out.stem}_profile_{name}.txt")
-        path.write_text(f"{text}\n{name}: where the host waits for the GPU\n{sites}\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{text}\n{name}: where the GPU idles\n{gaps}\n\n{name}: where the host waits for the GPU\n{sites}\n")
         res[name] = {"items": items, "unit": unit, "wall_s": plain, "profiled_wall_s": wall, "gpu_busy_s": busy,
                      "gpu_busy_share_of_wall": busy / plain if plain else math.nan, "table_file": path.name}
         log(f"profile {name}: wall {plain * 1e3:.0f} ms, GPU busy {busy * 1e3:.0f} ms ({100 * busy / plain:.0f} %); {path}")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import pandas as pd
 import torch
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -202,12 +203,20 @@ def _evaluate_loop(
         return point_records(pred, gt, batch.n_kps, thresholds, batch.categories, batch.pair_ids)
 
     frames, start, pending = [], time.perf_counter(), None
-    for batch in tqdm(loader, desc=desc, disable=not progress or rank > 0, unit="batch"):
-        predicted = predict(batch)
+    batches = iter(tqdm(loader, desc=desc, disable=not progress or rank > 0, unit="batch"))
+    while True:
+        # the phases are named for torch.profiler (benchmarks/bench.py's `gpu_gaps`); free without a profiler
+        with record_function("sdm.evaluate.next_batch"):
+            batch = next(batches, None)
+        if batch is None:
+            break
+        with record_function("sdm.evaluate.predict"):
+            predicted = predict(batch)
         # A batch is read back (.cpu() waits for the GPU) only after the next one is queued, so the host prepares
         # the next batch while the GPU computes this one.
         if pending is not None:
-            frames.append(score(*pending))
+            with record_function("sdm.evaluate.score"):
+                frames.append(score(*pending))
         pending = (batch, predicted)
     if pending is not None:
         frames.append(score(*pending))
