@@ -205,7 +205,7 @@ def _evaluate_loop(
     frames, start, pending = [], time.perf_counter(), None
     batches = iter(tqdm(loader, desc=desc, disable=not progress or rank > 0, unit="batch"))
     while True:
-        # the phases are named for torch.profiler (benchmarks/bench.py's `gpu_gaps`); free without a profiler
+        # the phases are named for torch.profiler (benchmarks/bench.py's `gpu_gaps`): microseconds without a profiler
         with record_function("sdm.evaluate.next_batch"):
             batch = next(batches, None)
         if batch is None:
