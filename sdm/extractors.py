@@ -127,7 +127,7 @@ class SDExtractor:
 
     @torch.no_grad()
     def image_features(self, batch: ImageBatch) -> torch.Tensor:
-        pixels = batch.pixels.to(self.featurizer.device, non_blocking=True)
+        pixels = upload(batch.pixels, self.featurizer.device) if self.prompt.needs_images else None
         prompt = self.prompt.image_prompt(self.featurizer, pixels, batch.categories, batch.originals_for(self.prompt))
         return self.featurizer.features_from_latents(self.latents(batch.pixels, batch.ids), prompt, keys=batch.ids)
 
@@ -147,7 +147,7 @@ def pair_prompts(featurizer: SDFeaturizer, prompt: PromptModule, src: ImageBatch
     """The prompt module's prompts for the source and target sides of B pairs (`PromptModule.pair_prompts`)."""
     dev = featurizer.device
     originals = (src.originals_for(prompt), trg.originals_for(prompt))
-    src_px, trg_px = (side.pixels.to(dev, non_blocking=True) for side in (src, trg))  # from pinned memory: no wait
+    src_px, trg_px = (upload(side.pixels, dev) if prompt.needs_images else None for side in (src, trg))
     return prompt.pair_prompts(featurizer, src_px, trg_px, src.categories, originals)  # type: ignore[arg-type]
 
 

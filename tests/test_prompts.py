@@ -50,6 +50,39 @@ def test_every_prompt_gives_hidden_states(kind: str, featurizer: SDFeaturizer, e
     assert feats.shape == (2, 64, 4, 4) and torch.isfinite(feats).all()
 
 
+@pytest.mark.parametrize("kind", [*sorted(PROMPTS), "cpm-resized"])
+def test_a_prompt_needs_the_images_exactly_when_it_says_so(kind: str, featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+    """`needs_images` tells the extractors whether to copy the resized images to the GPU for the prompt: a prompt
+    that says no gives the same prompts without them, one that says yes cannot work without them."""
+    cpm = CPMConfig(dino_input="resized") if kind == "cpm-resized" else None
+    module = build_prompt(kind.removesuffix("-resized"), featurizer, categories=CATS, encoders=encoders, cpm=cpm)  # type: ignore[arg-type]
+    a, b = images(2, 0), images(2, 1)
+    originals = (list(a), list(b))
+    if module.needs_images:
+        with pytest.raises((ValueError, AttributeError, TypeError)):
+            module.pair_prompts(featurizer, None, None, ["cat", "dog"], originals)
+        return
+    with_images = module.pair_prompts(featurizer, a, b, ["cat", "dog"], originals)
+    without = module.pair_prompts(featurizer, None, None, ["cat", "dog"], originals)
+    for x, y in zip(with_images, without, strict=True):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def test_extractors_hand_a_prompt_the_images_only_when_it_needs_them(featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
+    from sdm.extractors import ImageBatch, SDExtractor
+
+    batch = ImageBatch(images(2, 0), ["cat", "dog"], ["a", "b"])
+    for kind, cpm, want in (("single", None, False), ("cpm", CPMConfig(dino_input="resized", condition="image"), True)):
+        module = build_prompt(kind, featurizer, categories=CATS, encoders=encoders, cpm=cpm)  # type: ignore[arg-type]
+        seen: list[object] = []
+        given = module.image_prompt
+        module.image_prompt = lambda f, px, cats, originals=None, given=given, seen=seen: seen.append(px) or given(f, px, cats, originals)
+        SDExtractor(featurizer, module).image_features(batch)
+        assert (seen[0] is not None) == want and module.needs_images == want
+        if want:
+            assert torch.equal(seen[0].cpu(), batch.pixels)
+
+
 @pytest.mark.parametrize("kind", sorted(PROMPTS))
 def test_a_prompt_builds_from_the_encoders_it_declares(kind: str, featurizer: SDFeaturizer, encoders: PromptEncoders) -> None:
     declared = encoders.only(PROMPTS[kind].uses)

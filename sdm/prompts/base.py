@@ -101,6 +101,8 @@ class PromptModule(nn.Module):
 
     `needs_originals`: the prompt looks at the images as stored, not at the resized featurizer input (CPM's
     DINOv2 input); callers then pass `originals` (datasets give them by id: `PairDataset.original_image`).
+    `needs_images`: the prompt looks at the resized featurizer input (`images`). True unless a subclass says
+    otherwise; the extractors pass None instead, without copying the images to the GPU, to prompts that do not.
     `uses`: the frozen encoders of `PromptEncoders` it is built from (callers load only those).
     """
 
@@ -111,6 +113,10 @@ class PromptModule(nn.Module):
     @property
     def needs_originals(self) -> bool:
         return False
+
+    @property
+    def needs_images(self) -> bool:
+        return True
 
     def image_prompt(
         self, featurizer: SDFeaturizer, images: torch.Tensor | None, categories: list[str], originals: Originals | None = None

@@ -147,6 +147,10 @@ class CPMPrompt(PromptModule):
     def needs_originals(self) -> bool:
         return self.cfg.dino_input == "original"
 
+    @property
+    def needs_images(self) -> bool:
+        return self.cfg.dino_input == "resized"
+
     def condition_tokens(self, descriptors: torch.Tensor) -> torch.Tensor:
         """B x P x C descriptors (P = 1 for the global descriptor) -> B x n_cond x D conditional vectors."""
         f = self.g_d(descriptors)  # B x P x D

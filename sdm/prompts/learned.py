@@ -41,6 +41,7 @@ class SinglePrompt(PromptModule):
     """One universal learned prompt of `n_tokens` (75) vectors."""
 
     kind = "single"
+    needs_images = False  # its prompt does not depend on the pixels
     conditioning: ClassVar[Conditioning] = "fixed"
 
     @classmethod
@@ -64,6 +65,7 @@ class ClassPrompt(PromptModule):
     """One learned 75-vector prompt per category, picked by the pair's category."""
 
     kind = "class"
+    needs_images = False  # its prompt does not depend on the pixels
     conditioning: ClassVar[Conditioning] = "category"
 
     @classmethod

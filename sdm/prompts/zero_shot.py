@@ -32,6 +32,7 @@ class EmptyPrompt(PromptModule):
     """The empty string (the DIFT setting)."""
 
     kind = "empty"
+    needs_images = False  # its prompt does not depend on the pixels
     conditioning: ClassVar[Conditioning] = "fixed"
 
     @classmethod
@@ -48,6 +49,7 @@ class TemplatePrompt(PromptModule):
     """"a photo of a {category}"; `words` "raw" (the authors') or "readable" category names (`category_text`)."""
 
     kind = "template"
+    needs_images = False  # its prompt does not depend on the pixels
     conditioning: ClassVar[Conditioning] = "category"
 
     @classmethod
