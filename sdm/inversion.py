@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sdm.devices import upload
 from sdm.extractors import ImageBatch, pair_prompts
 from sdm.features import PromptInput, SDFeaturizer
 from sdm.prompts import Conditioning, PromptModule
@@ -97,17 +98,17 @@ class InversionExtractor:
 
     @torch.no_grad()
     def image_features(self, batch: ImageBatch) -> torch.Tensor:
-        images = batch.pixels.to(self.featurizer.device)
+        images = upload(batch.pixels, self.featurizer.device)
         prompt = self.prompt.image_prompt(self.featurizer, images, batch.categories, batch.originals_for(self.prompt))
         return inverted_features(self.featurizer, self.featurizer.encode_images(images, batch.ids), prompt, self.steps)
 
     @torch.no_grad()
     def pair_features(self, src: ImageBatch, trg: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:
         p_src, p_trg = pair_prompts(self.featurizer, self.prompt, src, trg)
-        dev = self.featurizer.device
+        # encode_images copies the pixels to the GPU itself, through page-locked memory (features.to_pixel_tensor)
         return (
-            inverted_features(self.featurizer, self.featurizer.encode_images(src.pixels.to(dev), src.ids), p_src, self.steps),
-            inverted_features(self.featurizer, self.featurizer.encode_images(trg.pixels.to(dev), trg.ids), p_trg, self.steps),
+            inverted_features(self.featurizer, self.featurizer.encode_images(src.pixels, src.ids), p_src, self.steps),
+            inverted_features(self.featurizer, self.featurizer.encode_images(trg.pixels, trg.ids), p_trg, self.steps),
         )
 
 
