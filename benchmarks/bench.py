@@ -150,12 +150,18 @@ def timed_training(args, device, on_start: Callable[[], object] | None = None, o
     return window["step_s"]
 
 
+def gpu_kernels(events) -> list:
+    """The GPU's own work among profiler events: CUDA events other than the GPU-side ranges of `record_function`
+    annotations (`sdm.evaluate.predict` spans a batch's kernels; counting it too would count them twice)."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
 def profile_table(prof, steps: int, header: str, unit: str = "step", wall_s: float | None = None) -> str:
     """A finished torch.profiler run over `steps` training steps (or other units of work) as text: `header`, the
     GPU's busy time per unit (the sum of its kernels' times; with `wall_s`, the wall time of one unit measured
     without the profiler, also its share of that) and the 30 kernels and operators that took the most GPU time."""
     events = prof.key_averages()
-    gpu_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3 / steps
+    gpu_ms = sum(e.self_device_time_total for e in gpu_kernels(events)) / 1e3 / steps
     busy = f" of {wall_s * 1e3:.1f} ms wall without the profiler (GPU busy {gpu_ms / (wall_s * 1e3):.0%})" if wall_s else ""
     table = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
     return f"{header}, GPU kernels {gpu_ms:.1f} ms per {unit}{busy}\n{table}"
@@ -190,8 +196,8 @@ def gpu_gaps(prof, top: int = 15) -> str:
     the largest first, each with the host's outermost operations and annotations (`record_function`, e.g.
     `sdm.evaluate.*`) that ran during it and for how long."""
     events = prof.events()
-    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == cuda)
+    cpu = torch.autograd.DeviceType.CPU
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in gpu_kernels(events))
     if not kernels:
         return "no GPU kernels in the profile"
     merged = [list(kernels[0])]
@@ -607,7 +613,7 @@ def section_profile(args, ours, tokens, device, out: Path) -> None:
                 sync()
                 wall = time.perf_counter() - start
         events = prof.key_averages()
-        busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+        busy = sum(e.self_device_time_total for e in gpu_kernels(events)) / 1e6
         header = (f"{name}, {items} {unit}, random weights: wall {plain * 1e3:.1f} ms without the profiler, "
                   f"{wall * 1e3:.1f} ms with it")
         text = profile_table(prof, items, header, unit[:-1])
