@@ -380,6 +380,62 @@ def test_margin_crops_follow_the_authors_rule() -> None:
     assert set(draws[:, 1].tolist()) == set(range(0, 30))  # y: [0, min(100 - 71, 35)] = [0, 29]
 
 
+def test_margin_offsets_draw_what_the_authors_randint_draws() -> None:
+    """crop_image's draw (optimize_token.py:474-502), written out here as the code has it: per point, x then y, the
+    bounds from the point as floats, then torch.randint(int(lo), int(hi) + 1) from the generator. sdm reads the
+    generator's words once (`generator_words`) and computes lo + word % range where the points are: the same
+    offsets, the generator left in the same state, for points anywhere (fractional, on the borders, outside)."""
+    from sdm.attention import crop_side, margin_crop_offsets
+    from sdm.attention.geometry import generator_words, margin_offsets
+
+    def authors(points: torch.Tensor, size: int, frac: float, margin: float, gen: torch.Generator) -> list[list[int]]:
+        c = crop_side((size, size), frac)[0]
+        safe, out = int(c * margin), []
+        for x, y in points.tolist():
+            row = []
+            for v in (x, y):
+                lo = min(max(0, v - c + safe), size - c)
+                hi = min(max(0, v - safe), size - c)
+                row.append(int(torch.randint(int(lo), int(hi) + 1, (1,), generator=gen)))
+            out.append(row)
+        return out
+
+    g = torch.Generator().manual_seed(5)
+    for size, frac in ((512, 0.9316549294381423), (64, 0.5), (300, 0.2)):
+        points = torch.cat([torch.rand(40, 2, generator=g) * size * 1.2 - 0.1 * size, torch.tensor([[0.0, float(size)], [17.5, 3.25]])])
+        seed = int(torch.randint(0, 2**31, (1,), generator=g))
+        mine, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert margin_crop_offsets(points, (size, size), frac, 0.15, mine).tolist() == authors(points, size, frac, 0.15, theirs)
+        assert torch.equal(mine.get_state(), theirs.get_state())
+    # the words themselves: what torch.randint turns into numbers below 2**28
+    state = g.get_state()
+    words = generator_words(1000, g)
+    g.set_state(state)
+    assert torch.equal(torch.randint(0, 2**27, (1000,), generator=g), words % 2**27)
+    assert words.min() >= 0 and words.max() < 2**32 and (words >= 2**27).any()
+    # computed where the points are: float32 points (the device's argmax + 0.5) give the double path's offsets
+    pts = torch.tensor([[100.5, 411.5], [405.5, 0.5]])
+    w = torch.tensor([[7, 2**31 + 5], [2**32 - 1, 0]])
+    # c = 477, safe = 71. Point 1, x: [0, int(29.5)] -> 0 + 7 % 30; y: [int(5.5), 35] -> 5 + (2**31 + 5) % 31 = 5 + 7
+    # (2**5 = 1 mod 31). Point 2, x: [0, 35] -> (2**32 - 1) % 36 = 3 (2**32 = 4 mod 36); y: [0, 0] -> 0
+    assert margin_offsets(pts, (512, 512), 0.9316549294381423, 0.15, w).tolist() == [[7, 12], [3, 0]]
+
+
+def test_windows_are_added_as_slices_add_them() -> None:
+    """optimize_token.py:302-305: the crop's maps added where the crop lies, and 1 to its count."""
+    from sdm.attention.geometry import add_windows
+
+    g = torch.Generator().manual_seed(0)
+    sums, counts = torch.rand(3, 2, 9, 11, generator=g), torch.zeros(3, 1, 9, 11)
+    maps, offsets = torch.rand(2, 2, 4, 5, generator=g), torch.tensor([[6, 5], [0, 2]])  # (x0, y0); rows 1 and 2
+    want_sums, want_counts = sums.clone(), counts.clone()
+    for i, (x0, y0) in enumerate(offsets.tolist()):
+        want_sums[1 + i, :, y0 : y0 + 4, x0 : x0 + 5] += maps[i]
+        want_counts[1 + i, :, y0 : y0 + 4, x0 : x0 + 5] += 1
+    add_windows(sums[1:3], counts[1:3], maps, offsets)
+    assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts)
+
+
 def test_crops_are_cut_at_integer_offsets_and_resized_without_align_corners() -> None:
     from sdm.attention import cut_crops
 
@@ -430,7 +486,7 @@ def test_authors_inference_pastes_each_crop_and_recentres_on_the_running_argmax(
     cfg = AttentionMatcherConfig(image_size=SIZE, inference_crops=7, num_embeddings=1, progress=False, readout="mean-map", max_batch=2)
     matcher = AttentionMatcher(sd, cfg)
     layers, draws, maps_given = len(matcher.layers), [], []
-    real_offsets = crops_module.margin_crop_offsets
+    real_offsets = crops_module.margin_offsets
     g = torch.Generator().manual_seed(3)
 
     def recorded_offsets(locs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -442,7 +498,7 @@ def test_authors_inference_pastes_each_crop_and_recentres_on_the_running_argmax(
         maps_given.append(torch.rand(noisy.shape[0], layers, *size, generator=g))
         return maps_given[-1]
 
-    monkeypatch.setattr(crops_module, "margin_crop_offsets", recorded_offsets)
+    monkeypatch.setattr(crops_module, "margin_offsets", recorded_offsets)
     monkeypatch.setattr(matcher, "_unet_maps", fake_maps)
     n = 3
     out = matcher.attention_maps(image, torch.randn(n, 1, 77, sd.embed_dim))

@@ -149,3 +149,31 @@ def test_feature_predictor_queues_a_batch_without_waiting_for_the_device(matcher
         torch.ones(2).to("meta")
         torch.ones(2).nonzero()
     assert [op.split(":")[0] for op in waits.ops] == ["lift_fresh", "_to_copy", "nonzero"]
+
+
+def test_authors_inference_queues_its_crops_without_reading_the_device() -> None:
+    """Hedlin et al.'s inference recentres each crop on the argmax of the maps so far (optimize_token.py:266-280).
+    Reading that argmax on the host made it wait for the GPU 16 times a target (round 8's profile); the offsets are
+    now computed where the maps are. The maps here live on "meta" (a read or a blocking copy of them is seen); the
+    UNet is replaced by maps of the right shape, and the CPU generator's own work is not a wait."""
+    from types import SimpleNamespace
+
+    from sdm.attention.crops import AuthorsCrops
+
+    size, side, n, layers = 32, (16, 16), 3, 2
+
+    def unet_maps(noisy, hidden, timestep, store, per_layer=False, size=None) -> torch.Tensor:
+        return torch.rand(noisy.shape[0], layers, *size, device="meta")
+
+    grid = torch.zeros(size - side[0] + 1, size - side[1] + 1, 4, 4, 4, device="meta")  # the crop store's latents
+    m = SimpleNamespace(
+        config=SimpleNamespace(image_size=(size, size), crop_margin=0.15, progress=False), map_size=(size, size),
+        layers=[0] * layers, device=torch.device("meta"), _upload=lambda t: t.to("meta", non_blocking=True),
+        _crop_bank=lambda pixels, side: lambda offsets: grid[offsets[:, 1], offsets[:, 0]],
+        _noisy=lambda latents, timestep, gen: latents, _chunks=lambda k: [slice(0, 2), slice(2, k)], _unet_maps=unet_maps,
+    )
+    gen = torch.Generator().manual_seed(0)
+    with _HostWaits() as waits:
+        out = AuthorsCrops().target_maps(m, None, torch.zeros(n, 5, 8, device="meta"), 261, 20, 0.5, gen, None)
+    assert out.shape == (n, layers, size, size) and out.device.type == "meta"
+    assert [op for op in waits.ops if "meta" in op] == []

@@ -21,7 +21,16 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from sdm.attention.geometry import crop_images, crop_side, margin_crop_offsets, paste_maps, random_crops
+from sdm.attention.geometry import (
+    add_windows,
+    crop_images,
+    crop_side,
+    generator_words,
+    margin_crop_offsets,
+    margin_offsets,
+    paste_maps,
+    random_crops,
+)
 from sdm.devices import upload
 from sdm.matching import argmax_2d
 
@@ -73,7 +82,9 @@ class AuthorsCrops(CropGeometry):
         """Hedlin et al.'s inference (utils/optimize_token.py:256-310), for every embedding at once: crops centred
         (with the margin rule) on the four corners, then on the argmax of the maps gathered so far; fresh noise for
         each; each crop's per-layer maps upsampled to the crop side and added where the crop lies; the per-pixel
-        mean over the crops covering it."""
+        mean over the crops covering it. The running argmax and the offsets stay on the matcher's device (the random
+        words come from the CPU generator, as `margin_crop_offsets` draws them), so the host queues all crops without
+        waiting for the GPU."""
         size = tuple(m.config.image_size)
         if tuple(m.map_size) != size:
             raise ValueError("geometry 'authors' pastes crops in image pixels: leave map_size at image_size")
@@ -82,21 +93,20 @@ class AuthorsCrops(CropGeometry):
         n, layers = flat.shape[0], len(m.layers)
         sums = torch.zeros(n, layers, h, w, device=m.device)
         counts = torch.zeros(n, 1, h, w, device=m.device)
-        corners = torch.tensor([[0.0, 0.0], [0.0, float(h)], [float(w), 0.0], [float(w), float(h)]])  # (x, y) as the code
+        corners = m._upload(torch.tensor([[0.0, 0.0], [0.0, float(h)], [float(w), 0.0], [float(w), float(h)]]))  # (x, y) as the code
         crop_latents = m._crop_bank(pixels, side)
         for it in tqdm(range(crops), desc="attention maps", disable=not m.config.progress, leave=False):
             if it < 4:
                 locs = corners[it].expand(n, 2)
             else:
                 running = torch.nan_to_num(sums / counts).mean(dim=1)  # uncovered pixels (0 / 0) count as 0
-                locs = argmax_2d(running).float().cpu() + 0.5
-            offsets = margin_crop_offsets(locs, size, frac, m.config.crop_margin, gen)
+                locs = argmax_2d(running) + 0.5
+            words = m._upload(generator_words(2 * n, gen).view(n, 2))
+            offsets = margin_offsets(locs, size, frac, m.config.crop_margin, words)
             noisy = m._noisy(crop_latents(offsets), timestep, gen)
             for chunk in m._chunks(n):
                 maps = m._unet_maps(noisy[chunk], flat[chunk], timestep, store, per_layer=True, size=side)
-                for i, (x0, y0) in zip(range(chunk.start, chunk.stop), offsets[chunk].tolist()):
-                    sums[i, :, y0 : y0 + side[0], x0 : x0 + side[1]] += maps[i - chunk.start]
-                    counts[i, :, y0 : y0 + side[0], x0 : x0 + side[1]] += 1
+                add_windows(sums[chunk], counts[chunk], maps, offsets[chunk])
         return sums / counts.clamp_min(1.0)
 
     def to_pixels(self, cells: torch.Tensor, map_hw: tuple[int, int], size: tuple[int, int], image_hw: tuple[int, int]) -> torch.Tensor:

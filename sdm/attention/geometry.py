@@ -105,23 +105,55 @@ def crop_side(image_hw: tuple[int, int], frac: float) -> tuple[int, int]:
     return int(image_hw[0] * frac), int(image_hw[1] * frac)
 
 
+def generator_words(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The next n 32-bit words of a CPU generator, as `torch.randint` consumes them for ranges below 2**28: one word a
+    number, lo + word % range (ATen's `uniform_int_from_to`). Advances the generator as n such draws do. Each word is
+    read back from two draws from the same state, word mod 2**27 and word mod 3**17: of the 32 numbers below 2**32
+    with that low part, one has that residue (they differ by multiples of 2**27, coprime with 3**17). n -> n long."""
+    state = generator.get_state()
+    low = torch.randint(0, 2**27, (n,), generator=generator)
+    generator.set_state(state)
+    residue = torch.randint(0, 3**17, (n,), generator=generator)
+    candidates = low[:, None] + (torch.arange(32) << 27)
+    return candidates[candidates % 3**17 == residue[:, None]]
+
+
+def margin_offsets(points_xy: torch.Tensor, image_hw: tuple[int, int], frac: float, margin: float, words: torch.Tensor) -> torch.Tensor:
+    """`margin_crop_offsets` with its random words given (N x 2, from `generator_words`, on the points' device): the
+    same offsets, computed where the points are, so points on a GPU are not read by the host. Returns N x 2 long."""
+    (h, w), (ch, cw) = image_hw, crop_side(image_hw, frac)
+    columns = []
+    for axis, (side, c) in enumerate(((w, cw), (h, ch))):
+        v, safe = points_xy[:, axis].double(), int(c * margin)  # double: the Python floats of the authors' bounds
+        lo = (v - c + safe).clamp(0, side - c).long()  # min(max(0, .), side - c), then int(): all >= 0, so floor
+        hi = (v - safe).clamp(0, side - c).long()
+        columns.append(lo + words[:, axis] % (hi - lo + 1))
+    return torch.stack(columns, dim=1)
+
+
 def margin_crop_offsets(
     points_xy: torch.Tensor, image_hw: tuple[int, int], frac: float, margin: float, generator: torch.Generator
 ) -> torch.Tensor:
     """Integer top-left corners (x0, y0) of crops of side `crop_side`, one per point (N x 2 pixels), each drawn
     uniformly among the offsets that keep the point at least `margin` of the crop away from its borders, clamped
     to the image: Hedlin et al.'s `crop_image` (utils/optimize_token.py:474-502; x first, then y). Returns N x 2
-    long. Drawn on the CPU from `generator`."""
-    h, w = image_hw
-    ch, cw = crop_side(image_hw, frac)
-    out = torch.zeros(points_xy.shape[0], 2, dtype=torch.long)
-    for i, (x, y) in enumerate(points_xy.tolist()):
-        for axis, (v, side, c) in enumerate(((x, w, cw), (y, h, ch))):
-            safe = int(c * margin)
-            lo = min(max(0, v - c + safe), side - c)
-            hi = min(max(0, v - safe), side - c)
-            out[i, axis] = int(torch.randint(int(lo), int(hi) + 1, (1,), generator=generator))
-    return out
+    long on the CPU. Drawn from `generator` as one `torch.randint(lo, hi + 1)` a number, point by point, x then y."""
+    words = generator_words(2 * points_xy.shape[0], generator).view(-1, 2)
+    return margin_offsets(points_xy.detach().cpu(), image_hw, frac, margin, words)
+
+
+def add_windows(sums: torch.Tensor, counts: torch.Tensor, maps: torch.Tensor, offsets: torch.Tensor) -> None:
+    """Adds each item's maps into its window of the running sums, and 1 into the same window of its counts: for item
+    i at offset (x0, y0), sums[i, :, y0 : y0 + h, x0 : x0 + w] += maps[i] (the authors' paste, optimize_token.py:
+    302-305), one addition per pixel as with slices, but with offsets that stay on the device (no host read).
+    sums m x L x H x W, counts m x 1 x H x W (views of the items' rows), maps m x L x h x w, offsets m x 2 long."""
+    m, layers, h, w = maps.shape
+    width = sums.shape[-1]
+    rows = offsets[:, 1, None] + torch.arange(h, device=offsets.device)
+    cols = offsets[:, 0, None] + torch.arange(w, device=offsets.device)
+    index = (rows[:, :, None] * width + cols[:, None, :]).view(m, 1, h * w)
+    sums.view(m, layers, -1).scatter_add_(2, index.expand(m, layers, h * w), maps.reshape(m, layers, h * w).to(sums.dtype))
+    counts.view(m, 1, -1).scatter_add_(2, index, torch.ones((), dtype=counts.dtype, device=counts.device).expand(m, 1, h * w))
 
 
 def cut_crops(pixels: torch.Tensor, offsets: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
