@@ -589,8 +589,8 @@ def section_profile(args, ours, tokens, device, out: Path) -> None:
     ensemble 8 (`--batch-ens8` images) and over a CPM evaluation (`--profile-pairs` pairs, in-memory images, the
     `eval` row's settings), each after a warm-up run. Records the wall time with and without the profiler and the
     GPU's busy time (the sum of its kernels' times; the rest of the wall time the GPU waits on the host); the
-    top kernels, the GPU's longest idle gaps with what the host did meanwhile (`gpu_gaps`) and where the host waits
-    (`sync_sites`) go to `<out>_profile_<row>.txt`."""
+    top kernels, the GPU's longest idle gaps with what the host did meanwhile (`gpu_gaps`), the host's operators by
+    their own time and where the host waits (`sync_sites`) go to `<out>_profile_<row>.txt`."""
     from torch.profiler import ProfilerActivity, profile
 
     dino16 = bench_dino(args.tiny, device).to(torch.bfloat16)
@@ -622,7 +622,9 @@ def section_profile(args, ours, tokens, device, out: Path) -> None:
             sites = sync_sites(fn)
         path = out.with_name(f"{out.stem}_profile_{name}.txt")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{text}\n{name}: where the GPU idles\n{gaps}\n\n{name}: where the host waits for the GPU\n{sites}\n")
+        host = events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
+        path.write_text(f"{text}\n{name}: where the GPU idles\n{gaps}\n\n{name}: where the host's time goes\n{host}\n"
+                        f"{name}: where the host waits for the GPU\n{sites}\n")
         res[name] = {"items": items, "unit": unit, "wall_s": plain, "profiled_wall_s": wall, "gpu_busy_s": busy,
                      "gpu_busy_share_of_wall": busy / plain if plain else math.nan, "table_file": path.name}
         log(f"profile {name}: wall {plain * 1e3:.0f} ms, GPU busy {busy * 1e3:.0f} ms ({100 * busy / plain:.0f} %); {path}")
