@@ -43,6 +43,7 @@ from sdm.evaluate import evaluate
 from sdm.extractors import SDExtractor
 from sdm.features import SDFeaturizer
 from sdm.matching import match, to_feature_coords, to_image_coords
+from sdm.predictors import batch_images
 from sdm.prompts import build_prompt
 from sdm.speed import optimize
 
@@ -455,7 +456,7 @@ def section_eval(args, base, ours, ours_eager, device) -> None:
         n_img, n_pairs = (args.eval_images, args.eval_pairs) if kind == "single" else (args.cpm_images, args.cpm_pairs)
         ds = BenchPairs(n_img, n_pairs, size, n_categories=2 if kind == "single" else 1)
         extractor = ours_extractor(kind, ours, size, dino16, device)
-        workers = args.eval_workers if kind == "cpm" else 0  # Single loads images through its cache
+        workers = args.eval_workers if batch_images(extractor) else 0  # as `sdm evaluate` chooses them
         run_ours = lambda x=extractor, d=ds, w=workers: evaluate(x, d, batch_size=8, progress=False, num_workers=w)  # noqa: E731
         t = timeit(run_ours, warmup=1, repeat=args.eval_repeat)
         pairs_s = n_pairs / t["median_s"]
@@ -554,8 +555,8 @@ def section_files(args, ours, device) -> None:
             write_spair_like(root, n_img, n_pairs, 2 if kind == "single" else 1)
             ds = load_dataset("spair", root, split="test", image_size=args.size)
             extractor = ours_extractor(kind, ours, args.size, dino16, device)
-            # Single's batches carry no images (it reads them through its feature store): no workers, as `sdm evaluate`
-            workers = args.eval_workers if kind == "cpm" else 0
+            # batches without images (Single's feature store, CPM's images read on demand): no workers, as `sdm evaluate`
+            workers = args.eval_workers if batch_images(extractor) else 0
             run = lambda x=extractor, d=ds, w=workers: evaluate(x, d, batch_size=8, progress=False, num_workers=w)  # noqa: E731
             t = timeit(run, warmup=1, repeat=args.eval_repeat)
             scale = max(SPAIR_TEST_IMAGES / n_img, SPAIR_TEST_PAIRS / n_pairs) if kind == "single" else SPAIR_TEST_PAIRS / n_pairs

@@ -197,8 +197,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.attention_compile:  # other kernels, other rounding: not the protocol of an eager run
             result.info["protocol"]["compiled"] = True
     else:
-        decodes = getattr(method.extractor, "conditioning", None) == "pair"  # per-image prompts read their images themselves
-        workers = _eval_workers(args.num_workers, args.device, decodes)
+        from sdm.predictors import batch_images
+
+        workers = _eval_workers(args.num_workers, args.device, batch_images(method.extractor))
         result = method.evaluate(dataset, matcher=matcher, batch_size=args.batch_size, num_workers=workers, processes=processes, **scoring)
     if processes is not None and not processes.is_main_process:
         return 0  # the main process writes the gathered result
@@ -276,8 +277,8 @@ def _processes(device: str | None):  # -> (accelerate.PartialState | None, devic
 
 
 def _eval_workers(requested: int | None, device: str | None, decodes: bool) -> int:
-    """--num-workers as given, else 4 where the batches carry images (`decodes`: pair-conditioned prompts such as
-    CPM) and the model runs on a GPU, 0 otherwise: decoding and resizing a pair's two SPair-71k JPEG files took 20 ms
+    """--num-workers as given, else 4 where the batches carry images (`decodes`: `sdm.predictors.batch_images`,
+    pair-conditioned extractors that need every pair's images) and the model runs on a GPU, 0 otherwise: decoding and resizing a pair's two SPair-71k JPEG files took 20 ms
     on one core of this project's CPU, about half of the 40 ms an H100 computes a CPM pair; an evaluation call's
     fixed cost, the processes' start among it, was 0.9 s there (benchmarks/NOTES.md, round 9)."""
     if requested is not None:
@@ -507,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--up-block", type=int, default=1)
     e.add_argument("--batch-size", type=_positive, default=8)
     e.add_argument("--num-workers", type=int, default=None, help="DataLoader processes that decode and resize the next "
-                   "batches' images while the GPU computes (pair-conditioned prompts such as CPM carry both images of every "
-                   "pair); default 4 for those on a GPU (at most the CPUs but one), else 0")
+                   "batches' images while the GPU computes (for extractors that need both images of every pair: CPM with DINOv2 "
+                   "on the resized input, fusion, inversion); default 4 for those on a GPU (at most the CPUs but one), else 0 "
+                   "(the others read each image once, when first needed)")
     e.add_argument("--out", default="results", help="folder for the PCK tables (CSV, JSON), named by the protocol")
     e.set_defaults(func=_cmd_evaluate)
 

@@ -42,7 +42,7 @@ from sdm.metrics import (
     point_records,
     threshold_of,
 )
-from sdm.predictors import Predictor, feature_predictor, stored_predictor
+from sdm.predictors import Predictor, batch_images, feature_predictor, stored_predictor
 from sdm.records import code_record, environment_record, extractor_record, featurizer_of, protocol_id
 
 if TYPE_CHECKING:
@@ -296,8 +296,7 @@ def evaluate(
     config = MatchConfig.of(matcher, similarity_of(extractor))
     pairs = spread_subset(dataset, max_pairs)
     predict = feature_predictor(extractor, dataset, matcher=config, feature_cache=feature_cache, pairs=pairs, store=store)
-    # per-image features load their images through the store; pair features need them in the batch
-    result = evaluate_predictions(pairs, predict, decode_images=extractor.conditioning == "pair", **scoring)
+    result = evaluate_predictions(pairs, predict, decode_images=batch_images(extractor), **scoring)
     result.info.update({"matcher": config.matcher, "conditioning": extractor.conditioning})
     result.info["protocol"].update(matcher=config.matcher, matcher_params=config.params(), **extractor_record(extractor))
     featurizer = featurizer_of(extractor)

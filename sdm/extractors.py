@@ -31,12 +31,15 @@ from sdm.storage import FeatureStore
 class ImageBatch:
     """Images for an extractor: `pixels` B x 3 x H x W in [0, 1] (the resized network input), each image's
     category and id, and (optional) `originals`, a loader of the images as stored by id, for prompts that look
-    at them (CPM's DINOv2 input)."""
+    at them (CPM's DINOv2 input). With `load` (ids -> their resized images, n x 3 x H x W), `pixels` may be
+    B x 3 x 0 x 0: the images are read when an extractor asks for them (`pixels_at`), for extractors that say
+    `images_on_demand`."""
 
     pixels: torch.Tensor
     categories: list[str]
     ids: list[str]
     originals: OriginalLoader | None = None
+    load: Callable[[list[str]], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.pixels.dim() != 4 or not len(self.categories) == len(self.ids) == self.pixels.shape[0]:
@@ -48,13 +51,21 @@ class ImageBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def pixels_at(self, idx: list[int]) -> torch.Tensor:
+        """The resized images at positions `idx` (n x 3 x H x W): from `pixels`, or read by id when they were left out."""
+        if self.pixels.shape[-1] == 0 and self.load is not None:
+            return self.load([self.ids[i] for i in idx])
+        return self.pixels[idx]
+
     def originals_for(self, prompt: PromptModule) -> StoredImages | None:
         """The originals a prompt reads (None for prompts that read none)."""
         return originals_for(prompt, self.ids, self.originals)
 
     def cat(self, other: ImageBatch) -> ImageBatch:
         """This batch followed by `other` (pixels of one size)."""
-        return ImageBatch(torch.cat([self.pixels, other.pixels]), [*self.categories, *other.categories], [*self.ids, *other.ids], self.originals)
+        return ImageBatch(
+            torch.cat([self.pixels, other.pixels]), [*self.categories, *other.categories], [*self.ids, *other.ids], self.originals, self.load
+        )
 
 
 class FeatureExtractor(Protocol):
@@ -104,11 +115,18 @@ class SDExtractor:
         self.store = FeatureStore(latent_cache)  # VAE posteriors by image id
         self.encode_batch = encode_batch  # images per VAE call (`FeatureStore.fetch`); training encodes 8
 
-    def latents(self, images: torch.Tensor, ids: Sequence[str], generator: Draws | None = None) -> torch.Tensor:
+    @property
+    def images_on_demand(self) -> bool:
+        """Whether `pair_features` can do without the batch's pixels until it needs them: its prompt does not look at
+        them, so it reads only the images whose posteriors are not stored yet (`ImageBatch.pixels_at`). `evaluate`
+        then leaves the images out of its batches, and each image is read about once instead of in every pair."""
+        return not self.prompt.needs_images
+
+    def latents(self, batch: ImageBatch, generator: Draws | None = None) -> torch.Tensor:
         """B x 4 x h x w VAE latents, encoding only the images not seen before (`posteriors`); the posterior draw
         is seeded by the image id, or fresh from `generator` (training)."""
-        posterior = self.posteriors(ids, lambda idx: images[idx])
-        return self.featurizer.sample_latents(posterior, ids, generator)
+        posterior = self.posteriors(batch.ids, batch.pixels_at)
+        return self.featurizer.sample_latents(posterior, batch.ids, generator)
 
     def posteriors(self, ids: Sequence[str], images_at: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
         """B x 2C x h x w posteriors (`SDFeaturizer.encode_posterior`) of the images `ids`, kept in `store` by id.
@@ -129,7 +147,7 @@ class SDExtractor:
     def image_features(self, batch: ImageBatch) -> torch.Tensor:
         pixels = upload(batch.pixels, self.featurizer.device) if self.prompt.needs_images else None
         prompt = self.prompt.image_prompt(self.featurizer, pixels, batch.categories, batch.originals_for(self.prompt))
-        return self.featurizer.features_from_latents(self.latents(batch.pixels, batch.ids), prompt, keys=batch.ids)
+        return self.featurizer.features_from_latents(self.latents(batch), prompt, keys=batch.ids)
 
     @torch.no_grad()
     def pair_features(self, src: ImageBatch, trg: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +156,7 @@ class SDExtractor:
         h_src = self.featurizer.encode_prompt(p_src, b)
         h_trg = h_src if p_trg is p_src else self.featurizer.encode_prompt(p_trg, b)  # CPM: one prompt per pair
         both = src.cat(trg)
-        lat = self.latents(both.pixels, both.ids)
+        lat = self.latents(both)
         feats = self.featurizer.features_from_latents(lat, torch.cat([h_src, h_trg]), keys=both.ids)  # one UNet batch
         return feats[:b], feats[b:]
 

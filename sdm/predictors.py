@@ -34,6 +34,13 @@ def _feature_keys(pairs: Any, conditioning: Conditioning) -> dict[Hashable, tupl
     return seen
 
 
+def batch_images(extractor: FeatureExtractor) -> bool:
+    """Whether evaluation batches must carry the pairs' images: pair-conditioned extractors need them, unless they
+    read them on demand (`images_on_demand`: then `feature_predictor` hands them a loader instead). Per-image
+    extractors read their images through the feature store."""
+    return extractor.conditioning == "pair" and not getattr(extractor, "images_on_demand", False)
+
+
 def feature_predictor(
     extractor: FeatureExtractor,
     dataset: PairDataset,
@@ -88,6 +95,9 @@ def feature_predictor(
                         cache.put(key, f)
             return torch.stack([cache.get(k) for k in keys]).float()  # type: ignore[misc]
 
+    def read(ids: list[str]) -> torch.Tensor:  # batches without images (`batch_images`): read the ones asked for
+        return load_images(dataset, ids)
+
     def predict(batch: PairBatch) -> torch.Tensor:
         b = len(batch)
         if per_image:
@@ -95,8 +105,8 @@ def feature_predictor(
             src, trg = both[:b], both[b:]
         else:
             src, trg = extractor.pair_features(
-                ImageBatch(batch.src_image, batch.categories, batch.src_ids, dataset.original_image),
-                ImageBatch(batch.trg_image, batch.categories, batch.trg_ids, dataset.original_image),
+                ImageBatch(batch.src_image, batch.categories, batch.src_ids, dataset.original_image, read),
+                ImageBatch(batch.trg_image, batch.categories, batch.trg_ids, dataset.original_image, read),
             )
         query = to_feature_coords(batch.src_kps.to(src.device, non_blocking=True), size, tuple(src.shape[-2:]))
         cells = match(src.float(), trg.float(), query, config)

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import torch
 from conftest import SHARED_DATA
+from PIL import Image
 
 import sdm
-from sdm.data import PFWillow, SyntheticPairs
+from sdm.data import Pair, PairDataset, PFWillow, SyntheticPairs
 from sdm.encoders import PromptEncoders, tiny_dinov2
 from sdm.evaluate import evaluate, evaluate_predictions, paper_table
 from sdm.extractors import FeatureStore, ModuleExtractor, SDExtractor, ViTFeatures
@@ -64,6 +65,54 @@ def test_cpm_evaluates_per_pair(featurizer: sdm.SDFeaturizer) -> None:
     module = build_prompt("cpm", featurizer, encoders=PromptEncoders(dino=tiny_dinov2()), cpm=CPMConfig())
     result = evaluate(SDExtractor(featurizer, module), ds, batch_size=2, progress=False)
     assert result.info["conditioning"] == "pair" and result.table.loc["all", "n_pairs"] == 4
+
+
+class _SharedImages(PairDataset):
+    """Every ordered pair of 3 synthetic images (6 pairs), counting the images it reads."""
+
+    categories, image_size, threshold_mode = ["x"], (64, 64), "kps-extent"
+
+    def __init__(self) -> None:
+        self.source = SyntheticPairs(n=2, image_size=64, seed=4)
+        self.ids = self.source.image_ids()[:3]
+        self.pairs = [(a, b) for a in self.ids for b in self.ids if a != b]
+        self.reads: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> Pair:
+        g = torch.Generator().manual_seed(i)
+        kps = (torch.rand(3, 2, generator=g) * 63, torch.rand(3, 2, generator=g) * 63)
+        return self.make_pair(self.pairs[i], kps, ((64, 64), (64, 64)), category="x", pair_id=f"p{i}")
+
+    def image_ids(self) -> list[str]:
+        return self.ids
+
+    def load_image(self, image_id: str) -> torch.Tensor:
+        self.reads.append(image_id)
+        return self.source.load_image(image_id)
+
+    def original_image(self, image_id: str) -> Image.Image:  # DINOv2's input, read apart (as files are), not counted
+        return self.source.original_image(image_id)
+
+
+def test_cpm_reads_each_image_once_and_scores_as_with_images_in_every_batch(
+    featurizer: sdm.SDFeaturizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPM with DINOv2 on the originals looks at a pair's resized images only to encode the ones whose VAE posteriors
+    are not stored yet, so `evaluate` leaves them out of its batches and the extractor reads those on demand: each
+    image once, the same records to the bit as with both images decoded for every pair."""
+    module = build_prompt("cpm", featurizer, encoders=PromptEncoders(dino=tiny_dinov2()), cpm=CPMConfig())
+    assert SDExtractor(featurizer, module).images_on_demand
+    on_demand = _SharedImages()
+    lazy = evaluate(SDExtractor(featurizer, module), on_demand, batch_size=4, progress=False)
+    assert sorted(on_demand.reads) == sorted(on_demand.ids)  # 3 reads for 6 pairs
+    monkeypatch.setattr(SDExtractor, "images_on_demand", property(lambda self: False))
+    every_pair = _SharedImages()
+    decoded = evaluate(SDExtractor(featurizer, module), every_pair, batch_size=4, progress=False)
+    assert len(every_pair.reads) == 12  # both images of each of the 6 pairs, in the batches
+    pd.testing.assert_frame_equal(lazy.records, decoded.records, check_exact=True)
 
 
 def test_vit_baseline_plugs_in() -> None:
