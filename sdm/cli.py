@@ -278,9 +278,10 @@ def _processes(device: str | None):  # -> (accelerate.PartialState | None, devic
 
 def _eval_workers(requested: int | None, device: str | None, decodes: bool) -> int:
     """--num-workers as given, else 4 where the batches carry images (`decodes`: `sdm.predictors.batch_images`,
-    pair-conditioned extractors that need every pair's images) and the model runs on a GPU, 0 otherwise: decoding and resizing a pair's two SPair-71k JPEG files took 20 ms
-    on one core of this project's CPU, about half of the 40 ms an H100 computes a CPM pair; an evaluation call's
-    fixed cost, the processes' start among it, was 0.9 s there (benchmarks/NOTES.md, round 9)."""
+    pair-conditioned extractors that need every pair's images) and the model runs on a GPU, 0 otherwise: decoding
+    and resizing a pair's two SPair-71k JPEG files took 20 ms on one core of this project's CPU, about half of the
+    40 ms an H100 computes a CPM pair; an evaluation call's fixed cost, the processes' start among it, was 0.9 s
+    there (benchmarks/NOTES.md, round 9)."""
     if requested is not None:
         return requested
     if not decodes:
