@@ -447,6 +447,12 @@ def reference_eval(ref: ReferenceFeaturizer, ds: BenchPairs, prompt, n_pairs: in
     return run
 
 
+def eval_workers(args, extractor) -> int:
+    """DataLoader workers for evaluating `extractor`, as `sdm evaluate` chooses them: none where the batches carry no
+    images (Single's feature store, CPM's images read on demand), whose start and stop would be all they measure."""
+    return args.eval_workers if batch_images(extractor) else 0
+
+
 def section_eval(args, base, ours, ours_eager, device) -> None:
     res = {}
     size, e = args.size, 8
@@ -456,7 +462,7 @@ def section_eval(args, base, ours, ours_eager, device) -> None:
         n_img, n_pairs = (args.eval_images, args.eval_pairs) if kind == "single" else (args.cpm_images, args.cpm_pairs)
         ds = BenchPairs(n_img, n_pairs, size, n_categories=2 if kind == "single" else 1)
         extractor = ours_extractor(kind, ours, size, dino16, device)
-        workers = args.eval_workers if batch_images(extractor) else 0  # as `sdm evaluate` chooses them
+        workers = eval_workers(args, extractor)
         run_ours = lambda x=extractor, d=ds, w=workers: evaluate(x, d, batch_size=8, progress=False, num_workers=w)  # noqa: E731
         t = timeit(run_ours, warmup=1, repeat=args.eval_repeat)
         pairs_s = n_pairs / t["median_s"]
@@ -555,8 +561,7 @@ def section_files(args, ours, device) -> None:
             write_spair_like(root, n_img, n_pairs, 2 if kind == "single" else 1)
             ds = load_dataset("spair", root, split="test", image_size=args.size)
             extractor = ours_extractor(kind, ours, args.size, dino16, device)
-            # batches without images (Single's feature store, CPM's images read on demand): no workers, as `sdm evaluate`
-            workers = args.eval_workers if batch_images(extractor) else 0
+            workers = eval_workers(args, extractor)
             run = lambda x=extractor, d=ds, w=workers: evaluate(x, d, batch_size=8, progress=False, num_workers=w)  # noqa: E731
             t = timeit(run, warmup=1, repeat=args.eval_repeat)
             scale = max(SPAIR_TEST_IMAGES / n_img, SPAIR_TEST_PAIRS / n_pairs) if kind == "single" else SPAIR_TEST_PAIRS / n_pairs
@@ -601,7 +606,7 @@ def section_profile(args, ours, tokens, device, out: Path) -> None:
     cpm = ours_extractor("cpm", ours, args.size, dino16, device)
     rows = {
         "features_ens8": (lambda: feat(images, tokens), args.batch_ens8, "images"),
-        "eval_cpm_ens8": (lambda: evaluate(cpm, ds, batch_size=8, progress=False, num_workers=args.eval_workers), args.profile_pairs, "pairs"),
+        "eval_cpm_ens8": (lambda: evaluate(cpm, ds, batch_size=8, progress=False, num_workers=eval_workers(args, cpm)), args.profile_pairs, "pairs"),
     }
     res = {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
