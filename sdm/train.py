@@ -386,9 +386,9 @@ class _Run:
         self.saved_step = self.step_no
 
     def data(self) -> DataLoader:
-        """The batches of the remaining steps. Prompts that never look at the images (Single, Class) need only
-        the images' latents: the images those steps draw are encoded once here, then only keypoints are loaded
-        (no image decoding or transfer per step)."""
+        """The batches of the remaining steps. Prompts that never look at the resized images (Single, Class, CPM
+        on the originals) need only the images' latents: the images those steps draw are encoded once here, then
+        only keypoints are loaded (no resized image decoded or moved per step; CPM still reads the originals)."""
         cfg, start = self.cfg, self.step_no
         pairs = pairs_of_steps(len(self.train_set), cfg.batch_size, start, cfg.steps, cfg.seed)
         self.skip_images = not self.backbone.needs_images and _preencode_latents(self.extractor, self.train_set, self.module, self.device, pairs)
@@ -551,9 +551,10 @@ ENCODE_BATCH = 8  # images per VAE call in training (padded: `FeatureStore.fetch
 
 def _preencode_latents(extractor: SDExtractor, train_set: PairDataset, module: PromptModule, device: torch.device, pairs: list[int]) -> bool:
     """Fills the extractor's latent cache with the images of the training pairs `pairs` (those the run's steps
-    draw) when the prompt ignores images and the cache holds them all, `ENCODE_BATCH` images per VAE call;
-    returns whether the training loop may then skip loading images."""
-    if module.conditioning not in ("fixed", "category") or not train_set.decode_images:
+    draw) when the prompt does not look at the resized images (`needs_images`: Single, Class, CPM with DINOv2 on
+    the originals) and the cache holds them all, `ENCODE_BATCH` images per VAE call; returns whether the training
+    loop may then skip loading images."""
+    if module.needs_images or not train_set.decode_images:
         return False
     labels = decoding(train_set, False)  # pairs without their images: ids and keypoints only
     ids = list(dict.fromkeys(k for i in pairs for k in (labels[i].src_id, labels[i].trg_id)))
