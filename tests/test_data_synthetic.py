@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdm.data import PHOTOS, SyntheticPairs, apply_homography, collate_pairs, load_dataset
+from sdm.data import PHOTOS, SyntheticPairs, apply_homography, collate_pairs, decoding, load_dataset
 from sdm.data.synthetic import homography_from_points, warp_image
 
 
@@ -91,6 +91,20 @@ def test_images_view_and_ids() -> None:
     batch = collate_pairs([ds[0], ds[1], ds[2]])
     assert batch.pair_ids == ["synthetic:5:0", "synthetic:5:1", "synthetic:5:2"]
     assert batch.categories == ["astronaut", "camera", "cat"]
+
+
+def test_pairs_without_images_keep_their_keypoints() -> None:
+    """`decode_images` off (what training and evaluation ask of a dataset when the images are not looked at): empty
+    3 x 0 x 0 images, the same keypoints, ids and threshold; `load_image` still gives each image."""
+    ds = SyntheticPairs(n=3, image_size=32, seed=5)
+    lean = decoding(ds, False)
+    for i in range(3):
+        full, bare = ds[i], lean[i]
+        assert bare.src_image.shape == bare.trg_image.shape == (3, 0, 0)
+        assert torch.equal(bare.src_kps, full.src_kps) and torch.equal(bare.trg_kps, full.trg_kps)
+        assert (bare.src_id, bare.trg_id, bare.threshold) == (full.src_id, full.trg_id, full.threshold)
+        assert torch.equal(lean.load_image(full.trg_id), full.trg_image)
+    assert ds.decode_images  # the caller's set is unchanged
 
 
 def test_pair_batches_pin_every_tensor(monkeypatch: pytest.MonkeyPatch) -> None:

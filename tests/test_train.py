@@ -11,8 +11,7 @@ from conftest import SUBPROCESS_TIMEOUT
 
 import sdm
 from sdm import train as train_module
-from sdm.data import Pair, PairDataset, SyntheticPairs, collate_pairs
-from sdm.data.synthetic import PHOTOS
+from sdm.data import SyntheticPairs, collate_pairs
 from sdm.loss import gaussian_cross_entropy
 from sdm.matching import to_feature_coords
 from sdm.prompt_files import load_prompt
@@ -174,36 +173,13 @@ def test_class_and_cpm_train(tmp_path: Path) -> None:
     assert sorted(result.prompt.trainable_state()) == names
 
 
-class _ImagesById(PairDataset):
-    """SyntheticPairs' pairs with their images read by id (`make_pair`), as the datasets on disk read them: so
-    `decode_images` holds (SyntheticPairs draws its images with the pair)."""
-
-    categories, threshold_mode = list(PHOTOS), "kps-extent"
-
-    def __init__(self, n: int, size: int) -> None:
-        self.source, self.image_size = SyntheticPairs(n=n, image_size=size, seed=3), (size, size)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> Pair:
-        p = self.source[i]
-        return self.make_pair((p.src_id, p.trg_id), (p.src_kps, p.trg_kps), (p.src_size, p.trg_size), category=p.category, pair_id=p.pair_id)
-
-    def image_ids(self) -> list[str]:
-        return self.source.image_ids()
-
-    def load_image(self, image_id: str) -> torch.Tensor:
-        return self.source.load_image(image_id)
-
-
 def test_cpm_on_the_originals_trains_without_the_resized_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CPM with DINOv2 on the originals (its default) looks at no resized image: training encodes the images'
     latents once, then its batches carry keypoints only. It trains the same prompt to the bit as the loop that
     loads the images at every step."""
     from sdm.encoders import PromptEncoders, tiny_dinov2
 
-    data = _ImagesById(n=6, size=SIZE)
+    data = SyntheticPairs(n=6, image_size=SIZE, seed=3)
     pixels: list[int] = []  # the resized pixels each training batch carries
     monkeypatch.setattr(train_module, "collate_pairs", lambda pairs: pixels.append(collate_pairs(pairs).src_image.numel()) or collate_pairs(pairs))
 

@@ -214,15 +214,23 @@ class SyntheticPairs(PairDataset):
         raise RuntimeError(f"could not draw {self.n_kps} keypoints inside both views in {_MAX_TRIES} tries")
 
     def __getitem__(self, i: int) -> Pair:
+        return self._pair(i, self.decode_images)
+
+    def _pair(self, i: int, images: bool) -> Pair:
+        """Pair i; without `images` it carries empty 3 x 0 x 0 ones (`decode_images` off), its keypoints unchanged:
+        they are drawn before the jitter."""
         if not 0 <= i < self.n:
             raise IndexError(f"pair index {i} out of range 0..{self.n - 1}")
         name = self.photos[i % len(self.photos)]
         rng = np.random.default_rng([self.seed, i])
         photo, cdf = _photo(name, self.image_size)
         h_src, h_trg, pts = self._sample(rng, cdf)
-        src_image, trg_image = warp_image(photo, h_src), warp_image(photo, h_trg)
-        if self.photometric:
-            src_image, trg_image = _photometric_jitter(src_image, rng), _photometric_jitter(trg_image, rng)
+        if images:
+            src_image, trg_image = warp_image(photo, h_src), warp_image(photo, h_trg)
+            if self.photometric:
+                src_image, trg_image = _photometric_jitter(src_image, rng), _photometric_jitter(trg_image, rng)
+        else:
+            src_image, trg_image = torch.zeros(3, 0, 0), torch.zeros(3, 0, 0)
         src_kps = torch.from_numpy(apply_homography(h_src, pts)).float()
         trg_kps = torch.from_numpy(apply_homography(h_trg, pts)).float()
         src_to_trg = h_trg @ np.linalg.inv(h_src)
@@ -251,7 +259,7 @@ class SyntheticPairs(PairDataset):
         _, seed, i, side = image_id.split(":")
         if int(seed) != self.seed or side not in ("src", "trg"):
             raise KeyError(f"image id {image_id!r} is not from this dataset (seed {self.seed})")
-        pair = self[int(i)]
+        pair = self._pair(int(i), images=True)
         return pair.src_image if side == "src" else pair.trg_image
 
 
